@@ -1,0 +1,1 @@
+from drex_jax.model import ModelConfig
