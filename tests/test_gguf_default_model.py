@@ -1,0 +1,37 @@
+"""The converted bundled SmolLM2 GGUF vs `transformers`' own GGUF loading of the same file."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from drex_jax.model import forward
+from tests.texts import REAL_TEXT
+
+
+@pytest.fixture(scope="module")
+def hf_gguf_model():
+    import transformers
+
+    from drex_jax.default_model import default_gguf_path
+
+    path = default_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
+    return model.eval()
+
+
+def test_default_model_matches_transformers_gguf(default_model, hf_gguf_model):
+    cfg, params, tok = default_model
+    ids = tok(REAL_TEXT, return_tensors="np").input_ids[:, :320]
+    assert ids.shape[1] >= 256, ids.shape
+    with torch.no_grad():
+        want = hf_gguf_model(torch.tensor(ids)).logits.numpy()[0]
+    got = np.asarray(forward(params, cfg, ids))[0]
+    agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+    max_diff = float(np.abs(got - want).max())
+    print(f"\nSmolLM2 GGUF vs transformers: {ids.shape[1]} positions, top-1 agreement {agree:.4f}, "
+          f"max |logit diff| {max_diff:.3e}")
+    assert agree == 1.0
+    assert max_diff < 1e-2

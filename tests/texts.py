@@ -1,0 +1,51 @@
+"""Real English text for quality checks (written for this project)."""
+
+REAL_TEXT = """The history of computing is often told as a story of machines, but it is just as much a story \
+of ideas about how to organize work. Early mechanical calculators could add and multiply, yet every step \
+had to be set up by hand. The stored-program computer changed that: instructions and data lived in the \
+same memory, so a program could be loaded, modified and run without rewiring anything. This single idea \
+made software possible, and with software came compilers, operating systems and eventually networks that \
+connected millions of machines.
+
+Modern language models continue this tradition in an unexpected way. A model reads a sequence of tokens \
+and predicts the next one, over and over, until it has written a sentence, a paragraph or a whole program. \
+Each prediction runs the same stack of layers, whether the next word is obvious or difficult. Researchers \
+noticed that many tokens are easy: after "United States of" the word "America" is almost certain, and a \
+shallow part of the network already knows it. Early-exit inference lets such tokens leave the network at \
+an intermediate layer, saving the computation of the remaining layers.
+
+Serving many users at once complicates the picture. Requests are grouped into batches so that the \
+hardware stays busy, and a batch moves through the layers together. If one request wants to exit early \
+and another does not, the system must decide what to do. It can force everyone to continue, wasting work, \
+or force everyone to stop, hurting quality. A better answer is to split the batch: the confident requests \
+finish their token, while the others are regrouped with similar requests from other batches and continue \
+to the deeper layers. The bookkeeping is done with small index arrays, so no large tensors have to move.
+
+Gardeners know a similar trick. Seedlings that sprout early are moved to larger pots, while the slow ones \
+stay in the tray a little longer, and no pot is left half empty. The result is a greenhouse that uses its \
+space well and a harvest that arrives on time. Whether in a greenhouse or a data center, good scheduling \
+is mostly about noticing which items are ready and grouping them so that nothing waits without reason.
+"""
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain recursion to a ten year old.",
+    "List three uses of a paperclip.",
+    "def fibonacci(n):",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+    "Give me a recipe for pancakes.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What are the benefits of regular exercise?",
+    "How do I reverse a list in Python?",
+    "Tell me a fun fact about octopuses.",
+    "What is 17 times 23?",
+    "Describe the water cycle.",
+    "Write a haiku about autumn leaves.",
+    "What is the difference between a virus and a bacterium?",
+    "Suggest a name for a pet turtle.",
+    "How does a bicycle stay upright?",
+    "Write a SQL query that counts rows in a table named users.",
+    "Once upon a time, in a small village by the mountains,",
+]
