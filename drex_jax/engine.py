@@ -1,0 +1,343 @@
+"""Continuous-batching engine over the paged KV pool (BATON-style insertion).
+
+Host side: a FIFO of waiting requests, one KV slot and a page list per running request.
+Each `step()` prefills newly admitted requests straight into their own pages, then runs
+one decode step over the running slots as a bucket-padded int32 index batch; prefilled
+requests join the very next decode step. Finished requests return slot and pages at once.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import sys
+import time
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drex_jax import compile_counter
+from drex_jax.generation import GenerationConfig, GenerationResult, RequestStats, StreamEvent
+from drex_jax.kv.pool import (
+    PageAllocator, block_table_array, bucket, init_pool, pages_for_budget, pages_needed,
+)
+from drex_jax.model.config import ModelConfig
+from drex_jax.model.params import check_params
+from drex_jax.model.paged import decode_step, prefill_step
+from drex_jax.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    config: GenerationConfig
+    stop_ids: frozenset[int]
+    submit_time: float
+    slot: int = -1
+    pages: list[int] = dataclasses.field(default_factory=list)
+    generated: list[int] = dataclasses.field(default_factory=list)
+    first_token_time: float = 0.0
+    last_token_time: float = 0.0
+    emitted_chars: int = 0
+    finish_reason: str | None = None
+    text: str = ""
+
+    @property
+    def cache_len(self) -> int:
+        """Positions with K/V in the pool (the newest generated token is not yet written)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    def sampling_row(self) -> tuple:
+        c = self.config
+        return (float(c.temperature), c.top_k, float(c.top_p), c.seed, len(self.generated))
+
+
+class Engine:
+    """Serve many generation requests at once.
+
+    Args:
+      model: path of a converted checkpoint (`drex-jax convert`); None = bundled SmolLM2.
+      dtype: "float32" or "bfloat16" for params and KV.
+      max_slots: most requests decoding at once (the largest decode batch).
+      page_size: tokens per KV page.
+      num_pages / kv_memory_bytes: pool size (pages, or a byte budget); default fits
+        `max_slots` sequences of `max_seq_len` tokens.
+      max_seq_len: context limit per request (prompt + new tokens).
+      max_prefill_tokens_per_step: prompt tokens prefilled between two decode steps (at
+        least one prompt is always admitted), bounding how long the running batch waits.
+    """
+
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", verbose: bool = False, **kwargs):
+        from convert.checkpoint import load_checkpoint
+        from drex_jax.default_model import default_model_path
+
+        path = model if model is not None else default_model_path(verbose=True)
+        cfg, params, tok = load_checkpoint(path, dtype=_dtype(dtype))
+        self._setup(cfg, params, tok, dtype=dtype, verbose=verbose, **kwargs)
+
+    @classmethod
+    def from_params(cls, cfg: ModelConfig, params: dict, tokenizer=None, *, dtype: str = "float32", **kwargs):
+        check_params(cfg, params)
+        eng = cls.__new__(cls)
+        params = jax.tree.map(lambda a: jnp.asarray(a, _dtype(dtype)), params)
+        eng._setup(cfg, params, tokenizer, dtype=dtype, **kwargs)
+        return eng
+
+    def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
+               num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024):
+        for name, v, lo in (("max_slots", max_slots, 1), ("page_size", page_size, 1),
+                            ("max_prefill_tokens_per_step", max_prefill_tokens_per_step, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.dtype = _dtype(dtype)
+        self.verbose = verbose
+        self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 2048))
+        if not 1 < self.max_seq_len <= cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len must be in [2, {cfg.max_position_embeddings}] for this model, got {max_seq_len}"
+            )
+        self.page_size, self.max_slots = page_size, max_slots
+        if num_pages is not None and kv_memory_bytes is not None:
+            raise ValueError("give num_pages or kv_memory_bytes, not both")
+        if kv_memory_bytes is not None:
+            num_pages = pages_for_budget(cfg, kv_memory_bytes, page_size, self.dtype)
+        if num_pages is None:
+            num_pages = 1 + max_slots * pages_needed(self.max_seq_len, page_size)
+        self.allocator = PageAllocator(int(num_pages))
+        self.pool = init_pool(cfg, int(num_pages), page_size, self.dtype)
+        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
+        self._free_slots = list(range(max_slots - 1, -1, -1))
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: dict[int, _Request] = {}  # slot -> request
+        self._next_id = 0
+        self._eos = frozenset(cfg.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self._eos |= {int(tokenizer.eos_token_id)}
+        compile_counter.install()
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character or token")
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer; pass prompts as lists of token ids")
+            if chat:
+                return list(self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                    return_dict=False))
+            return list(self.tokenizer(prompt).input_ids)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty; give at least one token")
+        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be ints in [0, {self.cfg.vocab_size}), got {bad[:5]}")
+        return [int(t) for t in ids]
+
+    def submit(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False) -> int:
+        """Queue one request; returns its id. Raises ValueError (queue untouched) on bad input."""
+        config = config or GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        config.validate()
+        ids = self.encode(prompt, chat)
+        total = len(ids) + config.max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_new_tokens={config.max_new_tokens} = {total} exceeds the "
+                f"context limit max_seq_len={self.max_seq_len}"
+            )
+        need = pages_needed(total, self.page_size)
+        if need > self.allocator.capacity:
+            raise ValueError(
+                f"request needs {need} KV pages but the pool only has {self.allocator.capacity}; "
+                "raise num_pages / kv_memory_bytes or lower max_new_tokens"
+            )
+        req = _Request(self._next_id, ids, config, self._eos if not config.ignore_eos else frozenset(),
+                       time.perf_counter())
+        req.stop_ids = req.stop_ids | frozenset(config.stop_token_ids)
+        self._next_id += 1
+        self._waiting.append(req)
+        return req.id
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[StreamEvent]:
+        """One engine iteration: admit + prefill waiting requests, then one decode step."""
+        events: list[StreamEvent] = []
+        self._admit(events)
+        if self._running:
+            self._decode(events)
+        return events
+
+    def _admit(self, events: list[StreamEvent]) -> None:
+        budget = self.max_prefill_tokens_per_step
+        admitted = 0
+        while self._waiting and self._free_slots:
+            req = self._waiting[0]
+            if admitted and len(req.prompt_ids) > budget:
+                break
+            pages = self.allocator.alloc(pages_needed(len(req.prompt_ids) + req.config.max_new_tokens, self.page_size))
+            if pages is None:  # wait for pages to come back
+                break
+            self._waiting.popleft()
+            req.pages, req.slot = pages, self._free_slots.pop()
+            self._prefill(req, events)
+            budget -= len(req.prompt_ids)
+            admitted += 1
+
+    def _prefill(self, req: _Request, events: list[StreamEvent]) -> None:
+        n = len(req.prompt_ids)
+        T = bucket(n, minimum=16)
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :n] = req.prompt_ids
+        bt = block_table_array([req.pages], bucket(pages_needed(T, self.page_size)))
+        sp = SamplingParams.build([req.sampling_row()], 1)
+        first, self.pool = prefill_step(
+            self.params, self.pool, tokens, np.array([n], np.int32), bt, sp,
+            cfg=self.cfg, do_sample=req.config.temperature > 0,
+        )
+        self._running[req.slot] = req
+        self._append_token(req, int(first[0]), events)
+
+    def _decode(self, events: list[StreamEvent]) -> None:
+        reqs = [self._running[s] for s in sorted(self._running)]
+        B = bucket(len(reqs))
+        width = bucket(max(pages_needed(r.cache_len + 1, self.page_size) for r in reqs))
+        tokens = np.zeros(B, np.int32)
+        positions = np.full(B, -1, np.int32)
+        for i, r in enumerate(reqs):
+            tokens[i], positions[i] = r.generated[-1], r.cache_len
+        bt = block_table_array([r.pages for r in reqs] + [[]] * (B - len(reqs)), width)
+        sp = SamplingParams.build([r.sampling_row() for r in reqs], B)
+        nxt, self.pool = decode_step(
+            self.params, self.pool, tokens, positions, bt, sp,
+            cfg=self.cfg, do_sample=any(r.config.temperature > 0 for r in reqs),
+        )
+        nxt = np.asarray(nxt)
+        for i, r in enumerate(reqs):
+            self._append_token(r, int(nxt[i]), events)
+
+    def _append_token(self, req: _Request, token: int, events: list[StreamEvent]) -> None:
+        now = time.perf_counter()
+        if not req.generated:
+            req.first_token_time = now
+        req.last_token_time = now
+        req.generated.append(token)
+        done = None
+        if token in req.stop_ids:
+            done = "stop"
+        elif len(req.generated) >= req.config.max_new_tokens:
+            done = "length"
+        delta = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in req.config.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, done = text[:cut], "stop"
+            # hold back a possible stop-string prefix and incomplete UTF-8 until final
+            safe = len(text) if done else _safe_prefix_len(text, req.config.stop)
+            delta = text[req.emitted_chars:safe]
+            req.emitted_chars = max(req.emitted_chars, safe)
+            req.text = text
+        result = None
+        if done:
+            req.finish_reason = done
+            result = self._finish(req)
+        events.append(StreamEvent(req.id, token, delta, done is not None, result))
+
+    def _finish(self, req: _Request) -> GenerationResult:
+        del self._running[req.slot]
+        self.allocator.free(req.pages)
+        self._free_slots.append(req.slot)
+        req.pages, req.slot = [], -1
+        n = len(req.generated)
+        stats = RequestStats(
+            prompt_tokens=len(req.prompt_ids), generated_tokens=n,
+            ttft_s=req.first_token_time - req.submit_time,
+            tpot_s=(req.last_token_time - req.first_token_time) / max(n - 1, 1),
+            latency_s=req.last_token_time - req.submit_time, finish_reason=req.finish_reason,
+        )
+        return GenerationResult(req.id, req.text, list(req.generated), stats)
+
+    # ------------------------------------------------------------------ convenience
+    def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,
+               chat: bool = False) -> Iterator[StreamEvent]:
+        """Submit all prompts, then yield token events as the engine produces them."""
+        ids = [self.submit(p, config, chat) for p in _as_list(prompts)]
+        pending = set(ids)
+        while pending:
+            for ev in self.step():
+                if ev.request_id in pending:
+                    if ev.finished:
+                        pending.discard(ev.request_id)
+                    yield ev
+
+    def generate(self, prompts: str | Iterable[str | list[int]], config: GenerationConfig | None = None,
+                 chat: bool = False, progress: bool = False) -> list[GenerationResult]:
+        """Generate for every prompt (continuous batching); results in prompt order."""
+        prompts = _as_list(prompts)
+        # validate everything before queueing anything
+        encoded = [self.encode(p, chat) for p in prompts]
+        ids = [self.submit(e, config) for e in encoded]
+        results: dict[int, GenerationResult] = {}
+        bar = _progress(len(ids), progress)
+        while len(results) < len(ids):
+            for ev in self.step():
+                if ev.finished and ev.request_id in ids:
+                    results[ev.request_id] = ev.result
+                    bar.update(1)
+        bar.close()
+        return [results[i] for i in ids]
+
+
+def _as_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], (int, np.integer)):
+        return [prompts]  # a single token-id prompt
+    return prompts
+
+
+def _safe_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of `text` that can be emitted now: not ending in a partial stop string or U+FFFD."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text[:n].endswith(s[:k]):
+                n = min(n, len(text[:n]) - k)
+                break
+    return n
+
+
+def _dtype(name: str):
+    allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in allowed:
+        raise ValueError(f"dtype {name!r} not supported; choose one of {sorted(allowed)}")
+    return allowed[name]
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req", disable=not enabled, file=sys.stderr)

@@ -1,0 +1,69 @@
+"""Per-request generation settings and results."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS ids
+    stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first match
+    seed: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if isinstance(self.stop_token_ids, int):
+            object.__setattr__(self, "stop_token_ids", (self.stop_token_ids,))
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (tuple, list)) or not all(
+            isinstance(t, int) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
+        if not isinstance(self.seed, int) or not (0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+
+@dataclasses.dataclass
+class RequestStats:
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float  # submit -> first token on the host
+    tpot_s: float  # mean time per output token after the first
+    latency_s: float
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    request_id: int
+    text: str
+    token_ids: list[int]
+    stats: RequestStats
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    request_id: int
+    token_id: int
+    text: str  # newly final text since the previous event of this request
+    finished: bool
+    result: GenerationResult | None = None  # set on the last event

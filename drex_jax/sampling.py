@@ -1,0 +1,51 @@
+"""Per-row sampling inside the jitted step (greedy, temperature, top-k, top-p).
+
+Per-request settings travel as arrays so changing them never recompiles; only
+`do_sample` (any row sampling at all) is static, so all-greedy batches skip the sort.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class SamplingParams(NamedTuple):
+    temperature: jax.Array  # [B] f32, 0 = greedy
+    top_k: jax.Array  # [B] i32, 0 = off
+    top_p: jax.Array  # [B] f32 in (0, 1]
+    seed: jax.Array  # [B] u32
+    step: jax.Array  # [B] i32, token index within the request (fresh randomness per token)
+
+    @staticmethod
+    def build(rows: list[tuple[float, int, float, int, int]], batch: int) -> "SamplingParams":
+        """From (temperature, top_k, top_p, seed, step) per row; padded to `batch` greedy rows."""
+        pad = [(0.0, 0, 1.0, 0, 0)] * (batch - len(rows))
+        cols = list(zip(*(list(rows) + pad)))
+        return SamplingParams(
+            np.asarray(cols[0], np.float32), np.asarray(cols[1], np.int32), np.asarray(cols[2], np.float32),
+            np.asarray(cols[3], np.uint32), np.asarray(cols[4], np.int32),
+        )
+
+
+def sample(logits: jax.Array, sp: SamplingParams, do_sample: bool) -> jax.Array:
+    """logits [B, V] f32 -> tokens [B] int32."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not do_sample:
+        return greedy
+    V = logits.shape[-1]
+    scaled = logits / jnp.maximum(sp.temperature, 1e-6)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)
+    vals = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(V)[None]
+    k = jnp.where(sp.top_k > 0, sp.top_k, V)[:, None]
+    probs = jax.nn.softmax(vals, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this token
+    keep = (rank < k) & ((before < sp.top_p[:, None]) | (rank == 0))
+    vals = jnp.where(keep, vals, -jnp.inf)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(sp.seed, sp.step)
+    choice = jax.vmap(jax.random.categorical)(keys, vals)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(sp.temperature > 0, sampled, greedy)
