@@ -277,6 +277,29 @@ class Engine:
         )
         return GenerationResult(req.id, req.text, list(req.generated), stats)
 
+    def warmup(self, progress: bool = False) -> int:
+        """Compile every (batch, page-width) decode bucket and prompt bucket ahead of time by running
+        all-padding batches (their KV writes are dropped, so the pool is untouched).
+        Returns the number of programs run; afterwards a steady stream compiles nothing."""
+        from tqdm import tqdm
+
+        max_width = bucket(pages_needed(self.max_seq_len, self.page_size))
+        shapes = [("decode", b, w) for b in _pow2_upto(bucket(self.max_slots)) for w in _pow2_upto(max_width)]
+        shapes += [("prefill", 1, t) for t in _pow2_upto(bucket(self.max_seq_len)) if t >= 16]
+        for kind, b, n in tqdm(shapes, desc="compiling", disable=not progress, file=sys.stderr):
+            for do_sample in (False, True):
+                sp = SamplingParams.build([], b)
+                if kind == "decode":
+                    bt = block_table_array([[]] * b, n)
+                    out, self.pool = decode_step(self.params, self.pool, np.zeros(b, np.int32),
+                                                 np.full(b, -1, np.int32), bt, sp, cfg=self.cfg, do_sample=do_sample)
+                else:
+                    bt = block_table_array([[]], bucket(pages_needed(n, self.page_size)))
+                    out, self.pool = prefill_step(self.params, self.pool, np.zeros((1, n), np.int32),
+                                                  np.zeros(1, np.int32), bt, sp, cfg=self.cfg, do_sample=do_sample)
+        jax.block_until_ready(out)
+        return 2 * len(shapes)
+
     # ------------------------------------------------------------------ convenience
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,
                chat: bool = False) -> Iterator[StreamEvent]:
@@ -315,6 +338,10 @@ def _as_list(prompts) -> list:
     if prompts and isinstance(prompts[0], (int, np.integer)):
         return [prompts]  # a single token-id prompt
     return prompts
+
+
+def _pow2_upto(n: int) -> list[int]:
+    return [1 << i for i in range(n.bit_length()) if 1 << i <= n]
 
 
 def _safe_prefix_len(text: str, stops: tuple[str, ...]) -> int:

@@ -17,3 +17,32 @@ def default_model():
     from drex_jax.default_model import default_model_path
 
     return load_checkpoint(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model():
+    """`transformers`' own fp32 load of the bundled GGUF: the independent reference."""
+    import torch
+    import transformers
+
+    from drex_jax.default_model import default_gguf_path
+
+    path = default_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """(cfg, params) of a small random Llama (GQA 4:2, 3 layers) for fast engine tests."""
+    from drex_jax.model.config import config_from_hf
+    from drex_jax.model.params import init_params
+
+    cfg = config_from_hf(dict(
+        architectures=["LlamaForCausalLM"], vocab_size=101, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=None,
+    ))
+    return cfg, init_params(cfg, jax.random.key(0), scale=0.25)

@@ -1,25 +1,9 @@
 """The converted bundled SmolLM2 GGUF vs `transformers`' own GGUF loading of the same file."""
-import os
-
 import numpy as np
-import pytest
 import torch
 
 from drex_jax.model import forward
 from tests.texts import REAL_TEXT
-
-
-@pytest.fixture(scope="module")
-def hf_gguf_model():
-    import transformers
-
-    from drex_jax.default_model import default_gguf_path
-
-    path = default_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
-    return model.eval()
 
 
 def test_default_model_matches_transformers_gguf(default_model, hf_gguf_model):

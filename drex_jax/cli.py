@@ -1,0 +1,89 @@
+"""`drex-jax` command line: convert checkpoints, generate text."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain in one sentence why the sky is blue.",
+    "Give three tips for writing readable Python code.",
+]
+
+
+def _convert(args) -> int:
+    from convert import convert_any
+
+    t0 = time.perf_counter()
+    print(f"converting {args.src} -> {args.dst} ({args.dtype})", file=sys.stderr)
+    convert_any(args.src, args.dst, dtype=args.dtype)
+    print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _generate(args) -> int:
+    from drex_jax import Engine, GenerationConfig
+
+    prompts = args.prompt or DEFAULT_PROMPTS
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
+    )
+    engine = Engine(args.model, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len)
+    t0 = time.perf_counter()
+    results = engine.generate(prompts, cfg, chat=not args.raw, progress=True)
+    wall = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps([{"prompt": p, "text": r.text, "token_ids": r.token_ids, "stats": vars(r.stats)}
+                          for p, r in zip(prompts, results)], indent=2))
+    else:
+        for p, r in zip(prompts, results):
+            print(f"### {p}\n{r.text}\n[{r.stats.generated_tokens} tokens, finish={r.stats.finish_reason}, "
+                  f"ttft={r.stats.ttft_s * 1e3:.0f} ms, tpot={r.stats.tpot_s * 1e3:.1f} ms]\n")
+        total = sum(r.stats.generated_tokens for r in results)
+        print(f"{len(results)} requests, {total} tokens in {wall:.2f}s ({total / wall:.1f} tok/s incl. compile)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="drex-jax", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="HF safetensors dir or .gguf file -> drex_jax checkpoint")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.set_defaults(fn=_convert)
+
+    g = sub.add_parser("generate", help="generate text (default: bundled SmolLM2, chat template)")
+    g.add_argument("--model", default=None, help="converted checkpoint dir (default: bundled SmolLM2)")
+    g.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--max-slots", type=int, default=32)
+    g.add_argument("--max-seq-len", type=int, default=1024)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json", action="store_true", help="print results as JSON")
+    g.set_defaults(fn=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"drex-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
