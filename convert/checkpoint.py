@@ -48,8 +48,8 @@ def load_checkpoint(src: str, dtype=None):
     except Exception as e:
         raise ValueError(f"cannot restore params from {src!r}/params (damaged checkpoint?): {e}") from e
     check_params(cfg, params)
-    if dtype is not None:
-        params = jax.tree.map(lambda a: jax.numpy.asarray(a, dtype), params)
+    # device arrays: host numpy params would be re-transferred on every jitted call
+    params = jax.tree.map(lambda a: jax.numpy.asarray(a, dtype), params)
     tok = None
     if os.path.isdir(os.path.join(src, "tokenizer")):
         from transformers import AutoTokenizer

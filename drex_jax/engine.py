@@ -20,7 +20,7 @@ import numpy as np
 from drex_jax import compile_counter
 from drex_jax.generation import GenerationConfig, GenerationResult, RequestStats, StreamEvent
 from drex_jax.kv.pool import (
-    PageAllocator, block_table_array, bucket, init_pool, pages_for_budget, pages_needed,
+    PageAllocator, block_table_array, bucket, row_bucket, row_buckets_upto, init_pool, pages_for_budget, pages_needed,
 )
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import check_params
@@ -188,34 +188,74 @@ class Engine:
         return events
 
     def _admit(self, events: list[StreamEvent]) -> None:
+        """Move waiting requests (FIFO) into free slots while pages and the prefill budget last,
+        then prefill them together in one packed stream."""
+        group: list[_Request] = []
         budget = self.max_prefill_tokens_per_step
-        admitted = 0
         while self._waiting and self._free_slots:
             req = self._waiting[0]
-            if admitted and len(req.prompt_ids) > budget:
+            if group and len(req.prompt_ids) > budget:
                 break
             pages = self.allocator.alloc(pages_needed(len(req.prompt_ids) + req.config.max_new_tokens, self.page_size))
             if pages is None:  # wait for pages to come back
                 break
             self._waiting.popleft()
             req.pages, req.slot = pages, self._free_slots.pop()
-            self._prefill(req, events)
+            group.append(req)
             budget -= len(req.prompt_ids)
-            admitted += 1
+        if group:
+            self._prefill(group, events)
 
-    def _prefill(self, req: _Request, events: list[StreamEvent]) -> None:
-        n = len(req.prompt_ids)
-        T = bucket(n, minimum=16)
-        tokens = np.zeros((1, T), np.int32)
-        tokens[0, :n] = req.prompt_ids
-        bt = block_table_array([req.pages], bucket(pages_needed(T, self.page_size)))
-        sp = SamplingParams.build([req.sampling_row()], 1)
+    def _prefill(self, group: list[_Request], events: list[StreamEvent]) -> None:
+        rows = self._pack(group)
+        W = self._prefill_width(group)
+        R, Q = row_bucket(len(rows)), bucket(len(group))
+        tokens = np.zeros((R, W), np.int32)
+        positions = np.full((R, W), -1, np.int32)
+        segment_ids = np.full((R, W), -1, np.int32)
+        write_page = np.full((R, W), self.allocator.num_pages, np.int32)  # out of range = no write
+        write_off = np.zeros((R, W), np.int32)
+        last_index = np.zeros(Q, np.int32)
+        for row, members in enumerate(rows):
+            o = 0
+            for j in members:
+                r = group[j]
+                n, pos = len(r.prompt_ids), np.arange(len(r.prompt_ids))
+                tokens[row, o:o + n], positions[row, o:o + n], segment_ids[row, o:o + n] = r.prompt_ids, pos, j
+                write_page[row, o:o + n] = np.asarray(r.pages)[pos // self.page_size]
+                write_off[row, o:o + n] = pos % self.page_size
+                last_index[j] = row * W + o + n - 1
+                o += n
+        sp = SamplingParams.build([r.sampling_row() for r in group], Q)
         first, self.pool = prefill_step(
-            self.params, self.pool, tokens, np.array([n], np.int32), bt, sp,
-            cfg=self.cfg, do_sample=req.config.temperature > 0,
+            self.params, self.pool, tokens, positions, segment_ids, write_page, write_off, last_index, sp,
+            cfg=self.cfg, do_sample=any(r.config.temperature > 0 for r in group),
         )
-        self._running[req.slot] = req
-        self._append_token(req, int(first[0]), events)
+        first = np.asarray(first)
+        for j, r in enumerate(group):
+            self._running[r.slot] = r
+            self._append_token(r, int(first[j]), events)
+
+    def _prefill_width(self, group: list[_Request]) -> int:
+        """Row width: fits the longest prompt; up to 128 when there is that much to pack."""
+        total = sum(len(r.prompt_ids) for r in group)
+        widest = min(128, bucket(total, 16), bucket(self.max_seq_len, 16))
+        return max(bucket(max(len(r.prompt_ids) for r in group), 16), widest)
+
+    def _pack(self, group: list[_Request]) -> list[list[int]]:
+        """First-fit-decreasing packing of prompts (indices into `group`) into rows of the width."""
+        W = self._prefill_width(group)
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for j in sorted(range(len(group)), key=lambda j: -len(group[j].prompt_ids)):
+            n = len(group[j].prompt_ids)
+            k = next((k for k, free in enumerate(room) if free >= n), None)
+            if k is None:
+                rows.append([]), room.append(W)
+                k = len(rows) - 1
+            rows[k].append(j)
+            room[k] -= n
+        return rows
 
     def _decode(self, events: list[StreamEvent]) -> None:
         reqs = [self._running[s] for s in sorted(self._running)]
@@ -284,9 +324,18 @@ class Engine:
         from tqdm import tqdm
 
         max_width = bucket(pages_needed(self.max_seq_len, self.page_size))
-        shapes = [("decode", b, w) for b in _pow2_upto(bucket(self.max_slots)) for w in _pow2_upto(max_width)]
-        shapes += [("prefill", 1, t) for t in _pow2_upto(bucket(self.max_seq_len)) if t >= 16]
-        for kind, b, n in tqdm(shapes, desc="compiling", disable=not progress, file=sys.stderr):
+        max_rows = bucket(self.max_slots)
+        budget = max(self.max_prefill_tokens_per_step, self.max_seq_len)
+        shapes = [("decode", b, w, 0) for b in _pow2_upto(max_rows) for w in _pow2_upto(max_width)]
+        # prefill: row width W, rows R (each row holds >= 1 prompt), prompts Q
+        for W in _pow2_upto(bucket(self.max_seq_len, 16)):
+            if W < 16:
+                continue
+            # first-fit rows are more than half full, except the last
+            for R in row_buckets_upto(min(self.max_slots, 2 * -(-budget // W))):
+                shapes += [("prefill", q, W, R) for q in _pow2_upto(max_rows) if q >= R]
+        drop = self.allocator.num_pages
+        for kind, b, n, rows in tqdm(shapes, desc="compiling", disable=not progress, file=sys.stderr):
             for do_sample in (False, True):
                 sp = SamplingParams.build([], b)
                 if kind == "decode":
@@ -294,9 +343,10 @@ class Engine:
                     out, self.pool = decode_step(self.params, self.pool, np.zeros(b, np.int32),
                                                  np.full(b, -1, np.int32), bt, sp, cfg=self.cfg, do_sample=do_sample)
                 else:
-                    bt = block_table_array([[]], bucket(pages_needed(n, self.page_size)))
-                    out, self.pool = prefill_step(self.params, self.pool, np.zeros((1, n), np.int32),
-                                                  np.zeros(1, np.int32), bt, sp, cfg=self.cfg, do_sample=do_sample)
+                    pad, zero = np.full((rows, n), -1, np.int32), np.zeros((rows, n), np.int32)
+                    out, self.pool = prefill_step(
+                        self.params, self.pool, zero, pad, pad, np.full((rows, n), drop, np.int32), zero,
+                        np.zeros(b, np.int32), sp, cfg=self.cfg, do_sample=do_sample)
         jax.block_until_ready(out)
         return 2 * len(shapes)
 

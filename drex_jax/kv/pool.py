@@ -71,6 +71,23 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def row_bucket(n: int) -> int:
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5x) >= n: <= 33% padding."""
+    b = bucket(n)
+    return b * 3 // 4 if b >= 4 and n <= b * 3 // 4 else b
+
+
+def row_buckets_upto(n: int) -> list[int]:
+    out, k = [], 1
+    while True:
+        b = row_bucket(k)
+        if b > row_bucket(n):
+            return out
+        if not out or out[-1] != b:
+            out.append(b)
+        k = b + 1
+
+
 def block_table_array(page_lists: list[list[int]], width: int) -> np.ndarray:
     """[rows, width] int32 block tables, unused entries pointing at the dummy page."""
     out = np.full((len(page_lists), width), DUMMY_PAGE, np.int32)

@@ -1,11 +1,14 @@
 """Decoder layers over the paged KV pool: the jitted prefill and decode steps.
 
-A batch is a set of rows; each row carries its own positions and block table, so padded
-rows (position -1, block table of dummy pages) write nothing and change nothing.
+Rows carry their own positions (-1 = padding) and page ids, so padded rows and tokens
+write nothing (an out-of-range page id makes the scatter drop the write) and change
+nothing. Prefill packs several prompts into each row (little padding, small attention);
+decode attends through each row's block table.
 """
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,35 +18,25 @@ from drex_jax.model.decoder import attention, embed, finish_layer, layer_at, lm_
 from drex_jax.sampling import SamplingParams, sample
 
 
-def run_layers(
+def layer_loop(
     params: dict,
     cfg: ModelConfig,
     pool: dict,
     x: jax.Array,
     positions: jax.Array,
-    block_tables: jax.Array,
+    write_page: jax.Array,
+    write_off: jax.Array,
+    attend: Callable,
     start: int,
     end: int,
 ):
-    """Run layers `[start, end)` for rows that attend through their pages.
+    """Run layers `[start, end)`, writing each token's K/V into the pool first.
 
-    x: [B, T, H]; positions: [B, T] int32 (-1 = padding: no KV write, output ignored);
-    block_tables: [B, P] int32. Each token's K/V is written to its page before attention,
-    so it attends to itself and every earlier position of its row. Returns (x, pool).
+    x: [B, T, H]; positions, write_page, write_off: [B, T] int32 (write_page >= num_pages
+    drops the write). `attend(q, k, v, k_layer_pool, v_layer_pool) -> [B, T, nh*D]`.
+    The pool is a loop carry, so with a donated pool XLA updates it in place.
     """
-    B, T, _ = x.shape
-    _, _, num_pages, page_size, _ = pool["k"].shape
-    S = block_tables.shape[1] * page_size
-    valid = positions >= 0
     pos = jnp.maximum(positions, 0)
-    # out-of-range page id => the scatter drops the write (padding rows/positions)
-    write_page = jnp.where(valid, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
-    write_off = pos % page_size
-    mask = (jnp.arange(S)[None, None, :] <= pos[:, :, None]) & valid[:, :, None]  # [B, T, S]
-
-    def gather(layer_pool):  # [kv, N, ps, D] -> [B, S, kv, D]
-        g = layer_pool[:, block_tables]  # [kv, B, P, ps, D]
-        return g.reshape(cfg.num_kv_heads, B, S, cfg.head_dim).transpose(1, 2, 0, 3)
 
     def body(i, carry):
         x, k_pool, v_pool = carry
@@ -52,11 +45,33 @@ def run_layers(
         # advanced indices split by a slice => value layout [B, T, kv, D]
         k_pool = k_pool.at[i, :, write_page, write_off].set(k.astype(k_pool.dtype), mode="drop")
         v_pool = v_pool.at[i, :, write_page, write_off].set(v.astype(v_pool.dtype), mode="drop")
-        attn = attention(cfg, q, gather(k_pool[i]), gather(v_pool[i]), mask)
-        return finish_layer(lp, cfg, x, attn), k_pool, v_pool
+        return finish_layer(lp, cfg, x, attend(q, k, v, k_pool[i], v_pool[i])), k_pool, v_pool
 
     x, k_pool, v_pool = jax.lax.fori_loop(start, end, body, (x, pool["k"], pool["v"]))
     return x, {"k": k_pool, "v": v_pool}
+
+
+def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end: int):
+    """Layers `[start, end)` for rows attending through their pages (decode, deep segments).
+
+    x: [B, T, H]; positions: [B, T] (-1 = padding); block_tables: [B, P]. Returns (x, pool).
+    """
+    B, T, _ = x.shape
+    _, _, num_pages, page_size, _ = pool["k"].shape
+    S = block_tables.shape[1] * page_size
+    valid = positions >= 0
+    pos = jnp.maximum(positions, 0)
+    write_page = jnp.where(valid, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
+    mask = (jnp.arange(S)[None, None, :] <= pos[:, :, None]) & valid[:, :, None]  # [B, T, S]
+
+    def gather(layer_pool):  # [kv, N, ps, D] -> [B, S, kv, D]
+        g = layer_pool[:, block_tables]  # [kv, B, P, ps, D]
+        return g.reshape(cfg.num_kv_heads, B, S, cfg.head_dim).transpose(1, 2, 0, 3)
+
+    def attend(q, k, v, k_layer, v_layer):
+        return attention(cfg, q, gather(k_layer), gather(v_layer), mask)
+
+    return layer_loop(params, cfg, pool, x, positions, write_page, pos % page_size, attend, start, end)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "do_sample"), donate_argnames=("pool",))
@@ -64,19 +79,34 @@ def prefill_step(
     params: dict,
     pool: dict,
     tokens: jax.Array,
-    lengths: jax.Array,
-    block_tables: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    write_page: jax.Array,
+    write_off: jax.Array,
+    last_index: jax.Array,
     sampling: SamplingParams,
     *,
     cfg: ModelConfig,
     do_sample: bool,
 ):
-    """Prompts [B, T] (right-padded to a bucket, true `lengths` [B]) -> first tokens [B], pool."""
-    B, T = tokens.shape
-    t = jnp.arange(T, dtype=jnp.int32)[None]
-    positions = jnp.where(t < lengths[:, None], t, -1)
-    x, pool = run_layers(params, cfg, pool, embed(params, tokens), positions, block_tables, 0, cfg.num_layers)
-    last = x[jnp.arange(B), lengths - 1]
+    """Prefill prompts packed into rows (several prompts per row, none before them in the cache).
+
+    tokens, positions (-1 = padding), segment_ids, write_page, write_off: [R, W];
+    last_index: [Q] flat index (row * W + col) of each prompt's last token.
+    Returns (first generated token per prompt [Q], pool).
+    """
+    R, W = tokens.shape
+    valid = positions >= 0
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = positions[:, None, :] <= positions[:, :, None]
+    mask = same & causal & valid[:, :, None] & valid[:, None, :]  # [R, W, W] block-diagonal causal
+
+    def attend(q, k, v, k_layer, v_layer):  # prompts attend to their own fresh K/V only
+        return attention(cfg, q, k, v, mask)
+
+    x, pool = layer_loop(params, cfg, pool, embed(params, tokens), positions, write_page, write_off, attend,
+                         0, cfg.num_layers)
+    last = x.reshape(R * W, -1)[last_index]
     return sample(lm_head(params, cfg, last), sampling, do_sample), pool
 
 
@@ -94,5 +124,5 @@ def decode_step(
 ):
     """One token per row: tokens [B], positions [B] (-1 = padding row) -> next tokens [B], pool."""
     x = embed(params, tokens)[:, None]
-    x, pool = run_layers(params, cfg, pool, x, positions[:, None], block_tables, 0, cfg.num_layers)
+    x, pool = paged_layers(params, cfg, pool, x, positions[:, None], block_tables, 0, cfg.num_layers)
     return sample(lm_head(params, cfg, x[:, 0]), sampling, do_sample), pool
