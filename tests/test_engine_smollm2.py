@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from drex_jax import Engine, GenerationConfig
-from tests.texts import PROMPTS
+from drex_jax.data.texts import PROMPTS
 
 NEW_TOKENS = 64
 TIE_MARGIN = 1e-3  # a divergence is only excused where HF's own top-2 logits are this close

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from drex_jax.model import forward
-from tests.texts import REAL_TEXT
+from drex_jax.data.texts import REAL_TEXT
 
 
 def test_default_model_matches_transformers_gguf(default_model, hf_gguf_model):

@@ -1,4 +1,4 @@
-"""Real English text for quality checks (written for this project)."""
+"""Real English text and chat prompts for tests and benchmarks (written for this project)."""
 
 REAL_TEXT = """The history of computing is often told as a story of machines, but it is just as much a story \
 of ideas about how to organize work. Early mechanical calculators could add and multiply, yet every step \
