@@ -1,0 +1,53 @@
+"""Exit ramps: confidence measures and ramp heads (shared final norm + LM head, or trained).
+
+Trained head (one per ramp): a residual low-rank adapter and its own RMSNorm in front of the
+model's frozen LM head: `logits = W_lm . rmsnorm(h + (h @ down) @ up)`. With `up = 0` and
+the norm weight copied from the final norm it starts exactly as the shared head, so
+training can only improve on it; it adds `2*H*rank + H` params per ramp (74k at H=576,
+rank 64) and reuses the 28M-param vocabulary projection instead of a new one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from drex_jax.model.config import ModelConfig
+from drex_jax.model.decoder import lm_head, rms_norm
+
+
+def confidence(logits: jax.Array, measure: str) -> jax.Array:
+    """logits [..., V] -> confidence [...] (higher = surer)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if measure == "top1_minus_top2":
+        top2 = jax.lax.top_k(logp, 2)[0]
+        p = jnp.exp(top2)
+        return p[..., 0] - p[..., 1]
+    if measure == "max_prob":
+        return jnp.exp(jnp.max(logp, axis=-1))
+    if measure == "neg_entropy":
+        return jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    raise ValueError(f"unknown confidence measure {measure!r}")
+
+
+def init_ramp_heads(params: dict, cfg: ModelConfig, num_ramps: int, rank: int, key: jax.Array) -> dict:
+    """Stacked trained-head params: norm [R, H], down [R, H, rank], up [R, rank, H] (zeros)."""
+    H = cfg.hidden_size
+    down = jax.random.normal(key, (num_ramps, H, rank), jnp.float32) / jnp.sqrt(H)
+    return {
+        "norm": jnp.broadcast_to(params["final_norm"].astype(jnp.float32), (num_ramps, H)),
+        "down": down,
+        "up": jnp.zeros((num_ramps, rank, H), jnp.float32),
+    }
+
+
+def ramp_logits(params: dict, cfg: ModelConfig, h: jax.Array, heads: dict | None, ramp: int | jax.Array):
+    """Logits [..., V] of ramp `ramp` (index into the ramp list) for hidden states h [..., H].
+    heads=None means the shared head (final norm + LM head)."""
+    if heads is None:
+        return lm_head(params, cfg, h)
+    hd = jax.tree.map(lambda a: a[ramp], heads)
+    h32 = h.astype(jnp.float32)
+    h2 = h32 + (h32 @ hd["down"]) @ hd["up"]
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...h,hv->...v", rms_norm(h2, hd["norm"], cfg.rms_norm_eps).astype(w.dtype), w,
+                      preferred_element_type=jnp.float32)
