@@ -48,6 +48,23 @@ def _generate(args) -> int:
     return 0
 
 
+def _train_exits(args) -> int:
+    import os
+
+    from convert.checkpoint import load_checkpoint
+    from drex_jax.default_model import default_model_path
+    from drex_jax.train_exits import TrainExitsConfig, train_exit_heads
+
+    model = args.model or default_model_path()
+    cfg, params, tok = load_checkpoint(model)
+    tc = TrainExitsConfig(exit_layers=tuple(args.exit_layers), rank=args.rank, steps=args.steps,
+                          new_tokens=args.new_tokens, num_humaneval=args.num_humaneval, seed=args.seed)
+    out = args.out or os.path.join(model, "exit_heads")
+    _, meta = train_exit_heads(params, cfg, tok, out, tc)
+    print(f"saved exit heads to {out}: {json.dumps(meta)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="drex-jax", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -73,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print results as JSON")
     g.set_defaults(fn=_generate)
+
+    from drex_jax.train_exits import TrainExitsConfig
+
+    d = TrainExitsConfig()
+    t = sub.add_parser("train-exits", help="train exit heads by self-distillation (resumable)")
+    t.add_argument("--model", default=None, help="converted checkpoint dir (default: bundled SmolLM2)")
+    t.add_argument("--out", default=None, help="output dir (default: MODEL/exit_heads)")
+    t.add_argument("--exit-layers", type=int, nargs="+", default=list(d.exit_layers))
+    t.add_argument("--rank", type=int, default=d.rank)
+    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    t.add_argument("--num-humaneval", type=int, default=d.num_humaneval)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.set_defaults(fn=_train_exits)
     return p
 
 

@@ -43,6 +43,12 @@ class _Request:
     emitted_chars: int = 0
     finish_reason: str | None = None
     text: str = ""
+    # early exit: segment the request waits to run (0 = layer 0), when it entered its buffer,
+    # when its current token started, and the depth each generated token ran to
+    stage: int = 0
+    buffered_iter: int = -1
+    token_start: float = 0.0
+    exit_layers: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def cache_len(self) -> int:
@@ -70,11 +76,16 @@ class Engine:
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", verbose: bool = False, **kwargs):
+        import os
+
         from convert.checkpoint import load_checkpoint
         from drex_jax.default_model import default_model_path
 
         path = model if model is not None else default_model_path(verbose=True)
         cfg, params, tok = load_checkpoint(path, dtype=_dtype(dtype))
+        ee = kwargs.get("ee")
+        if ee is not None and ee.head == "trained" and kwargs.get("exit_heads") is None:
+            kwargs["exit_heads"] = os.path.join(path, "exit_heads")
         self._setup(cfg, params, tok, dtype=dtype, verbose=verbose, **kwargs)
 
     @classmethod
@@ -86,7 +97,8 @@ class Engine:
         return eng
 
     def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
-               num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024):
+               num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024,
+               ee=None, policy=None, exit_heads=None, flush=None, art=True):
         for name, v, lo in (("max_slots", max_slots, 1), ("page_size", page_size, 1),
                             ("max_prefill_tokens_per_step", max_prefill_tokens_per_step, 1)):
             if not isinstance(v, int) or v < lo:
@@ -119,7 +131,36 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._eos |= {int(tokenizer.eos_token_id)}
         compile_counter.install()
+        self._ee = self._make_ee_decoder(ee, policy, exit_heads, flush, art)
 
+    def _make_ee_decoder(self, ee, policy, exit_heads, flush, art):
+        from drex_jax.rebatch.policies import POLICIES
+        from drex_jax.sched.ee_decoder import EEDecoder
+        from drex_jax.sched.flush import FlushConfig
+
+        if policy is not None and policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+        if ee is None:
+            if policy not in (None, "off"):
+                raise ValueError(f"policy {policy!r} needs an early-exit config (ee=EEConfig(...))")
+            return None
+        heads = exit_heads
+        if isinstance(exit_heads, str) and ee.head == "trained":
+            from drex_jax.train_exits import load_heads
+
+            heads, meta = load_heads(exit_heads)
+            ramps = [e for e in ee.exit_layers if e < self.cfg.num_layers]
+            if list(meta["exit_layers"]) != ramps:
+                raise ValueError(f"exit heads at {exit_heads!r} were trained for layers {meta['exit_layers']}, "
+                                 f"but exit_layers is {ramps}")
+        if heads is not None:
+            heads = jax.tree.map(jnp.asarray, heads)
+        return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art)
+
+    @property
+    def ee_stats(self):
+        """Early-exit counters (EEStats) or None without early exit."""
+        return None if self._ee is None else self._ee.stats
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -184,7 +225,10 @@ class Engine:
         events: list[StreamEvent] = []
         self._admit(events)
         if self._running:
-            self._decode(events)
+            if self._ee is not None:
+                self._ee.step(events)
+            else:
+                self._decode(events)
         return events
 
     def _admit(self, events: list[StreamEvent]) -> None:
@@ -234,6 +278,7 @@ class Engine:
         first = np.asarray(first)
         for j, r in enumerate(group):
             self._running[r.slot] = r
+            r.exit_layers.append(self.cfg.num_layers)  # prefill runs full depth
             self._append_token(r, int(first[j]), events)
 
     def _prefill_width(self, group: list[_Request]) -> int:
@@ -315,7 +360,7 @@ class Engine:
             tpot_s=(req.last_token_time - req.first_token_time) / max(n - 1, 1),
             latency_s=req.last_token_time - req.submit_time, finish_reason=req.finish_reason,
         )
-        return GenerationResult(req.id, req.text, list(req.generated), stats)
+        return GenerationResult(req.id, req.text, list(req.generated), stats, list(req.exit_layers))
 
     def warmup(self, progress: bool = False) -> int:
         """Compile every (batch, page-width) decode bucket and prompt bucket ahead of time by running

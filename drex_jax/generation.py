@@ -15,6 +15,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first match
     seed: int = 0
     ignore_eos: bool = False
+    deadline_ms: float | None = None  # per-token deadline, used by the early-exit flush policy
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -38,6 +39,10 @@ class GenerationConfig:
             isinstance(t, int) and t >= 0 for t in self.stop_token_ids
         ):
             raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
+        if self.deadline_ms is not None and not (
+            isinstance(self.deadline_ms, (int, float)) and math.isfinite(self.deadline_ms) and self.deadline_ms > 0
+        ):
+            raise ValueError(f"deadline_ms must be a positive number or None, got {self.deadline_ms!r}")
         if not isinstance(self.seed, int) or not (0 <= self.seed < 2**32):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
 
@@ -58,6 +63,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     stats: RequestStats
+    exit_layers: list[int] = dataclasses.field(default_factory=list)  # depth each token ran to
 
 
 @dataclasses.dataclass

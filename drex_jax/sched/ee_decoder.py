@@ -1,0 +1,248 @@
+"""Host-side early-exit decode: runs the engine's running requests through segments of layers
+between ramps under a policy, with per-ramp buffers for `rebatching`.
+
+Segment s covers layers [bounds[s], bounds[s+1]) and ends at ramp s (the LM head for the
+last segment). A request's `stage` is the segment it waits to run: 0 = ready at layer 0,
+s > 0 = sitting in the buffer of ramp s-1 with its hidden state in `hidden[slot]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drex_jax.early_exit import EEConfig
+from drex_jax.kv.pool import block_table_array, bucket, pages_needed
+from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
+from drex_jax.rebatch.steps import fill_copy, fill_propagate, segment_step
+from drex_jax.sampling import SamplingParams
+from drex_jax.sched.art import ARTProfiler
+from drex_jax.sched.flush import FlushConfig, flush_reason
+
+
+@dataclasses.dataclass
+class EEStats:
+    tokens: int = 0  # decode tokens finalized (prefill tokens excluded)
+    layers_run: int = 0  # sum over decode tokens of the layers actually executed for them
+    exits_per_ramp: list[int] = dataclasses.field(default_factory=list)  # last entry = full depth
+    involuntary_exits: int = 0
+    involuntary_stays: int = 0
+    art_declined: int = 0
+    flushes: dict[str, int] = dataclasses.field(default_factory=dict)
+    device_s: float = 0.0  # time inside synchronous device calls
+    host_gap_s: float = 0.0  # time between one device result and the next dispatch
+    segment_calls: int = 0
+
+    def mean_depth(self) -> float:
+        return self.layers_run / max(self.tokens, 1)
+
+
+class EEDecoder:
+    def __init__(self, engine, ee: EEConfig, policy: str, heads: dict | None, flush: FlushConfig,
+                 art: bool = True):
+        cfg = engine.cfg
+        ee.validate(cfg.num_layers)
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+        if ee.missing_kv == "recompute" and policy != "off":
+            raise ValueError("missing_kv='recompute' is available in reference_generate only; the engine "
+                             "supports 'copy' and 'propagate'")
+        if ee.head == "trained" and heads is None:
+            raise ValueError("EEConfig.head == 'trained' needs exit heads (Engine(exit_heads=...))")
+        if not isinstance(flush, FlushConfig):
+            raise ValueError(f"flush must be a FlushConfig, got {type(flush).__name__}")
+        self.eng, self.ee, self.policy, self.flush, self.use_art = engine, ee, policy, flush, art
+        self.heads = heads if ee.head == "trained" else None
+        ramps = [e for e in ee.exit_layers if e < cfg.num_layers]
+        self.thresholds = list(ee.thresholds[: len(ramps)])
+        self.bounds = [0] + ramps + [cfg.num_layers]
+        self.num_segments = len(self.bounds) - 1
+        self.hidden = jnp.zeros((engine.max_slots, cfg.hidden_size), engine.dtype)
+        self.art = ARTProfiler(self.num_segments)
+        self.stats = EEStats(exits_per_ramp=[0] * self.num_segments)
+        self.iteration = 0
+        self._last_ready: float | None = None
+
+    # ------------------------------------------------------------------ device calls
+    def _call(self, fn, *args, **kw):
+        """Run a jitted call synchronously, accounting device time and the host gap before it."""
+        t0 = time.perf_counter()
+        if self._last_ready is not None:
+            self.stats.host_gap_s += t0 - self._last_ready
+        out = jax.block_until_ready(fn(*args, **kw))
+        self._last_ready = time.perf_counter()
+        self.stats.device_s += self._last_ready - t0
+        return out, self._last_ready - t0
+
+    def _batch_arrays(self, reqs):
+        eng, B = self.eng, bucket(len(reqs))
+        width = bucket(max(pages_needed(r.cache_len + 1, eng.page_size) for r in reqs))
+        slot_ids = np.full(B, eng.max_slots, np.int32)  # padding: out of range
+        tokens = np.zeros(B, np.int32)
+        positions = np.full(B, -1, np.int32)
+        for i, r in enumerate(reqs):
+            slot_ids[i], tokens[i], positions[i] = r.slot, r.generated[-1], r.cache_len
+        bt = block_table_array([r.pages for r in reqs] + [[]] * (B - len(reqs)), width)
+        sp = SamplingParams.build([r.sampling_row() for r in reqs], B)
+        return slot_ids, tokens, positions, bt, sp
+
+    def _segment(self, s: int, arrays, do_sample: bool):
+        slot_ids, tokens, positions, bt, sp = arrays
+        eng = self.eng
+        (tok, conf, eng.pool, self.hidden), dt = self._call(
+            segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, tokens, positions, bt, sp,
+            cfg=eng.cfg, start=self.bounds[s], end=self.bounds[s + 1],
+            ramp=s if s < self.num_segments - 1 else -1, measure=self.ee.confidence, do_sample=do_sample)
+        self.art.record_segment(s, len(slot_ids), dt)
+        self.stats.segment_calls += 1
+        return np.asarray(tok), np.asarray(conf)
+
+    def _profile_full(self, B: int, do_sample: bool) -> None:
+        """Time a fused full-depth step on an all-padding batch of bucket B (writes nothing)."""
+        eng = self.eng
+        slot_ids = np.full(B, eng.max_slots, np.int32)
+        pad = np.full(B, -1, np.int32)
+        bt = block_table_array([[]] * B, 1)
+        out, dt = self._call(segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, pad, pad, bt,
+                             SamplingParams.build([], B), cfg=eng.cfg, start=0, end=eng.cfg.num_layers, ramp=-1,
+                             measure=self.ee.confidence, do_sample=do_sample)
+        _, _, eng.pool, self.hidden = out
+        self.art.record_full(B, dt)
+
+    def _fill(self, exit_layer: int, rows: list, arrays) -> None:
+        """Missing KV of layers >= exit_layer for the given batch rows (indices into arrays)."""
+        if exit_layer >= self.eng.cfg.num_layers or not rows:
+            return
+        slot_ids, _, positions, bt, _ = arrays
+        keep = np.full(len(positions), -1, np.int32)
+        keep[rows] = positions[rows]
+        eng = self.eng
+        if self.ee.missing_kv == "copy":
+            eng.pool, _ = self._call(fill_copy, eng.pool, bt, keep, exit_layer=exit_layer)
+        else:
+            eng.pool, _ = self._call(fill_propagate, eng.params, eng.pool, self.hidden, slot_ids, bt, keep,
+                                     cfg=eng.cfg, exit_layer=exit_layer)
+
+    def _finalize(self, req, token: int, segment: int, events) -> None:
+        depth = self.bounds[segment + 1]
+        self.stats.tokens += 1
+        self.stats.layers_run += depth
+        self.stats.exits_per_ramp[segment] += 1
+        req.stage = 0
+        req.exit_layers.append(depth)
+        self.eng._append_token(req, token, events)
+
+    # ------------------------------------------------------------------ scheduling
+    def step(self, events) -> None:
+        """One decode iteration over the engine's running requests."""
+        self.iteration += 1
+        running = [self.eng._running[s] for s in sorted(self.eng._running)]
+        ready = [r for r in running if r.stage == 0]
+        for r in ready:
+            if r.buffered_iter < 0:
+                r.token_start = time.perf_counter()
+        if self.policy != "rebatching":
+            if ready:
+                self._run_grouped(ready, events)
+            return
+        ran = False
+        now = time.perf_counter()
+        for s in range(self.num_segments - 1, 0, -1):  # deeper buffers first
+            buf = [r for r in running if r.stage == s]
+            if not buf:
+                continue
+            oldest = min(buf, key=lambda r: r.buffered_iter)
+            sla = oldest.config.deadline_ms or self.flush.tpot_sla_ms
+            used = (now - oldest.token_start) * 1e3 / sla if sla else 0.0
+            reason = flush_reason(self.flush, len(buf), len(running), len(ready),
+                                  self.iteration - oldest.buffered_iter, used)
+            if reason:
+                self.stats.flushes[reason] = self.stats.flushes.get(reason, 0) + 1
+                self._run_rebatching(s, buf, events)
+                ran = True
+        if ready:
+            self._run_rebatching(0, ready, events)
+            ran = True
+        if not ran:  # cannot happen while requests run: an idle layer 0 flushes a buffer
+            raise AssertionError("early-exit scheduler made no progress")
+
+    def _run_rebatching(self, s: int, reqs: list, events) -> None:
+        """Run `reqs` from segment s; at each ramp, exiting rows leave and the rest wait in the
+        ramp's buffer, unless ART declines the split (then the whole batch runs on)."""
+        do_sample = any(r.config.temperature > 0 for r in reqs)
+        while True:
+            arrays = self._batch_arrays(reqs)
+            B = len(arrays[0])
+            if self.use_art and self.art.needs_full_profile(B):
+                self._profile_full(B, do_sample)
+            tok, conf = self._segment(s, arrays, do_sample)
+            n = len(reqs)
+            if s == self.num_segments - 1:
+                for i, r in enumerate(reqs):
+                    r.buffered_iter = -1
+                    self._finalize(r, int(tok[i]), s, events)
+                return
+            wants = conf[:n] > self.thresholds[s]
+            split = wants.any() and (not self.use_art or self.art.decide(s, B, int(wants.sum()), n))
+            if not split:
+                self.stats.involuntary_stays += int(wants.sum())
+                self.stats.art_declined += int(wants.any())
+                s += 1
+                continue
+            rows = list(np.flatnonzero(wants))
+            self._fill(self.bounds[s + 1], rows, arrays)
+            for i, r in enumerate(reqs):
+                if wants[i]:
+                    r.buffered_iter = -1
+                    self._finalize(r, int(tok[i]), s, events)
+                else:
+                    r.stage = s + 1
+                    r.buffered_iter = self.iteration
+            return
+
+    def _run_grouped(self, reqs: list, events) -> None:
+        """Policies where the batch moves as one: off, eager, lazy, average, median, latency-only."""
+        do_sample = any(r.config.temperature > 0 for r in reqs)
+        arrays = self._batch_arrays(reqs)
+        n = len(reqs)
+        if self.policy == "off":
+            tok, _ = self._segment_full(arrays, do_sample)
+            for i, r in enumerate(reqs):
+                self._finalize(r, int(tok[i]), self.num_segments - 1, events)
+            return
+        released = np.zeros(n, bool)  # latency-only: token already emitted
+        for s in range(self.num_segments):
+            tok, conf = self._segment(s, arrays, do_sample)
+            if s == self.num_segments - 1:
+                for i, r in enumerate(reqs):
+                    if not released[i]:
+                        self._finalize(r, int(tok[i]), s, events)
+                return
+            wants = conf[:n] > self.thresholds[s]
+            if self.policy == "latency-only":
+                new = wants & ~released
+                for i in np.flatnonzero(new):  # emitted now, but the row keeps computing real KV
+                    self._finalize(reqs[i], int(tok[i]), s, events)
+                    self.stats.layers_run += self.eng.cfg.num_layers - self.bounds[s + 1]
+                released |= new
+                continue
+            exit_all = group_exit(self.policy, conf[:n], self.thresholds[s])
+            ie, st = involuntary(wants, np.full(n, exit_all))
+            self.stats.involuntary_exits += ie
+            self.stats.involuntary_stays += st
+            if exit_all:
+                self._fill(self.bounds[s + 1], list(range(n)), arrays)
+                for i, r in enumerate(reqs):
+                    self._finalize(r, int(tok[i]), s, events)
+                return
+
+    def _segment_full(self, arrays, do_sample):
+        slot_ids, tokens, positions, bt, sp = arrays
+        eng = self.eng
+        (tok, conf, eng.pool, self.hidden), _ = self._call(
+            segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, tokens, positions, bt, sp,
+            cfg=eng.cfg, start=0, end=eng.cfg.num_layers, ramp=-1, measure=self.ee.confidence, do_sample=do_sample)
+        return np.asarray(tok), np.asarray(conf)
