@@ -1,0 +1,164 @@
+"""DREX rebatching vs the unbatched early-exit reference; baseline policies; regrouping moves no KV."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drex_jax import Engine, GenerationConfig
+from drex_jax.early_exit import EEConfig
+from drex_jax.reference import reference_generate
+from drex_jax.sched.flush import FlushConfig
+
+EE_LAYERS, EE_THR = (1, 2, 3), (0.08, 0.06, 0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny4():
+    from drex_jax.model.config import config_from_hf
+    from drex_jax.model.params import init_params
+
+    cfg = config_from_hf(dict(
+        architectures=["Qwen2ForCausalLM"], vocab_size=61, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ))
+    return cfg, init_params(cfg, jax.random.key(3), scale=0.3)
+
+
+def _prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(0, 61, rng.integers(2, 12))) for _ in range(n)]
+
+
+def _serve_with_arrivals(engine, prompts, gc):
+    out, ids, queue, steps = {}, {}, list(enumerate(prompts)), 0
+    while queue or engine.has_work:
+        if queue and steps % 3 == 0:
+            for _ in range(3):
+                if queue:
+                    i, p = queue.pop(0)
+                    ids[engine.submit(p, gc)] = i
+        for ev in engine.step():
+            if ev.finished:
+                out[ids[ev.request_id]] = ev.result
+        steps += 1
+    return out
+
+
+@pytest.mark.parametrize("method", ["copy", "propagate"])
+def test_rebatching_matches_reference_and_eager_does_not(tiny4, method):
+    cfg, params = tiny4
+    ee = EEConfig(EE_LAYERS, EE_THR, missing_kv=method)
+    prompts = _prompts(12)
+    gc = GenerationConfig(max_new_tokens=16)
+    refs = [reference_generate(params, cfg, p, ee, 16) for p in prompts]
+    reb = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=False)
+    got = _serve_with_arrivals(reb, prompts, gc)
+    for i, ref in enumerate(refs):
+        assert got[i].token_ids == ref.token_ids, f"request {i}"
+        assert got[i].exit_layers == ref.exit_layers, f"request {i}"
+    st = reb.ee_stats
+    assert st.involuntary_exits == 0 and st.involuntary_stays == 0
+    assert min(st.exits_per_ramp) > 0, st.exits_per_ramp  # every ramp and full depth used
+    assert sum(st.flushes.values()) > 0
+    assert reb.num_free_pages == reb.allocator.capacity and reb.num_free_slots == 8
+
+    eager = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="eager")
+    eg = _serve_with_arrivals(eager, prompts, gc)
+    assert eager.ee_stats.involuntary_exits > 0
+    assert sum(eg[i].token_ids != refs[i].token_ids for i in range(len(prompts))) > 0
+    lazy = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="lazy")
+    _serve_with_arrivals(lazy, prompts, gc)
+    assert lazy.ee_stats.involuntary_stays > 0 and lazy.ee_stats.involuntary_exits == 0
+
+
+def test_art_stays_are_counted(tiny4):
+    cfg, params = tiny4
+    ee = EEConfig(EE_LAYERS, EE_THR)
+    eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=True)
+    # make splitting look unprofitable: a fused full step far cheaper than its segments
+    eng._ee.art.record_full = lambda bucket, seconds: eng._ee.art.full_s.__setitem__(bucket, 1e-9)
+    eng.generate(_prompts(6, seed=1), GenerationConfig(max_new_tokens=10))
+    st = eng.ee_stats
+    assert st.involuntary_exits == 0
+    assert st.art_declined > 0 and st.involuntary_stays > 0
+    acc, n = eng._ee.art.hindsight_accuracy()
+    assert n > 0 and 0.0 <= acc <= 1.0
+
+
+def test_segment_step_writes_only_its_rows_kv(tiny4):
+    """Regrouping is index arrays only: a segment call changes the pool exactly at its rows'
+    (layer in segment, page, offset) entries and nowhere else."""
+    from drex_jax.kv.pool import block_table_array, init_pool
+    from drex_jax.rebatch.steps import segment_step
+    from drex_jax.sampling import SamplingParams
+
+    cfg, params = tiny4
+    pool = init_pool(cfg, 12, 4, jnp.float32)
+    pool = jax.tree.map(lambda a: jax.random.normal(jax.random.key(0), a.shape), pool)
+    before = jax.tree.map(np.asarray, pool)
+    hidden = jax.random.normal(jax.random.key(1), (6, cfg.hidden_size))
+    pages = {2: [5, 7], 4: [1, 9], 0: [3]}  # slot -> pages
+    slots = [4, 2]
+    pos = np.array([6, 2, -1, -1], np.int32)
+    bt = block_table_array([pages[4], pages[2], [], []], 2)
+    _, _, pool, _ = segment_step(params, None, pool, hidden, np.array(slots + [6, 6], np.int32), np.zeros(4, np.int32),
+                                 pos, bt, SamplingParams.build([], 4), cfg=cfg, start=1, end=3, ramp=1,
+                                 measure="top1_minus_top2", do_sample=False)
+    for name in ("k", "v"):
+        diff = np.argwhere(np.any(np.asarray(pool[name]) != before[name], axis=-1))  # [layer, kv, page, off]
+        changed = {(int(l), int(p), int(o)) for l, _, p, o in diff}
+        assert changed == {(l, pg, o) for l in (1, 2) for pg, o in ((9, 2), (5, 2))}
+
+
+def test_bad_policy_and_flush_settings(tiny4):
+    cfg, params = tiny4
+    ee = EEConfig(EE_LAYERS, EE_THR)
+    with pytest.raises(ValueError, match="unknown policy 'fastest'"):
+        Engine.from_params(cfg, params, ee=ee, policy="fastest")
+    with pytest.raises(ValueError, match="needs an early-exit config"):
+        Engine.from_params(cfg, params, policy="rebatching")
+    with pytest.raises(ValueError, match="recompute"):
+        Engine.from_params(cfg, params, ee=EEConfig(EE_LAYERS, EE_THR, missing_kv="recompute"))
+    with pytest.raises(ValueError, match="trained"):
+        Engine.from_params(cfg, params, ee=EEConfig(EE_LAYERS, EE_THR, head="trained"))
+    with pytest.raises(ValueError, match=r"min_fill must be in \(0, 1\]"):
+        FlushConfig(min_fill=0)
+    with pytest.raises(ValueError, match="max_wait_iters"):
+        FlushConfig(max_wait_iters=0)
+    with pytest.raises(ValueError, match="tpot_sla_ms"):
+        FlushConfig(tpot_sla_ms=-5.0)
+    with pytest.raises(ValueError, match="flush must be a FlushConfig"):
+        Engine.from_params(cfg, params, ee=ee, flush={"min_fill": 0.5})
+    with pytest.raises(ValueError, match="deadline_ms"):
+        GenerationConfig(deadline_ms=0)
+
+
+def test_deadline_flushes_buffers(tiny4):
+    cfg, params = tiny4
+    ee = EEConfig(EE_LAYERS, EE_THR)
+    eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, art=False,
+                             flush=FlushConfig(min_fill=1.0, max_wait_iters=1000))
+    eng.generate(_prompts(8, seed=2), GenerationConfig(max_new_tokens=10, deadline_ms=1e-3))
+    assert eng.ee_stats.flushes.get("deadline", 0) > 0
+
+
+def test_smollm2_rebatching_matches_reference(default_model):
+    cfg, params, tok = default_model
+    from drex_jax.data.texts import PROMPTS
+
+    ee = EEConfig((8, 15, 22), (0.5, 0.4, 0.3))
+    eng = Engine.from_params(cfg, params, tok, max_slots=8, max_seq_len=256, ee=ee, art=False)
+    prompts = [eng.encode(p, chat=True) for p in PROMPTS[:16]]
+    gc = GenerationConfig(max_new_tokens=24)
+    got = _serve_with_arrivals(eng, prompts, gc)
+    eos = (tok.eos_token_id,)
+    diverged = []
+    for i, p in enumerate(prompts):
+        ref = reference_generate(params, cfg, p, ee, 24, stop_ids=eos)
+        if got[i].token_ids != ref.token_ids:
+            diverged.append(i)
+    st = eng.ee_stats
+    print(f"\nSmolLM2 rebatching vs reference: {len(prompts) - len(diverged)}/{len(prompts)} identical; "
+          f"exits per ramp {st.exits_per_ramp}, mean depth {st.mean_depth():.2f}")
+    assert not diverged, diverged
+    assert sum(st.exits_per_ramp[:-1]) > 0  # some tokens really exited early
