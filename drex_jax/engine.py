@@ -150,9 +150,12 @@ class Engine:
 
             heads, meta = load_heads(exit_heads)
             ramps = [e for e in ee.exit_layers if e < self.cfg.num_layers]
-            if list(meta["exit_layers"]) != ramps:
-                raise ValueError(f"exit heads at {exit_heads!r} were trained for layers {meta['exit_layers']}, "
+            trained = list(meta["exit_layers"])
+            if not set(ramps) <= set(trained):
+                raise ValueError(f"exit heads at {exit_heads!r} were trained for layers {trained}, "
                                  f"but exit_layers is {ramps}")
+            rows = np.asarray([trained.index(e) for e in ramps])  # a subset of the trained ramps
+            heads = jax.tree.map(lambda a: a[rows], heads)
         if heads is not None:
             heads = jax.tree.map(jnp.asarray, heads)
         return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art)

@@ -139,6 +139,7 @@ class EEDecoder:
     def step(self, events) -> None:
         """One decode iteration over the engine's running requests."""
         self.iteration += 1
+        self._last_ready = None  # host gaps are measured between this iteration's device calls
         running = [self.eng._running[s] for s in sorted(self.eng._running)]
         ready = [r for r in running if r.stage == 0]
         for r in ready:
