@@ -123,8 +123,9 @@ def load_heads(path: str) -> tuple[dict, dict]:
 
 
 def train_exit_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc: TrainExitsConfig | None = None,
-                     progress: bool = True) -> tuple[dict, dict]:
-    """Train (or resume training) exit heads into `out_dir`. Returns (heads, meta)."""
+                     progress: bool = True, max_steps_this_run: int | None = None) -> tuple[dict, dict]:
+    """Train (or resume training) exit heads into `out_dir`. Returns (heads, meta).
+    `max_steps_this_run` stops early (checkpointed), to train in chunks."""
     import optax
     import orbax.checkpoint as ocp
     from tqdm import tqdm
@@ -164,14 +165,15 @@ def train_exit_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc: Trai
     start = int(state["step"])
     losses = []
     bar = tqdm(total=tc.steps, initial=start, desc="train-exits", disable=not progress, file=sys.stderr)
-    for step in range(start, tc.steps):
+    stop = tc.steps if max_steps_this_run is None else min(tc.steps, start + max_steps_this_run)
+    for step in range(start, stop):
         # the batch depends only on (seed, step): a resumed run sees the same batches
         idx = np.random.default_rng([tc.seed, step]).integers(0, n, tc.batch_size)
         state, loss = train_step(state, ramp_h[idx], final_h[idx])
         losses.append(float(loss))
         bar.set_postfix(kl=f"{losses[-1]:.3f}")
         bar.update(1)
-        if (step + 1) % tc.save_every == 0 or step + 1 == tc.steps:
+        if (step + 1) % tc.save_every == 0 or step + 1 == stop:
             with ocp.StandardCheckpointer() as ck:
                 ck.save(ckpt_dir, state, force=True)
     bar.close()
