@@ -30,7 +30,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    import jax
     import jax.numpy as jnp
     from rouge_score import rouge_scorer
 

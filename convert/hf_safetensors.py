@@ -7,7 +7,7 @@ import os
 import numpy as np
 from safetensors import safe_open
 
-from drex_jax.model.config import ModelConfig, config_from_hf
+from drex_jax.model.config import config_from_hf
 from drex_jax.model.params import check_params, param_specs, unflatten
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")

@@ -46,3 +46,16 @@ def tiny_llama():
         eos_token_id=None,
     ))
     return cfg, init_params(cfg, jax.random.key(0), scale=0.25)
+
+
+@pytest.fixture(scope="session")
+def tiny4():
+    """(cfg, params) of a small random Qwen2 (4 layers, biases) for early-exit tests."""
+    from drex_jax.model.config import config_from_hf
+    from drex_jax.model.params import init_params
+
+    cfg = config_from_hf(dict(
+        architectures=["Qwen2ForCausalLM"], vocab_size=61, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ))
+    return cfg, init_params(cfg, jax.random.key(3), scale=0.3)

@@ -12,18 +12,6 @@ from tests.naive_ee import NaiveEE
 from tests.reference import greedy_reference
 
 
-@pytest.fixture(scope="module")
-def tiny4():
-    from drex_jax.model.config import config_from_hf
-    from drex_jax.model.params import init_params
-
-    cfg = config_from_hf(dict(
-        architectures=["Qwen2ForCausalLM"], vocab_size=61, hidden_size=32, intermediate_size=48,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    ))
-    return cfg, init_params(cfg, jax.random.key(3), scale=0.3)
-
-
 def test_confidence_measures_match_numpy():
     logits = np.random.default_rng(0).normal(size=(5, 17)).astype(np.float32) * 3
     p = np.exp(logits - logits.max(-1, keepdims=True))

@@ -5,6 +5,7 @@ import pytest
 from drex_jax import Engine, GenerationConfig
 from drex_jax import compile_counter
 from tests.reference import greedy_reference
+from tests.serving import serve_with_arrivals
 
 
 def _prompts(n, seed=0, vocab=101, max_len=40):
@@ -13,20 +14,7 @@ def _prompts(n, seed=0, vocab=101, max_len=40):
 
 
 def _run_with_arrivals(engine, prompts, configs, every=3):
-    """Submit prompts a few at a time while earlier ones decode; return {index: token_ids}."""
-    out, ids, pending = {}, {}, list(enumerate(prompts))
-    steps = 0
-    while pending or engine.has_work:
-        if pending and steps % every == 0:
-            for _ in range(2):
-                if pending:
-                    i, p = pending.pop(0)
-                    ids[engine.submit(p, configs[i])] = i
-        for ev in engine.step():
-            if ev.finished:
-                out[ids[ev.request_id]] = ev.result.token_ids
-        steps += 1
-    return out
+    return {i: r.token_ids for i, r in serve_with_arrivals(engine, prompts, configs, every=every).items()}
 
 
 def test_greedy_matches_unbatched_reference_with_arrivals(tiny_llama):

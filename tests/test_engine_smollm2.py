@@ -1,9 +1,9 @@
 """Engine greedy output on the bundled SmolLM2 vs HF `transformers` greedy `generate` (fp32)."""
-import numpy as np
 import torch
 
 from drex_jax import Engine, GenerationConfig
 from drex_jax.data.texts import PROMPTS
+from tests.serving import serve_with_arrivals
 
 NEW_TOKENS = 64
 TIE_MARGIN = 1e-3  # a divergence is only excused where HF's own top-2 logits are this close
@@ -25,20 +25,8 @@ def test_greedy_token_identical_to_hf_with_arrivals(default_model, hf_gguf_model
     gc = GenerationConfig(max_new_tokens=NEW_TOKENS)
     encoded = [engine.encode(p, chat=True) for p in prompts]
     # requests arrive while others decode: 4 now, then 2 more every 5 steps
-    ids, got, queue, steps = {}, {}, list(enumerate(encoded)), 0
-    for _ in range(4):
-        i, e = queue.pop(0)
-        ids[engine.submit(e, gc)] = i
-    while engine.has_work or queue:
-        if queue and steps % 5 == 0:
-            for _ in range(2):
-                if queue:
-                    i, e = queue.pop(0)
-                    ids[engine.submit(e, gc)] = i
-        for ev in engine.step():
-            if ev.finished:
-                got[ids[ev.request_id]] = ev.result.token_ids
-        steps += 1
+    results = serve_with_arrivals(engine, encoded, gc, first=4, every=5, per_arrival=2)
+    got = {i: r.token_ids for i, r in results.items()}
     eos = tok.eos_token_id
     diverged = []
     for i, e in enumerate(encoded):

@@ -8,20 +8,9 @@ from drex_jax import Engine, GenerationConfig
 from drex_jax.early_exit import EEConfig
 from drex_jax.reference import reference_generate
 from drex_jax.sched.flush import FlushConfig
+from tests.serving import serve_with_arrivals
 
 EE_LAYERS, EE_THR = (1, 2, 3), (0.08, 0.06, 0.05)
-
-
-@pytest.fixture(scope="module")
-def tiny4():
-    from drex_jax.model.config import config_from_hf
-    from drex_jax.model.params import init_params
-
-    cfg = config_from_hf(dict(
-        architectures=["Qwen2ForCausalLM"], vocab_size=61, hidden_size=32, intermediate_size=48,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    ))
-    return cfg, init_params(cfg, jax.random.key(3), scale=0.3)
 
 
 def _prompts(n, seed=0):
@@ -30,18 +19,7 @@ def _prompts(n, seed=0):
 
 
 def _serve_with_arrivals(engine, prompts, gc):
-    out, ids, queue, steps = {}, {}, list(enumerate(prompts)), 0
-    while queue or engine.has_work:
-        if queue and steps % 3 == 0:
-            for _ in range(3):
-                if queue:
-                    i, p = queue.pop(0)
-                    ids[engine.submit(p, gc)] = i
-        for ev in engine.step():
-            if ev.finished:
-                out[ids[ev.request_id]] = ev.result
-        steps += 1
-    return out
+    return serve_with_arrivals(engine, prompts, gc, first=0, every=3, per_arrival=3)
 
 
 @pytest.mark.parametrize("method", ["copy", "propagate"])
