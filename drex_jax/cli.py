@@ -32,7 +32,9 @@ def _generate(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
     )
-    engine = Engine(args.model, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len)
+    ee_kwargs = _early_exit_kwargs(args)
+    engine = Engine(args.model, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
+                    **ee_kwargs)
     t0 = time.perf_counter()
     results = engine.generate(prompts, cfg, chat=not args.raw, progress=True)
     wall = time.perf_counter() - t0
@@ -45,7 +47,34 @@ def _generate(args) -> int:
                   f"ttft={r.stats.ttft_s * 1e3:.0f} ms, tpot={r.stats.tpot_s * 1e3:.1f} ms]\n")
         total = sum(r.stats.generated_tokens for r in results)
         print(f"{len(results)} requests, {total} tokens in {wall:.2f}s ({total / wall:.1f} tok/s incl. compile)")
+        st = engine.ee_stats
+        if st is not None:
+            print(f"early exit ({ee_kwargs['policy']}, {ee_kwargs['ee'].head} heads, ramps "
+                  f"{list(ee_kwargs['ee'].exit_layers)}): exits per ramp (last = full depth) {st.exits_per_ramp}, "
+                  f"mean depth {st.mean_depth():.1f}/{engine.cfg.num_layers}, involuntary exits "
+                  f"{st.involuntary_exits}, involuntary stays {st.involuntary_stays}")
     return 0
+
+
+def _early_exit_kwargs(args) -> dict:
+    """Engine kwargs for --early-exit: trained heads when `MODEL/exit_heads` exists, else shared."""
+    import os
+
+    from drex_jax.default_model import default_model_path
+    from drex_jax.early_exit import EEConfig
+
+    if not args.early_exit:
+        return {}
+    model = args.model or default_model_path()
+    head = args.head
+    if head is None:
+        head = "trained" if os.path.exists(os.path.join(model, "exit_heads", "meta.json")) else "shared"
+        if head == "shared":
+            print("[drex_jax] no trained exit heads found (run `drex-jax train-exits`); using the shared head, "
+                  "which is much less accurate at shallow layers", file=sys.stderr)
+    ee = EEConfig(tuple(args.exit_layers), tuple(args.threshold) if len(args.threshold) > 1 else args.threshold[0],
+                  confidence=args.confidence, missing_kv=args.missing_kv, head=head)
+    return {"ee": ee, "policy": args.policy}
 
 
 def _train_exits(args) -> int:
@@ -89,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=1024)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print results as JSON")
+    e = g.add_argument_group("early exit")
+    e.add_argument("--early-exit", action="store_true", help="exit easy tokens at ramps (DREX rebatching)")
+    e.add_argument("--exit-layers", type=int, nargs="+", default=[8, 15, 22])
+    e.add_argument("--threshold", type=float, nargs="+", default=[0.9], help="one per ramp, or one for all")
+    e.add_argument("--policy", default="rebatching",
+                   choices=["off", "eager", "lazy", "average", "median", "latency-only", "rebatching"])
+    e.add_argument("--confidence", default="top1_minus_top2", choices=["top1_minus_top2", "max_prob", "neg_entropy"])
+    e.add_argument("--missing-kv", default="propagate", choices=["copy", "propagate"],
+                   help="default propagate: measured better than copy on SmolLM2 (BENCHMARKS.md)")
+    e.add_argument("--head", default=None, choices=["shared", "trained"],
+                   help="default: trained if MODEL/exit_heads exists, else shared")
     g.set_defaults(fn=_generate)
 
     from drex_jax.train_exits import TrainExitsConfig
