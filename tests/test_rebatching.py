@@ -140,3 +140,21 @@ def test_smollm2_rebatching_matches_reference(default_model):
           f"exits per ramp {st.exits_per_ramp}, mean depth {st.mean_depth():.2f}")
     assert not diverged, diverged
     assert sum(st.exits_per_ramp[:-1]) > 0  # some tokens really exited early
+
+
+def test_off_and_latency_only_run_full_depth(tiny4):
+    """`off` is the full model; `latency-only` runs every layer for every row (real KV), emitting
+    tokens that passed a ramp early."""
+    from tests.reference import greedy_reference
+
+    cfg, params = tiny4
+    ee = EEConfig(EE_LAYERS, EE_THR)
+    prompts = _prompts(5, seed=4)
+    off = Engine.from_params(cfg, params, max_slots=4, page_size=4, ee=ee, policy="off")
+    res = off.generate(prompts, GenerationConfig(max_new_tokens=10))
+    for p, r in zip(prompts, res):
+        assert r.token_ids == greedy_reference(params, cfg, p, 10)
+    lat = Engine.from_params(cfg, params, max_slots=4, page_size=4, ee=ee, policy="latency-only")
+    lat.generate(prompts, GenerationConfig(max_new_tokens=10))
+    st = lat.ee_stats
+    assert st.mean_depth() == cfg.num_layers and sum(st.exits_per_ramp[:-1]) > 0

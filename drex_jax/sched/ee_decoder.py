@@ -89,27 +89,28 @@ class EEDecoder:
         sp = SamplingParams.build([r.sampling_row() for r in reqs], B)
         return slot_ids, tokens, positions, bt, sp
 
-    def _segment(self, s: int, arrays, do_sample: bool):
+    def _run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
+        """segment_step on batch `arrays`; returns (tokens, confidences, seconds)."""
         slot_ids, tokens, positions, bt, sp = arrays
         eng = self.eng
         (tok, conf, eng.pool, self.hidden), dt = self._call(
             segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, tokens, positions, bt, sp,
-            cfg=eng.cfg, start=self.bounds[s], end=self.bounds[s + 1],
-            ramp=s if s < self.num_segments - 1 else -1, measure=self.ee.confidence, do_sample=do_sample)
-        self.art.record_segment(s, len(slot_ids), dt)
+            cfg=eng.cfg, start=start, end=end, ramp=ramp, measure=self.ee.confidence, do_sample=do_sample)
+        return np.asarray(tok), np.asarray(conf), dt
+
+    def _segment(self, s: int, arrays, do_sample: bool):
+        last = s == self.num_segments - 1
+        tok, conf, dt = self._run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
+        self.art.record_segment(s, len(arrays[0]), dt)
         self.stats.segment_calls += 1
-        return np.asarray(tok), np.asarray(conf)
+        return tok, conf
 
     def _profile_full(self, B: int, do_sample: bool) -> None:
         """Time a fused full-depth step on an all-padding batch of bucket B (writes nothing)."""
-        eng = self.eng
-        slot_ids = np.full(B, eng.max_slots, np.int32)
         pad = np.full(B, -1, np.int32)
-        bt = block_table_array([[]] * B, 1)
-        out, dt = self._call(segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, pad, pad, bt,
-                             SamplingParams.build([], B), cfg=eng.cfg, start=0, end=eng.cfg.num_layers, ramp=-1,
-                             measure=self.ee.confidence, do_sample=do_sample)
-        _, _, eng.pool, self.hidden = out
+        arrays = (np.full(B, self.eng.max_slots, np.int32), pad, pad, block_table_array([[]] * B, 1),
+                  SamplingParams.build([], B))
+        _, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
         self.art.record_full(B, dt)
 
     def _fill(self, exit_layer: int, rows: list, arrays) -> None:
@@ -210,7 +211,7 @@ class EEDecoder:
         arrays = self._batch_arrays(reqs)
         n = len(reqs)
         if self.policy == "off":
-            tok, _ = self._segment_full(arrays, do_sample)
+            tok, _, _ = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
             for i, r in enumerate(reqs):
                 self._finalize(r, int(tok[i]), self.num_segments - 1, events)
             return
@@ -239,11 +240,3 @@ class EEDecoder:
                 for i, r in enumerate(reqs):
                     self._finalize(r, int(tok[i]), s, events)
                 return
-
-    def _segment_full(self, arrays, do_sample):
-        slot_ids, tokens, positions, bt, sp = arrays
-        eng = self.eng
-        (tok, conf, eng.pool, self.hidden), _ = self._call(
-            segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, tokens, positions, bt, sp,
-            cfg=eng.cfg, start=0, end=eng.cfg.num_layers, ramp=-1, measure=self.ee.confidence, do_sample=do_sample)
-        return np.asarray(tok), np.asarray(conf)
