@@ -141,3 +141,21 @@ def test_bad_requests_leave_others_untouched(tiny_llama):
     assert sorted(res) == ids
     for rid, p in zip(ids, good):
         assert res[rid] == greedy_reference(params, cfg, p, 8)
+
+
+def test_bfloat16_engine_tracks_fp32(tiny_llama):
+    """bf16 params and KV: logits of the decoder stay close to fp32 and generation runs."""
+    import jax.numpy as jnp
+
+    from drex_jax.model import forward
+    from drex_jax.model.params import cast_params
+
+    cfg, params = tiny_llama
+    toks = np.arange(20)[None] % cfg.vocab_size
+    f32 = np.asarray(forward(params, cfg, toks))
+    bf16 = np.asarray(forward(cast_params(params, jnp.bfloat16), cfg, toks))
+    assert np.abs(bf16 - f32).max() < 0.1 * np.abs(f32).max()
+    engine = Engine.from_params(cfg, params, dtype="bfloat16", max_slots=2, page_size=4, max_seq_len=64)
+    assert engine.pool["k"].dtype == jnp.bfloat16
+    res = engine.generate(_prompts(2, seed=1, max_len=10), GenerationConfig(max_new_tokens=6))
+    assert all(len(r.token_ids) == 6 for r in res)
