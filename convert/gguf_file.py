@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from drex_jax.model.config import config_from_hf
-from drex_jax.model.params import check_params, param_specs, unflatten
+from convert.assemble import assemble_params
 
 # our param path -> GGUF tensor name ('{i}' = layer)
 _GGUF_NAMES = {
@@ -104,21 +104,9 @@ def load_gguf(path: str, dtype: str = "float32", with_tokenizer: bool = False):
             a = _unpermute_rows(a, n_rot_heads)
         return a
 
-    flat = {}
-    for p, spec in param_specs(cfg).items():
-        heads = {"layers/wq": cfg.num_heads, "layers/wk": cfg.num_kv_heads}.get(p)
-        names = [_GGUF_NAMES[p].format(i=i) for i in range(cfg.num_layers)] if spec.stacked else [_GGUF_NAMES[p]]
-        arrays = []
-        for name in names:
-            a = get(name, heads)
-            a = a.T if spec.transpose else a
-            want = spec.shape[1:] if spec.stacked else spec.shape
-            if a.shape != tuple(want):
-                raise ValueError(f"GGUF tensor {name!r} has shape {a.shape}, config implies {tuple(want)}")
-            arrays.append(a.astype(np_dtype))
-        flat[p] = np.stack(arrays) if spec.stacked else arrays[0]
-    params = unflatten(flat)
-    check_params(cfg, params)
+    rot_heads = {"layers/wq": cfg.num_heads, "layers/wk": cfg.num_kv_heads}
+    params = assemble_params(cfg, _GGUF_NAMES.__getitem__, lambda path, name: get(name, rot_heads.get(path)),
+                             np_dtype, "GGUF")
     tok = None
     if with_tokenizer:
         from transformers import AutoTokenizer

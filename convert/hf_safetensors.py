@@ -8,7 +8,8 @@ import numpy as np
 from safetensors import safe_open
 
 from drex_jax.model.config import config_from_hf
-from drex_jax.model.params import check_params, param_specs, unflatten
+from convert.assemble import assemble_params
+from drex_jax.model.params import param_specs
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
@@ -74,7 +75,6 @@ def load_hf_dir(src: str, dtype: str = "float32", with_tokenizer: bool = False):
     """Returns (ModelConfig, params as numpy arrays of `dtype`, tokenizer or None)."""
     cfg = config_from_hf(read_hf_config(src))
     files = _tensor_files(src)
-    specs = param_specs(cfg)
     handles: dict[str, object] = {}
 
     def get(name: str) -> np.ndarray:
@@ -85,24 +85,9 @@ def load_hf_dir(src: str, dtype: str = "float32", with_tokenizer: bool = False):
             handles[path] = _open(path)
         return _read_tensor(handles[path], name, path)
 
-    np_dtype = _np_dtype(dtype)
-    flat = {}
-    for path, spec in specs.items():
-        names = [spec.hf_name.format(i=i) for i in range(cfg.num_layers)] if spec.stacked else [spec.hf_name]
-        arrays = []
-        for name in names:
-            a = get(name)
-            a = a.T if spec.transpose else a
-            want = spec.shape[1:] if spec.stacked else spec.shape
-            if tuple(a.shape) != tuple(want):
-                raise ValueError(
-                    f"tensor {name!r} has shape {tuple(a.shape)} (after transpose) but the config "
-                    f"implies {tuple(want)}"
-                )
-            arrays.append(a.astype(np_dtype))
-        flat[path] = np.stack(arrays) if spec.stacked else arrays[0]
-    params = unflatten(flat)
-    check_params(cfg, params)
+    specs = param_specs(cfg)
+    params = assemble_params(cfg, lambda path: specs[path].hf_name, lambda path, name: get(name), _np_dtype(dtype),
+                             "safetensors")
     tok = None
     if with_tokenizer:
         tok = _try_tokenizer(src)
