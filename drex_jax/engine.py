@@ -1,9 +1,12 @@
 """Continuous-batching engine over the paged KV pool (BATON-style insertion).
 
 Host side: a FIFO of waiting requests, one KV slot and a page list per running request.
-Each `step()` prefills newly admitted requests straight into their own pages, then runs
-one decode step over the running slots as a bucket-padded int32 index batch; prefilled
-requests join the very next decode step. Finished requests return slot and pages at once.
+Each `step()` first gives every running request the page its next token needs, preempting
+the most recently admitted requests when the pool runs out (their pages and slot return; they
+go back to the front of the queue and are recomputed by prefill when pages free up). It then
+prefills newly admitted requests straight into their own pages and runs one decode step over
+the running slots as a bucket-padded int32 index batch; prefilled requests join the very next
+decode step. Finished and cancelled requests return slot and pages at once.
 """
 from __future__ import annotations
 
@@ -49,6 +52,16 @@ class _Request:
     buffered_iter: int = -1
     token_start: float = 0.0
     exit_layers: list[int] = dataclasses.field(default_factory=list)
+    # depth of the K/V written at each decode position (prompt positions are full depth): what a
+    # recompute after preemption must replay
+    kv_depths: list[int] = dataclasses.field(default_factory=list)
+    admit_seq: int = -1  # order of first admission: preemption takes the highest first
+    preemptions: int = 0
+
+    @property
+    def context_ids(self) -> list[int]:
+        """Tokens whose K/V the request needs in the pool before its next decode step."""
+        return self.prompt_ids + self.generated[:-1]
 
     @property
     def cache_len(self) -> int:
@@ -127,6 +140,9 @@ class Engine:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: dict[int, _Request] = {}  # slot -> request
         self._next_id = 0
+        self._admitted = 0
+        self.num_preemptions = 0
+        self.peak_pages_used = 0
         self._eos = frozenset(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._eos |= {int(tokenizer.eos_token_id)}
@@ -222,11 +238,28 @@ class Engine:
     def num_free_slots(self) -> int:
         return len(self._free_slots)
 
+    def cancel(self, request_id: int) -> GenerationResult:
+        """Stop a waiting or running request now: its slot and pages return at once. Returns its
+        partial result (finish_reason 'cancelled'). Other requests are unaffected."""
+        for req in self._waiting:
+            if req.id == request_id:
+                self._waiting.remove(req)
+                req.finish_reason = "cancelled"
+                return self._result(req)
+        for req in self._running.values():
+            if req.id == request_id:
+                req.finish_reason = "cancelled"
+                return self._finish(req)
+        raise ValueError(f"request {request_id!r} is not waiting or running (unknown, finished or cancelled)")
+
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[StreamEvent]:
-        """One engine iteration: admit + prefill waiting requests, then one decode step."""
+        """One engine iteration: pages for running requests (preempting if the pool is out),
+        admit + prefill waiting requests, then one decode step."""
         events: list[StreamEvent] = []
-        self._admit(events)
+        preempted = self._grow_pages()
+        if not (preempted and self._running):  # re-admitting a victim at once would only thrash
+            self._admit(events)
         if self._running:
             if self._ee is not None:
                 self._ee.step(events)
@@ -234,26 +267,64 @@ class Engine:
                 self._decode(events)
         return events
 
+    def _grow_pages(self) -> int:
+        """Give each running request (oldest first) the pages its next token needs; when the pool
+        is out, preempt the most recently admitted request. Returns the number preempted."""
+        preempted = 0
+        for req in sorted(self._running.values(), key=lambda r: r.admit_seq):
+            while req.slot >= 0 and (need := pages_needed(req.cache_len + 1, self.page_size) - len(req.pages)) > 0:
+                pages = self.allocator.alloc(need)
+                if pages is not None:
+                    req.pages += pages
+                    break
+                self._preempt(max(self._running.values(), key=lambda r: r.admit_seq))
+                preempted += 1
+        self._note_pages()
+        return preempted
+
+    def _preempt(self, req: _Request) -> None:
+        """Free a running request's slot and pages (dropping a half-computed token, if it waits in
+        an early-exit buffer) and put it back at the front of the queue for recompute."""
+        del self._running[req.slot]
+        self.allocator.free(req.pages)
+        self._free_slots.append(req.slot)
+        req.pages, req.slot, req.stage, req.buffered_iter = [], -1, 0, -1
+        req.preemptions += 1
+        self.num_preemptions += 1
+        # victims go newest first, so the oldest ends up first in the queue
+        self._waiting.appendleft(req)
+
+    def _note_pages(self) -> None:
+        self.peak_pages_used = max(self.peak_pages_used, self.allocator.capacity - self.allocator.num_free)
+
     def _admit(self, events: list[StreamEvent]) -> None:
         """Move waiting requests (FIFO) into free slots while pages and the prefill budget last,
-        then prefill them together in one packed stream."""
+        then prefill them together in one packed stream. A request gets the pages of its context
+        and next token now; later pages come one at a time as it grows (`_grow_pages`)."""
         group: list[_Request] = []
         budget = self.max_prefill_tokens_per_step
         while self._waiting and self._free_slots:
             req = self._waiting[0]
-            if group and len(req.prompt_ids) > budget:
+            n = len(req.context_ids)
+            if group and n > budget:
                 break
-            pages = self.allocator.alloc(pages_needed(len(req.prompt_ids) + req.config.max_new_tokens, self.page_size))
+            pages = self.allocator.alloc(pages_needed(n + 1, self.page_size))
             if pages is None:  # wait for pages to come back
                 break
             self._waiting.popleft()
             req.pages, req.slot = pages, self._free_slots.pop()
+            if req.admit_seq < 0:
+                req.admit_seq, self._admitted = self._admitted, self._admitted + 1
             group.append(req)
-            budget -= len(req.prompt_ids)
+            budget -= n
         if group:
+            self._note_pages()
             self._prefill(group, events)
 
     def _prefill(self, group: list[_Request], events: list[StreamEvent]) -> None:
+        """Prefill each request's context: a new request's prompt (sampling its first token), or a
+        preempted request's prompt + generated tokens, replaying the depth of every early exit so
+        its cache is rebuilt as it was (its next token is already known; the sample is dropped)."""
         rows = self._pack(group)
         W = self._prefill_width(group)
         R, Q = row_bucket(len(rows)), bucket(len(group))
@@ -263,40 +334,47 @@ class Engine:
         write_page = np.full((R, W), self.allocator.num_pages, np.int32)  # out of range = no write
         write_off = np.zeros((R, W), np.int32)
         last_index = np.zeros(Q, np.int32)
+        L = self.cfg.num_layers
+        kv_depth = np.full((R, W), L, np.int32)
         for row, members in enumerate(rows):
             o = 0
             for j in members:
                 r = group[j]
-                n, pos = len(r.prompt_ids), np.arange(len(r.prompt_ids))
-                tokens[row, o:o + n], positions[row, o:o + n], segment_ids[row, o:o + n] = r.prompt_ids, pos, j
+                ctx = r.context_ids
+                n, pos = len(ctx), np.arange(len(ctx))
+                tokens[row, o:o + n], positions[row, o:o + n], segment_ids[row, o:o + n] = ctx, pos, j
                 write_page[row, o:o + n] = np.asarray(r.pages)[pos // self.page_size]
                 write_off[row, o:o + n] = pos % self.page_size
+                kv_depth[row, o + len(r.prompt_ids):o + n] = r.kv_depths
                 last_index[j] = row * W + o + n - 1
                 o += n
         sp = SamplingParams.build([r.sampling_row() for r in group], Q)
+        replay = self._ee is not None and bool((kv_depth < L).any())
         first, self.pool = prefill_step(
             self.params, self.pool, tokens, positions, segment_ids, write_page, write_off, last_index, sp,
-            cfg=self.cfg, do_sample=any(r.config.temperature > 0 for r in group),
+            kv_depth if replay else None, cfg=self.cfg, do_sample=any(r.config.temperature > 0 for r in group),
+            missing_kv=self._ee.ee.missing_kv if replay else "copy",
         )
         first = np.asarray(first)
         for j, r in enumerate(group):
             self._running[r.slot] = r
-            r.exit_layers.append(self.cfg.num_layers)  # prefill runs full depth
-            self._append_token(r, int(first[j]), events)
+            if not r.generated:
+                r.exit_layers.append(L)  # prefill runs full depth
+                self._append_token(r, int(first[j]), events)
 
     def _prefill_width(self, group: list[_Request]) -> int:
         """Row width: fits the longest prompt; up to 128 when there is that much to pack."""
-        total = sum(len(r.prompt_ids) for r in group)
+        total = sum(len(r.context_ids) for r in group)
         widest = min(128, bucket(total, 16), bucket(self.max_seq_len, 16))
-        return max(bucket(max(len(r.prompt_ids) for r in group), 16), widest)
+        return max(bucket(max(len(r.context_ids) for r in group), 16), widest)
 
     def _pack(self, group: list[_Request]) -> list[list[int]]:
         """First-fit-decreasing packing of prompts (indices into `group`) into rows of the width."""
         W = self._prefill_width(group)
         rows: list[list[int]] = []
         room: list[int] = []
-        for j in sorted(range(len(group)), key=lambda j: -len(group[j].prompt_ids)):
-            n = len(group[j].prompt_ids)
+        for j in sorted(range(len(group)), key=lambda j: -len(group[j].context_ids)):
+            n = len(group[j].context_ids)
             k = next((k for k, free in enumerate(room) if free >= n), None)
             if k is None:
                 rows.append([]), room.append(W)
@@ -321,10 +399,14 @@ class Engine:
         )
         nxt = np.asarray(nxt)
         for i, r in enumerate(reqs):
-            self._append_token(r, int(nxt[i]), events)
+            self._append_token(r, int(nxt[i]), events, kv_depth=self.cfg.num_layers)
 
-    def _append_token(self, req: _Request, token: int, events: list[StreamEvent]) -> None:
+    def _append_token(self, req: _Request, token: int, events: list[StreamEvent], kv_depth: int | None = None) -> None:
+        """Record a sampled token. `kv_depth`: depth of the K/V this step wrote at the input position
+        (None for the token sampled by prefill, which wrote the prompt's K/V)."""
         now = time.perf_counter()
+        if kv_depth is not None:
+            req.kv_depths.append(kv_depth)
         if not req.generated:
             req.first_token_time = now
         req.last_token_time = now
@@ -356,12 +438,16 @@ class Engine:
         self.allocator.free(req.pages)
         self._free_slots.append(req.slot)
         req.pages, req.slot = [], -1
+        return self._result(req)
+
+    def _result(self, req: _Request) -> GenerationResult:
         n = len(req.generated)
+        end = req.last_token_time if n else time.perf_counter()
         stats = RequestStats(
             prompt_tokens=len(req.prompt_ids), generated_tokens=n,
-            ttft_s=req.first_token_time - req.submit_time,
+            ttft_s=req.first_token_time - req.submit_time if n else float("nan"),
             tpot_s=(req.last_token_time - req.first_token_time) / max(n - 1, 1),
-            latency_s=req.last_token_time - req.submit_time, finish_reason=req.finish_reason,
+            latency_s=end - req.submit_time, finish_reason=req.finish_reason, preemptions=req.preemptions,
         )
         return GenerationResult(req.id, req.text, list(req.generated), stats, list(req.exit_layers))
 
@@ -394,22 +480,28 @@ class Engine:
                     pad, zero = np.full((rows, n), -1, np.int32), np.zeros((rows, n), np.int32)
                     out, self.pool = prefill_step(
                         self.params, self.pool, zero, pad, pad, np.full((rows, n), drop, np.int32), zero,
-                        np.zeros(b, np.int32), sp, cfg=self.cfg, do_sample=do_sample)
+                        np.zeros(b, np.int32), sp, None, cfg=self.cfg, do_sample=do_sample, missing_kv="copy")
         jax.block_until_ready(out)
         return 2 * len(shapes)
 
     # ------------------------------------------------------------------ convenience
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,
                chat: bool = False) -> Iterator[StreamEvent]:
-        """Submit all prompts, then yield token events as the engine produces them."""
-        ids = [self.submit(p, config, chat) for p in _as_list(prompts)]
+        """Submit all prompts, then yield token events as the engine produces them. Closing the
+        iterator early (`break`, `.close()`) cancels its unfinished requests."""
+        encoded = [self.encode(p, chat) for p in _as_list(prompts)]
+        ids = [self.submit(e, config) for e in encoded]
         pending = set(ids)
-        while pending:
-            for ev in self.step():
-                if ev.request_id in pending:
-                    if ev.finished:
-                        pending.discard(ev.request_id)
-                    yield ev
+        try:
+            while pending:
+                for ev in self.step():
+                    if ev.request_id in pending:
+                        if ev.finished:
+                            pending.discard(ev.request_id)
+                        yield ev
+        finally:
+            for rid in sorted(pending):
+                self.cancel(rid)
 
     def generate(self, prompts: str | Iterable[str | list[int]], config: GenerationConfig | None = None,
                  chat: bool = False, progress: bool = False) -> list[GenerationResult]:

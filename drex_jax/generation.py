@@ -54,7 +54,8 @@ class RequestStats:
     ttft_s: float  # submit -> first token on the host
     tpot_s: float  # mean time per output token after the first
     latency_s: float
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    preemptions: int = 0  # times the request lost its pages to others and was recomputed
 
 
 @dataclasses.dataclass

@@ -127,14 +127,16 @@ class EEDecoder:
             eng.pool, _ = self._call(fill_propagate, eng.params, eng.pool, self.hidden, slot_ids, bt, keep,
                                      cfg=eng.cfg, exit_layer=exit_layer)
 
-    def _finalize(self, req, token: int, segment: int, events) -> None:
+    def _finalize(self, req, token: int, segment: int, events, kv_depth: int | None = None) -> None:
+        """Emit `token` for `req`, exited after `segment`; `kv_depth`: depth of the K/V its step
+        wrote, when not the exit depth (latency-only keeps computing)."""
         depth = self.bounds[segment + 1]
         self.stats.tokens += 1
         self.stats.layers_run += depth
         self.stats.exits_per_ramp[segment] += 1
         req.stage = 0
         req.exit_layers.append(depth)
-        self.eng._append_token(req, token, events)
+        self.eng._append_token(req, token, events, kv_depth=kv_depth or depth)
 
     # ------------------------------------------------------------------ scheduling
     def step(self, events) -> None:
@@ -227,7 +229,7 @@ class EEDecoder:
             if self.policy == "latency-only":
                 new = wants & ~released
                 for i in np.flatnonzero(new):  # emitted now, but the row keeps computing real KV
-                    self._finalize(reqs[i], int(tok[i]), s, events)
+                    self._finalize(reqs[i], int(tok[i]), s, events, kv_depth=self.eng.cfg.num_layers)
                     self.stats.layers_run += self.eng.cfg.num_layers - self.bounds[s + 1]
                 released |= new
                 continue
