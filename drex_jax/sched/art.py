@@ -5,10 +5,12 @@ ramp) and t_d the deep part, for the batch's bucket, the overhead of splitting i
 c = t_s + t_d - t_f, and splitting off a fraction b'/b of exiting rows saves (b'/b) t_d.
 Rebatch iff b'/b > c / t_d. Times are exponential moving averages of measured calls per
 (segment, bucket); t_f is measured on a full-depth program per bucket and re-measured every
-`refresh_every` decisions. Unknown times => split (and measure).
+`refresh_every` decisions. Unknown times => split (and measure). The decision log keeps the
+latest `log_size` decisions, so a long-running server does not grow without bound.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 
@@ -22,13 +24,14 @@ class ARTDecision:
 
 
 class ARTProfiler:
-    def __init__(self, num_segments: int, alpha: float = 0.3, refresh_every: int = 200):
+    def __init__(self, num_segments: int, alpha: float = 0.3, refresh_every: int = 200, log_size: int = 10_000):
         if not 0 < alpha <= 1:
             raise ValueError(f"ART smoothing alpha must be in (0, 1], got {alpha}")
         self.num_segments, self.alpha, self.refresh_every = num_segments, alpha, refresh_every
         self.segment_s: dict[tuple[int, int], float] = {}  # (segment, bucket) -> seconds
         self.full_s: dict[int, float] = {}  # bucket -> seconds of a fused full-depth step
-        self.decisions: list[ARTDecision] = []
+        self.decisions: collections.deque[ARTDecision] = collections.deque(maxlen=log_size)
+        self.num_decisions = 0
 
     def record_segment(self, segment: int, bucket: int, seconds: float) -> None:
         key = (segment, bucket)
@@ -40,7 +43,7 @@ class ARTProfiler:
         self.full_s[bucket] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
 
     def needs_full_profile(self, bucket: int) -> bool:
-        return bucket not in self.full_s or (len(self.decisions) + 1) % self.refresh_every == 0
+        return bucket not in self.full_s or (self.num_decisions + 1) % self.refresh_every == 0
 
     def profit(self, ramp: int, bucket: int, exit_fraction: float) -> float | None:
         """Predicted seconds saved by splitting after segment `ramp` (ramp index = segment index)."""
@@ -57,10 +60,11 @@ class ARTProfiler:
         p = self.profit(ramp, bucket, frac)
         split = p is None or p > 0
         self.decisions.append(ARTDecision(ramp, bucket, frac, split, p))
+        self.num_decisions += 1
         return split
 
     def hindsight_accuracy(self) -> tuple[float | None, int]:
-        """Share of decisions (made with known times) that the final, better-measured times
+        """Share of logged decisions (made with known times) that the final, better-measured times
         confirm, and how many such decisions there were."""
         judged = [(d, self.profit(d.ramp, d.bucket, d.exit_fraction)) for d in self.decisions
                   if d.predicted_profit_s is not None]
