@@ -1,4 +1,4 @@
-"""`drex-jax` command line: convert checkpoints, generate text."""
+"""`drex-jax` command line: convert checkpoints, generate text, train exit heads, plan memory."""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +33,19 @@ def _generate(args) -> int:
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
     )
     ee_kwargs = _early_exit_kwargs(args)
+    mesh = None
+    if args.coordinator or args.num_processes:
+        from drex_jax.sharding import initialize_distributed
+
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if args.tp > 1:
+        import jax
+
+        from drex_jax.sharding import make_mesh
+
+        mesh = make_mesh(tp=args.tp, devices=jax.devices()[: args.tp])
     engine = Engine(args.model, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
-                    **ee_kwargs)
+                    mesh=mesh, **ee_kwargs)
     t0 = time.perf_counter()
     results = engine.generate(prompts, cfg, chat=not args.raw, progress=True)
     wall = time.perf_counter() - t0
@@ -94,6 +105,18 @@ def _train_exits(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from drex_jax.default_model import default_model_path
+    from drex_jax.plan import format_plan, load_model_config, plan
+
+    cfg = load_model_config(args.model or default_model_path())
+    mem = int(args.memory_gib * 2**30) if args.memory_gib else None
+    p = plan(cfg, tp=args.tp, max_batch=args.max_batch, max_len=args.max_len, dtype=args.dtype,
+             memory_bytes=mem, page_size=args.page_size, reserve_fraction=args.reserve)
+    print(json.dumps(vars(p), indent=2) if args.json else format_plan(p, cfg, args.max_batch, args.max_len))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="drex-jax", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -118,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=1024)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print results as JSON")
+    m = g.add_argument_group("devices")
+    m.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices; splits heads and MLP)")
+    m.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port (jax.distributed)")
+    m.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    m.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     e = g.add_argument_group("early exit")
     e.add_argument("--early-exit", action="store_true", help="exit easy tokens at ramps (DREX rebatching)")
     e.add_argument("--exit-layers", type=int, nargs="+", default=[8, 15, 22])
@@ -144,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-humaneval", type=int, default=d.num_humaneval)
     t.add_argument("--seed", type=int, default=d.seed)
     t.set_defaults(fn=_train_exits)
+
+    pl = sub.add_parser("plan", help="params and KV bytes per device under tp; largest batch that fits")
+    pl.add_argument("--model", default=None,
+                    help="checkpoint or HF dir, or a preset (llama2-7b, llama2-13b, llama3-8b); default SmolLM2")
+    pl.add_argument("--tp", type=int, default=1)
+    pl.add_argument("--max-batch", type=int, default=32)
+    pl.add_argument("--max-len", type=int, default=2048)
+    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    pl.add_argument("--memory-gib", type=float, default=None, help="memory per device, e.g. 80 for an H100")
+    pl.add_argument("--page-size", type=int, default=16)
+    pl.add_argument("--reserve", type=float, default=0.1, help="fraction kept for activations and XLA workspace")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=_plan)
     return p
 
 

@@ -86,6 +86,8 @@ class Engine:
       max_seq_len: context limit per request (prompt + new tokens).
       max_prefill_tokens_per_step: prompt tokens prefilled between two decode steps (at
         least one prompt is always admitted), bounding how long the running batch waits.
+      mesh: a ("dp"=1, "tp") `jax.sharding.Mesh` (drex_jax.sharding.make_mesh): params and the
+        KV pool are split over tp; None = one device.
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", verbose: bool = False, **kwargs):
@@ -111,13 +113,22 @@ class Engine:
 
     def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
                num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024,
-               ee=None, policy=None, exit_heads=None, flush=None, art=True):
+               ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None):
         for name, v, lo in (("max_slots", max_slots, 1), ("page_size", page_size, 1),
                             ("max_prefill_tokens_per_step", max_prefill_tokens_per_step, 1)):
             if not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
+        self.mesh = mesh
+        if mesh is not None:
+            from drex_jax.sharding import check_mesh, shard_params
+
+            check_mesh(mesh, cfg)
+            if mesh.shape["dp"] != 1:
+                raise ValueError(f"an Engine serves one replica but the mesh has dp={mesh.shape['dp']}; build one "
+                                 "Engine per drex_jax.sharding.replica_meshes(mesh)")
+            params = shard_params(cfg, params, mesh)
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.dtype = _dtype(dtype)
         self.verbose = verbose
@@ -135,6 +146,10 @@ class Engine:
             num_pages = 1 + max_slots * pages_needed(self.max_seq_len, page_size)
         self.allocator = PageAllocator(int(num_pages))
         self.pool = init_pool(cfg, int(num_pages), page_size, self.dtype)
+        if mesh is not None:
+            from drex_jax.sharding import pool_sharding
+
+            self.pool = jax.device_put(self.pool, pool_sharding(mesh))
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -174,6 +189,10 @@ class Engine:
             heads = jax.tree.map(lambda a: a[rows], heads)
         if heads is not None:
             heads = jax.tree.map(jnp.asarray, heads)
+            if self.mesh is not None:
+                from drex_jax.sharding import replicated
+
+                heads = jax.device_put(heads, replicated(self.mesh))
         return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art)
 
     @property

@@ -22,6 +22,7 @@ class ParamSpec:
     transpose: bool = False  # HF Linear stores [out, in]
     stacked: bool = False  # one copy per layer, stacked on axis 0
     kind: str = "matrix"  # "matrix" | "norm" | "bias" | "embed"
+    tp_axis: int | None = None  # axis split over the tensor-parallel mesh axis (None = replicated)
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -33,18 +34,21 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "embed": ParamSpec((V, H), "model.embed_tokens.weight", kind="embed"),
         "final_norm": ParamSpec((H,), "model.norm.weight", kind="norm"),
         "layers/attn_norm": ParamSpec((L, H), p + "input_layernorm.weight", stacked=True, kind="norm"),
-        "layers/wq": ParamSpec((L, H, q_dim), p + "self_attn.q_proj.weight", True, True),
-        "layers/wk": ParamSpec((L, H, kv_dim), p + "self_attn.k_proj.weight", True, True),
-        "layers/wv": ParamSpec((L, H, kv_dim), p + "self_attn.v_proj.weight", True, True),
-        "layers/wo": ParamSpec((L, q_dim, H), p + "self_attn.o_proj.weight", True, True),
+        # Megatron-style tensor parallelism: heads and MLP width split over `tp`; column-split
+        # projections in, row-split projections out (one all-reduce per block)
+        "layers/wq": ParamSpec((L, H, q_dim), p + "self_attn.q_proj.weight", True, True, tp_axis=2),
+        "layers/wk": ParamSpec((L, H, kv_dim), p + "self_attn.k_proj.weight", True, True, tp_axis=2),
+        "layers/wv": ParamSpec((L, H, kv_dim), p + "self_attn.v_proj.weight", True, True, tp_axis=2),
+        "layers/wo": ParamSpec((L, q_dim, H), p + "self_attn.o_proj.weight", True, True, tp_axis=1),
         "layers/mlp_norm": ParamSpec((L, H), p + "post_attention_layernorm.weight", stacked=True, kind="norm"),
-        "layers/w_gate": ParamSpec((L, H, I), p + "mlp.gate_proj.weight", True, True),
-        "layers/w_up": ParamSpec((L, H, I), p + "mlp.up_proj.weight", True, True),
-        "layers/w_down": ParamSpec((L, I, H), p + "mlp.down_proj.weight", True, True),
+        "layers/w_gate": ParamSpec((L, H, I), p + "mlp.gate_proj.weight", True, True, tp_axis=2),
+        "layers/w_up": ParamSpec((L, H, I), p + "mlp.up_proj.weight", True, True, tp_axis=2),
+        "layers/w_down": ParamSpec((L, I, H), p + "mlp.down_proj.weight", True, True, tp_axis=1),
     }
     if cfg.qkv_bias:
         for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
-            specs[f"layers/b{n}"] = ParamSpec((L, d), p + f"self_attn.{n}_proj.bias", stacked=True, kind="bias")
+            specs[f"layers/b{n}"] = ParamSpec((L, d), p + f"self_attn.{n}_proj.bias", stacked=True, kind="bias",
+                                              tp_axis=1)
     if cfg.o_bias:
         specs["layers/bo"] = ParamSpec((L, H), p + "self_attn.o_proj.bias", stacked=True, kind="bias")
     if not cfg.tie_word_embeddings:

@@ -60,7 +60,11 @@ class EEDecoder:
         self.thresholds = list(ee.thresholds[: len(ramps)])
         self.bounds = [0] + ramps + [cfg.num_layers]
         self.num_segments = len(self.bounds) - 1
-        self.hidden = jnp.zeros((engine.max_slots, cfg.hidden_size), engine.dtype)
+        self.hidden = jnp.zeros((engine.max_slots, cfg.hidden_size), engine.dtype)  # [slots, hidden]
+        if engine.mesh is not None:
+            from drex_jax.sharding import replicated
+
+            self.hidden = jax.device_put(self.hidden, replicated(engine.mesh))
         self.art = ARTProfiler(self.num_segments)
         self.stats = EEStats(exits_per_ramp=[0] * self.num_segments)
         self.iteration = 0
