@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -69,8 +70,6 @@ def _generate(args) -> int:
 
 def _early_exit_kwargs(args) -> dict:
     """Engine kwargs for --early-exit: trained heads when `MODEL/exit_heads` exists, else shared."""
-    import os
-
     from drex_jax.default_model import default_model_path
     from drex_jax.early_exit import EEConfig
 
@@ -89,8 +88,6 @@ def _early_exit_kwargs(args) -> dict:
 
 
 def _train_exits(args) -> int:
-    import os
-
     from convert.checkpoint import load_checkpoint
     from drex_jax.default_model import default_model_path
     from drex_jax.train_exits import TrainExitsConfig, train_exit_heads
@@ -114,6 +111,42 @@ def _plan(args) -> int:
     p = plan(cfg, tp=args.tp, max_batch=args.max_batch, max_len=args.max_len, dtype=args.dtype,
              memory_bytes=mem, page_size=args.page_size, reserve_fraction=args.reserve)
     print(json.dumps(vars(p), indent=2) if args.json else format_plan(p, cfg, args.max_batch, args.max_len))
+    return 0
+
+
+def _bench(args) -> int:
+    from drex_jax.bench import report
+    from drex_jax.bench.suite import BenchConfig, run_scale, run_suite
+
+    t0 = time.perf_counter()
+    if args.scale:
+        trace = args.trace or os.path.join(args.out, "exit_trace.json")
+        results, meta = run_scale(args.scale, trace, batch=args.scale_batch, prompt_len=args.scale_prompt_len,
+                                  new_tokens=args.scale_new_tokens, policies=tuple(args.policies or
+                                                                                   ("off", "lazy", "rebatching")),
+                                  peak_bandwidth=args.peak_gbps * 1e9 if args.peak_gbps else None)
+        os.makedirs(args.out, exist_ok=True)
+        name = f"scale_{args.scale}"
+        report.write_json(os.path.join(args.out, name + ".json"), results, meta)
+        md = report.markdown(results, f"Scale mode {args.scale}: {meta['machine']}")
+        util = meta.get("bandwidth_utilization")
+        md += (f"\n`off` decode reads {meta['decode_step_bytes'] / 1e9:.2f} GB per step; achieved "
+               f"{meta.get('achieved_bandwidth_Bps', 0) / 1e9:.0f} GB/s"
+               + (f" = {util:.0%} of peak {meta['peak_bandwidth_Bps'] / 1e9:.0f} GB/s" if util else
+                  " (peak bandwidth unknown for this device; pass --peak-gbps)") + "\n")
+        with open(os.path.join(args.out, name + ".md"), "w") as f:
+            f.write(md)
+    else:
+        bc = BenchConfig(
+            workloads=tuple(args.workloads), num_prompts=args.num_prompts, new_tokens=args.new_tokens,
+            policies=tuple(args.policies or BenchConfig.policies), thresholds=tuple(args.thresholds),
+            batch_sizes=tuple(args.batch_sizes), online_rate=args.rate, sla_ttft_ms=args.sla_ttft_ms,
+            sla_tpot_ms=args.sla_tpot_ms, hf=not args.no_hf, missing_kv=args.missing_kv, out_dir=args.out)
+        results, meta = run_suite(bc, args.model)
+        with open(os.path.join(args.out, "results.md")) as f:
+            md = f.read()
+    print(md)
+    print(f"wrote {args.out}/ in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     return 0
 
 
@@ -185,6 +218,35 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--reserve", type=float, default=0.1, help="fraction kept for activations and XLA workspace")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=_plan)
+
+    from drex_jax.bench.suite import BenchConfig
+
+    bd = BenchConfig()
+    b = sub.add_parser("bench", help="serving benchmark: workloads x policies, quality, HF baseline, plots")
+    b.add_argument("--model", default=None, help="converted checkpoint dir (default: bundled SmolLM2)")
+    b.add_argument("--workloads", nargs="+", default=list(bd.workloads), choices=["humaneval", "chat"])
+    b.add_argument("--num-prompts", type=int, default=bd.num_prompts)
+    b.add_argument("--new-tokens", type=int, default=bd.new_tokens)
+    b.add_argument("--policies", nargs="+", default=None,
+                   choices=["off", "eager", "lazy", "average", "median", "latency-only", "rebatching"],
+                   help=f"default {' '.join(bd.policies)} ('off' is the quality reference)")
+    b.add_argument("--thresholds", type=float, nargs="+", default=list(bd.thresholds),
+                   help="exit thresholds to sweep; the last is used for online and batch runs")
+    b.add_argument("--batch-sizes", type=int, nargs="*", default=list(bd.batch_sizes))
+    b.add_argument("--rate", type=float, default=bd.online_rate, help="online arrivals per second (Poisson)")
+    b.add_argument("--sla-ttft-ms", type=float, default=bd.sla_ttft_ms)
+    b.add_argument("--sla-tpot-ms", type=float, default=bd.sla_tpot_ms)
+    b.add_argument("--missing-kv", default=bd.missing_kv, choices=["copy", "propagate"])
+    b.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    b.add_argument("--out", default=bd.out_dir, help="output dir: results.json, results.md, PNG plots")
+    s = b.add_argument_group("GPU scale mode")
+    s.add_argument("--scale", default=None, help="preset shape with random weights, e.g. llama2-7b, llama2-13b")
+    s.add_argument("--trace", default=None, help="exit trace JSON (default OUT/exit_trace.json)")
+    s.add_argument("--scale-batch", type=int, default=32)
+    s.add_argument("--scale-prompt-len", type=int, default=128)
+    s.add_argument("--scale-new-tokens", type=int, default=128)
+    s.add_argument("--peak-gbps", type=float, default=None, help="device peak memory bandwidth, GB/s")
+    b.set_defaults(fn=_bench)
     return p
 
 

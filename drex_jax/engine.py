@@ -113,7 +113,7 @@ class Engine:
 
     def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
                num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024,
-               ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None):
+               ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None):
         for name, v, lo in (("max_slots", max_slots, 1), ("page_size", page_size, 1),
                             ("max_prefill_tokens_per_step", max_prefill_tokens_per_step, 1)):
             if not isinstance(v, int) or v < lo:
@@ -162,9 +162,9 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._eos |= {int(tokenizer.eos_token_id)}
         compile_counter.install()
-        self._ee = self._make_ee_decoder(ee, policy, exit_heads, flush, art)
+        self._ee = self._make_ee_decoder(ee, policy, exit_heads, flush, art, exit_trace)
 
-    def _make_ee_decoder(self, ee, policy, exit_heads, flush, art):
+    def _make_ee_decoder(self, ee, policy, exit_heads, flush, art, exit_trace=None):
         from drex_jax.rebatch.policies import POLICIES
         from drex_jax.sched.ee_decoder import EEDecoder
         from drex_jax.sched.flush import FlushConfig
@@ -193,7 +193,13 @@ class Engine:
                 from drex_jax.sharding import replicated
 
                 heads = jax.device_put(heads, replicated(self.mesh))
-        return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art)
+        if exit_trace is not None:
+            from drex_jax.sched.exit_trace import ExitTrace
+
+            n_ramps = len([e for e in ee.exit_layers if e < self.cfg.num_layers])
+            if not isinstance(exit_trace, ExitTrace) or len(exit_trace.fractions) != n_ramps + 1:
+                raise ValueError(f"exit_trace must be an ExitTrace with {n_ramps + 1} fractions (ramps + full depth)")
+        return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art, exit_trace)
 
     @property
     def ee_stats(self):
@@ -470,10 +476,12 @@ class Engine:
         )
         return GenerationResult(req.id, req.text, list(req.generated), stats, list(req.exit_layers))
 
-    def warmup(self, progress: bool = False) -> int:
+    def warmup(self, progress: bool = False, sampling: bool = True) -> int:
         """Compile every (batch, page-width) decode bucket and prompt bucket ahead of time by running
-        all-padding batches (their KV writes are dropped, so the pool is untouched).
-        Returns the number of programs run; afterwards a steady stream compiles nothing."""
+        all-padding batches (their KV writes are dropped, so the pool is untouched). With early
+        exit: every segment, KV fill and ART profiling program instead of the decode step.
+        Returns the number of programs run; afterwards a steady stream compiles nothing
+        (`sampling=False`: greedy programs only, for greedy-only serving)."""
         from tqdm import tqdm
 
         max_width = bucket(pages_needed(self.max_seq_len, self.page_size))
@@ -487,9 +495,17 @@ class Engine:
             # first-fit rows are more than half full, except the last
             for R in row_buckets_upto(min(self.max_slots, 2 * -(-budget // W))):
                 shapes += [("prefill", q, W, R) for q in _pow2_upto(max_rows) if q >= R]
+        if self._ee is not None:  # early exit decodes through segments, not decode_step
+            shapes = [s for s in shapes if s[0] != "decode"] + [
+                ("ee",) + x for x in self._ee.warmup_shapes(max_rows, max_width)]
         drop = self.allocator.num_pages
-        for kind, b, n, rows in tqdm(shapes, desc="compiling", disable=not progress, file=sys.stderr):
-            for do_sample in (False, True):
+        variants = (False, True) if sampling else (False,)
+        for shape in tqdm(shapes, desc="compiling", disable=not progress, file=sys.stderr):
+            for do_sample in variants:
+                if shape[0] == "ee":  # (kind, segment, batch, width)
+                    self._ee.warmup_one(*shape[1:], do_sample)
+                    continue
+                kind, b, n, rows = shape
                 sp = SamplingParams.build([], b)
                 if kind == "decode":
                     bt = block_table_array([[]] * b, n)
@@ -500,8 +516,8 @@ class Engine:
                     out, self.pool = prefill_step(
                         self.params, self.pool, zero, pad, pad, np.full((rows, n), drop, np.int32), zero,
                         np.zeros(b, np.int32), sp, None, cfg=self.cfg, do_sample=do_sample, missing_kv="copy")
-        jax.block_until_ready(out)
-        return 2 * len(shapes)
+        jax.block_until_ready(self.pool)
+        return len(variants) * len(shapes)
 
     # ------------------------------------------------------------------ convenience
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,

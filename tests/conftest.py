@@ -2,9 +2,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# 4 host CPU devices for the tensor-parallel tests; single-device tests use device 0 as before
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import jax  # noqa: E402
 
@@ -62,3 +59,18 @@ def tiny4():
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
     ))
     return cfg, init_params(cfg, jax.random.key(3), scale=0.3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Free each test module's compiled programs: every XLA CPU executable holds a few memory
+    mappings, and a session that compiles thousands of them hits the kernel's map limit
+    (vm.max_map_count) and crashes inside the compiler."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+    if os.environ.get("DREX_TEST_MAPS"):
+        with open("/proc/self/maps") as f:
+            print(f"\n[memory maps after module: {sum(1 for _ in f)}]")

@@ -17,20 +17,6 @@ def test_cli_reports_bad_input(capsys, default_model):
     assert "top_p must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
-def test_generate_tensor_parallel_matches_one_device(capsys, default_model):
-    """SmolLM2 has 3 KV heads: --tp 3 splits it over 3 of the 4 forced host devices."""
-    import json
-
-    args = ["generate", "--prompt", "Name a fruit.", "--max-new-tokens", "6", "--max-slots", "1",
-            "--max-seq-len", "64", "--json"]
-    assert main(args) == 0
-    one = json.loads(capsys.readouterr().out)[0]["token_ids"]
-    assert main(args + ["--tp", "3"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["token_ids"] == one
-    assert main(args + ["--tp", "2"]) == 2
-    assert "tp=2 does not divide the model's 3 KV heads" in capsys.readouterr().err
-
-
 def test_plan(capsys):
     import json
 

@@ -158,3 +158,18 @@ def test_off_and_latency_only_run_full_depth(tiny4):
     lat.generate(prompts, GenerationConfig(max_new_tokens=10))
     st = lat.ee_stats
     assert st.mean_depth() == cfg.num_layers and sum(st.exits_per_ramp[:-1]) > 0
+
+
+def test_warmup_covers_early_exit_programs(tiny4):
+    """After warmup() a rebatching engine (ART on) serves a steady stream without compiling."""
+    from drex_jax import compile_counter
+
+    cfg, params = tiny4
+    eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=32, ee=EEConfig(EE_LAYERS, EE_THR),
+                             policy="rebatching")
+    eng.warmup()
+    before = compile_counter.count()
+    for seed in range(3):
+        _serve_with_arrivals(eng, _prompts(6, seed=40 + seed), GenerationConfig(max_new_tokens=12))
+    assert compile_counter.count() == before
+    assert sum(eng.ee_stats.exits_per_ramp[:-1]) > 0

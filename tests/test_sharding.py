@@ -1,112 +1,20 @@
-"""Tensor parallelism on 4 forced host CPU devices (see conftest): sharded equals unsharded."""
-import jax
-import numpy as np
-import pytest
+"""Runs tests/sharding_cases.py in a fresh process with 4 forced host CPU devices.
 
-from drex_jax import Engine, GenerationConfig, compile_counter
-from drex_jax.early_exit import EEConfig
-from drex_jax.model import forward
-from drex_jax.model.config import config_from_hf
-from drex_jax.model.params import init_params
-from drex_jax.plan import PRESETS, load_model_config, plan
-from drex_jax.sharding import make_mesh, pool_sharding, replica_meshes, shard_params
-from tests.serving import serve_with_arrivals
+`--xla_force_host_platform_device_count` only works before JAX initialises, and this test
+process keeps one device, so the tensor-parallel cases get their own interpreter.
+"""
+import os
+import subprocess
+import sys
 
 
-def _cfg(arch, heads, kv_heads, layers=4, hidden=64):
-    return config_from_hf(dict(
-        architectures=[arch], vocab_size=97, hidden_size=hidden, intermediate_size=2 * hidden + 32,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=256))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def four_devices():
-    assert jax.device_count() >= 4, "conftest forces 4 host devices; JAX was initialised before it"
-
-
-@pytest.mark.parametrize("arch,heads,kv_heads,tp", [
-    ("LlamaForCausalLM", 8, 2, 2),  # GQA 4:1
-    ("Qwen2ForCausalLM", 8, 4, 4),  # q/k/v biases split too
-    ("LlamaForCausalLM", 4, 4, 4),  # one head per device
-])
-def test_sharded_logits_equal_single_device(arch, heads, kv_heads, tp):
-    cfg = _cfg(arch, heads, kv_heads)
-    params = init_params(cfg, jax.random.key(1), scale=0.2)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 29)).astype(np.int32)
-    want = np.asarray(forward(params, cfg, tokens))
-    mesh = make_mesh(tp=tp, devices=jax.devices()[:tp])
-    sharded = shard_params(cfg, params, mesh)
-    assert sharded["layers"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tp")
-    assert len(sharded["layers"]["w_down"].addressable_shards) == tp
-    got = np.asarray(forward(sharded, cfg, tokens))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_sharded_rebatching_generation_equals_unsharded():
-    cfg = _cfg("Qwen2ForCausalLM", 8, 4, hidden=32)
-    params = init_params(cfg, jax.random.key(3), scale=0.3)
-    ee = EEConfig((1, 2, 3), (0.08, 0.06, 0.05))
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(0, cfg.vocab_size, rng.integers(2, 14))) for _ in range(12)]
-    gc = GenerationConfig(max_new_tokens=16)
-    kw = dict(max_slots=8, page_size=4, ee=ee, policy="rebatching", art=False)
-    one = serve_with_arrivals(Engine.from_params(cfg, params, **kw), prompts, gc, first=0, every=3, per_arrival=3)
-    mesh = make_mesh(tp=4, devices=jax.devices()[:4])
-    eng = Engine.from_params(cfg, params, mesh=mesh, **kw)
-    tp = serve_with_arrivals(eng, prompts, gc, first=0, every=3, per_arrival=3)
-    for i in range(len(prompts)):
-        assert tp[i].token_ids == one[i].token_ids, f"request {i}"
-        assert tp[i].exit_layers == one[i].exit_layers, f"request {i}"
-    assert min(eng.ee_stats.exits_per_ramp) > 0
-    # placements survive the donated, jitted steps, so a second run compiles nothing
-    assert eng.pool["k"].sharding == pool_sharding(mesh) and eng.params["layers"]["w_up"].sharding.spec[2] == "tp"
-    before = compile_counter.count()
-    again = serve_with_arrivals(eng, prompts, gc, first=0, every=3, per_arrival=3)
-    assert compile_counter.count() == before
-    assert [again[i].token_ids for i in range(12)] == [one[i].token_ids for i in range(12)]
-
-
-def test_replica_meshes_serve_independently():
-    cfg = _cfg("LlamaForCausalLM", 4, 2)
-    params = init_params(cfg, jax.random.key(2), scale=0.25)
-    mesh = make_mesh(tp=2, dp=2, devices=jax.devices()[:4])
-    with pytest.raises(ValueError, match="dp=2"):
-        Engine.from_params(cfg, params, mesh=mesh)
-    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
-    gc = GenerationConfig(max_new_tokens=8)
-    want = [r.token_ids for r in Engine.from_params(cfg, params).generate(prompts, gc)]
-    for sub in replica_meshes(mesh):
-        assert sub.shape == {"dp": 1, "tp": 2}
-        got = Engine.from_params(cfg, params, mesh=sub).generate(prompts, gc)
-        assert [r.token_ids for r in got] == want
-
-
-def test_bad_meshes():
-    cfg = _cfg("LlamaForCausalLM", 6, 3)
-    params = init_params(cfg, jax.random.key(0))
-    with pytest.raises(ValueError, match=r"tp=2 does not divide the model's 3 KV heads"):
-        Engine.from_params(cfg, params, mesh=make_mesh(tp=2, devices=jax.devices()[:2]))
-    with pytest.raises(ValueError, match=r"needs 3 devices, but 4 are given"):
-        make_mesh(tp=3)
-    with pytest.raises(ValueError, match="tp must be an integer >= 1"):
-        make_mesh(tp=0)
-    wrong = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("model",))
-    with pytest.raises(ValueError, match="axes"):
-        Engine.from_params(cfg, params, mesh=wrong)
-
-
-def test_plan_hand_computed():
-    # Llama-2-7B, tp=2, bf16: embed + lm_head replicated (2 * 32000 * 4096), the rest halved
-    cfg = load_model_config("llama2-7b")
-    p = plan(cfg, tp=2, max_batch=8, max_len=4096, dtype="bfloat16", memory_bytes=80 * 2**30)
-    per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008
-    params = 2 * 32000 * 4096 + 4096 + 32 * (per_layer // 2 + 2 * 4096)
-    assert p.param_bytes_per_device == 2 * params
-    assert p.kv_bytes_per_token_per_device == 2 * 32 * 16 * 128 * 2  # K+V, layers, kv heads/tp, head dim, bf16
-    assert p.kv_bytes_per_sequence_per_device == 4096 * p.kv_bytes_per_token_per_device
-    assert p.max_batch_that_fits == (int(80 * 2**30 * 0.9) - 2 * params) // (4096 * 256 * 2**10)
-    assert p.fits
-    assert set(PRESETS) >= {"llama2-7b", "llama2-13b"}
-    with pytest.raises(ValueError, match="tp=3 must divide"):
-        plan(cfg, tp=3)
+def test_tensor_parallel_cases_on_4_host_devices():
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                      " --xla_force_host_platform_device_count=4").strip())
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                          os.path.join(here, "sharding_cases.py")], cwd=os.path.dirname(here), env=env,
+                         capture_output=True, text=True, timeout=1200)
+    print(out.stdout[-3000:])
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout

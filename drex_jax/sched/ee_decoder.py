@@ -42,7 +42,7 @@ class EEStats:
 
 class EEDecoder:
     def __init__(self, engine, ee: EEConfig, policy: str, heads: dict | None, flush: FlushConfig,
-                 art: bool = True):
+                 art: bool = True, exit_trace=None):
         cfg = engine.cfg
         ee.validate(cfg.num_layers)
         if policy not in POLICIES:
@@ -66,6 +66,7 @@ class EEDecoder:
 
             self.hidden = jax.device_put(self.hidden, replicated(engine.mesh))
         self.art = ARTProfiler(self.num_segments)
+        self.exit_trace = exit_trace  # ExitTrace: replayed exit decisions (scale benchmarks) or None
         self.stats = EEStats(exits_per_ramp=[0] * self.num_segments)
         self.iteration = 0
         self._last_ready: float | None = None
@@ -117,6 +118,37 @@ class EEDecoder:
         _, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
         self.art.record_full(B, dt)
 
+    def warmup_shapes(self, max_batch: int, max_width: int) -> list[tuple]:
+        """Every (kind, ramp/segment, batch bucket, page-width bucket) this decoder can run."""
+        from drex_jax.engine import _pow2_upto
+
+        shapes = []
+        for b in _pow2_upto(max_batch):
+            for w in _pow2_upto(max_width):
+                shapes += [("segment", s, b, w) for s in range(self.num_segments)]
+                if self.policy == "off":
+                    shapes.append(("full", -1, b, w))
+                elif self.policy != "latency-only":
+                    shapes += [("fill", s, b, w) for s in range(self.num_segments - 1)]
+            if self.use_art and self.policy == "rebatching":
+                shapes.append(("full", -1, b, 1))
+        return shapes
+
+    def warmup_one(self, kind: str, s: int, B: int, width: int, do_sample: bool) -> None:
+        """Run one shape on an all-padding batch: no KV or hidden-state row is written."""
+        eng = self.eng
+        pad = np.full(B, -1, np.int32)
+        arrays = (np.full(B, eng.max_slots, np.int32), pad, pad, block_table_array([[]] * B, width),
+                  SamplingParams.build([], B))
+        if kind == "segment":
+            last = s == self.num_segments - 1
+            self._run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
+        elif kind == "full":
+            self._run_layers(arrays, 0, eng.cfg.num_layers, -1, do_sample)
+        elif not do_sample:  # fills do not sample
+            rows = list(range(B))  # positions are -1: the fill writes nothing
+            self._fill(self.bounds[s + 1], rows, arrays)
+
     def _fill(self, exit_layer: int, rows: list, arrays) -> None:
         """Missing KV of layers >= exit_layer for the given batch rows (indices into arrays)."""
         if exit_layer >= self.eng.cfg.num_layers or not rows:
@@ -130,6 +162,12 @@ class EEDecoder:
         else:
             eng.pool, _ = self._call(fill_propagate, eng.params, eng.pool, self.hidden, slot_ids, bt, keep,
                                      cfg=eng.cfg, exit_layer=exit_layer)
+
+    def _wants_exit(self, s: int, conf: np.ndarray, n: int) -> np.ndarray:
+        """[n] bool: rows whose confidence passes ramp s's threshold (or the exit trace's draw)."""
+        if self.exit_trace is not None:
+            return self.exit_trace.wants_exit(s, n)
+        return conf[:n] > self.thresholds[s]
 
     def _finalize(self, req, token: int, segment: int, events, kv_depth: int | None = None) -> None:
         """Emit `token` for `req`, exited after `segment`; `kv_depth`: depth of the K/V its step
@@ -193,7 +231,7 @@ class EEDecoder:
                     r.buffered_iter = -1
                     self._finalize(r, int(tok[i]), s, events)
                 return
-            wants = conf[:n] > self.thresholds[s]
+            wants = self._wants_exit(s, conf, n)
             split = wants.any() and (not self.use_art or self.art.decide(s, B, int(wants.sum()), n))
             if not split:
                 self.stats.involuntary_stays += int(wants.sum())
@@ -229,7 +267,7 @@ class EEDecoder:
                     if not released[i]:
                         self._finalize(r, int(tok[i]), s, events)
                 return
-            wants = conf[:n] > self.thresholds[s]
+            wants = self._wants_exit(s, conf, n)
             if self.policy == "latency-only":
                 new = wants & ~released
                 for i in np.flatnonzero(new):  # emitted now, but the row keeps computing real KV
@@ -237,7 +275,10 @@ class EEDecoder:
                     self.stats.layers_run += self.eng.cfg.num_layers - self.bounds[s + 1]
                 released |= new
                 continue
-            exit_all = group_exit(self.policy, conf[:n], self.thresholds[s])
+            if self.exit_trace is not None:  # a trace gives decisions, not confidences: 1 = wants out
+                exit_all = group_exit(self.policy, wants.astype(np.float32), 0.5)
+            else:
+                exit_all = group_exit(self.policy, conf[:n], self.thresholds[s])
             ie, st = involuntary(wants, np.full(n, exit_all))
             self.stats.involuntary_exits += ie
             self.stats.involuntary_stays += st

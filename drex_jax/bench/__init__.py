@@ -1,0 +1,1 @@
+"""`drex-jax bench`: reproducible serving benchmarks (workloads, runs, quality, reports, scale mode)."""

