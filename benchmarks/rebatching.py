@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         eng.generate(encoded, gc)  # warm-up (compiles)
         walls = []
         for _ in range(args.repeats):
-            eng._ee.stats.__init__(exits_per_ramp=[0] * eng._ee.num_segments)
+            eng._ee.reset_stats()
             t0 = time.perf_counter()
             res = eng.generate(encoded, gc)
             walls.append(time.perf_counter() - t0)

@@ -56,6 +56,7 @@ class _Request:
     # recompute after preemption must replay
     kv_depths: list[int] = dataclasses.field(default_factory=list)
     admit_seq: int = -1  # order of first admission: preemption takes the highest first
+    first_want: int = -1  # early exit: first ramp the current token's confidence passed
     preemptions: int = 0
 
     @property
@@ -313,7 +314,7 @@ class Engine:
         del self._running[req.slot]
         self.allocator.free(req.pages)
         self._free_slots.append(req.slot)
-        req.pages, req.slot, req.stage, req.buffered_iter = [], -1, 0, -1
+        req.pages, req.slot, req.stage, req.buffered_iter, req.first_want = [], -1, 0, -1, -1
         req.preemptions += 1
         self.num_preemptions += 1
         # victims go newest first, so the oldest ends up first in the queue

@@ -37,6 +37,7 @@ def test_rebatching_matches_reference_and_eager_does_not(tiny4, method):
     st = reb.ee_stats
     assert st.involuntary_exits == 0 and st.involuntary_stays == 0
     assert min(st.exits_per_ramp) > 0, st.exits_per_ramp  # every ramp and full depth used
+    assert st.wanted_per_ramp == st.exits_per_ramp  # no ART: every token left where it wanted
     assert sum(st.flushes.values()) > 0
     assert reb.num_free_pages == reb.allocator.capacity and reb.num_free_slots == 8
 
@@ -59,6 +60,8 @@ def test_art_stays_are_counted(tiny4):
     st = eng.ee_stats
     assert st.involuntary_exits == 0
     assert st.art_declined > 0 and st.involuntary_stays > 0
+    # stayed tokens still count where they first wanted out
+    assert sum(st.wanted_per_ramp[:-1]) > sum(st.exits_per_ramp[:-1])
     acc, n = eng._ee.art.hindsight_accuracy()
     assert n > 0 and 0.0 <= acc <= 1.0
 

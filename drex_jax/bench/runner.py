@@ -30,6 +30,7 @@ class RunResult:
     tpot_p99_ms: float
     mean_depth: float | None = None
     exits_per_ramp: list[int] | None = None
+    wanted_per_ramp: list[int] | None = None  # where confidence first passed (before policy/ART)
     involuntary_exits: int | None = None
     involuntary_stays: int | None = None
     peak_kv_pages: int | None = None
@@ -56,7 +57,7 @@ def run_engine(engine, encoded: list[list[int]], gc, *, label: str, workload: st
     times (seconds from start), and TTFT counts from the scheduled arrival."""
     ee = engine._ee
     if ee is not None:
-        ee.stats.__init__(exits_per_ramp=[0] * ee.num_segments)
+        ee.reset_stats()
     engine.peak_pages_used = 0
     c0 = compile_counter.count()
     n = len(encoded)
@@ -92,6 +93,7 @@ def run_engine(engine, encoded: list[list[int]], gc, *, label: str, workload: st
     if ee is not None:
         st = ee.stats
         out.mean_depth, out.exits_per_ramp = st.mean_depth(), list(st.exits_per_ramp)
+        out.wanted_per_ramp = list(st.wanted_per_ramp)
         out.involuntary_exits, out.involuntary_stays = st.involuntary_exits, st.involuntary_stays
     else:
         out.mean_depth = float(engine.cfg.num_layers)

@@ -28,6 +28,9 @@ class EEStats:
     tokens: int = 0  # decode tokens finalized (prefill tokens excluded)
     layers_run: int = 0  # sum over decode tokens of the layers actually executed for them
     exits_per_ramp: list[int] = dataclasses.field(default_factory=list)  # last entry = full depth
+    # where each token first passed its threshold (last entry = never): the exit distribution
+    # the model asked for, before any policy or ART overrode it (what exit traces record)
+    wanted_per_ramp: list[int] = dataclasses.field(default_factory=list)
     involuntary_exits: int = 0
     involuntary_stays: int = 0
     art_declined: int = 0
@@ -67,9 +70,12 @@ class EEDecoder:
             self.hidden = jax.device_put(self.hidden, replicated(engine.mesh))
         self.art = ARTProfiler(self.num_segments)
         self.exit_trace = exit_trace  # ExitTrace: replayed exit decisions (scale benchmarks) or None
-        self.stats = EEStats(exits_per_ramp=[0] * self.num_segments)
+        self.reset_stats()
         self.iteration = 0
         self._last_ready: float | None = None
+
+    def reset_stats(self) -> None:
+        self.stats = EEStats(exits_per_ramp=[0] * self.num_segments, wanted_per_ramp=[0] * self.num_segments)
 
     # ------------------------------------------------------------------ device calls
     def _call(self, fn, *args, **kw):
@@ -163,11 +169,14 @@ class EEDecoder:
             eng.pool, _ = self._call(fill_propagate, eng.params, eng.pool, self.hidden, slot_ids, bt, keep,
                                      cfg=eng.cfg, exit_layer=exit_layer)
 
-    def _wants_exit(self, s: int, conf: np.ndarray, n: int) -> np.ndarray:
+    def _wants_exit(self, s: int, conf: np.ndarray, reqs: list) -> np.ndarray:
         """[n] bool: rows whose confidence passes ramp s's threshold (or the exit trace's draw)."""
-        if self.exit_trace is not None:
-            return self.exit_trace.wants_exit(s, n)
-        return conf[:n] > self.thresholds[s]
+        n = len(reqs)
+        wants = self.exit_trace.wants_exit(s, n) if self.exit_trace is not None else conf[:n] > self.thresholds[s]
+        for i in np.flatnonzero(wants):
+            if reqs[i].first_want < 0:
+                reqs[i].first_want = s
+        return wants
 
     def _finalize(self, req, token: int, segment: int, events, kv_depth: int | None = None) -> None:
         """Emit `token` for `req`, exited after `segment`; `kv_depth`: depth of the K/V its step
@@ -176,7 +185,8 @@ class EEDecoder:
         self.stats.tokens += 1
         self.stats.layers_run += depth
         self.stats.exits_per_ramp[segment] += 1
-        req.stage = 0
+        self.stats.wanted_per_ramp[req.first_want if req.first_want >= 0 else self.num_segments - 1] += 1
+        req.stage, req.first_want = 0, -1
         req.exit_layers.append(depth)
         self.eng._append_token(req, token, events, kv_depth=kv_depth or depth)
 
@@ -231,7 +241,7 @@ class EEDecoder:
                     r.buffered_iter = -1
                     self._finalize(r, int(tok[i]), s, events)
                 return
-            wants = self._wants_exit(s, conf, n)
+            wants = self._wants_exit(s, conf, reqs)
             split = wants.any() and (not self.use_art or self.art.decide(s, B, int(wants.sum()), n))
             if not split:
                 self.stats.involuntary_stays += int(wants.sum())
@@ -267,7 +277,7 @@ class EEDecoder:
                     if not released[i]:
                         self._finalize(r, int(tok[i]), s, events)
                 return
-            wants = self._wants_exit(s, conf, n)
+            wants = self._wants_exit(s, conf, reqs)
             if self.policy == "latency-only":
                 new = wants & ~released
                 for i in np.flatnonzero(new):  # emitted now, but the row keeps computing real KV
