@@ -17,28 +17,12 @@ import sys
 import time
 
 
-def _hf(batch_prompts, new_tokens):
-    import torch
-    import transformers
+def _hf():
+    """Seconds for HF `generate` of exactly n tokens per chat prompt (one left-padded batch)."""
+    from drex_jax.bench.runner import hf_generator
 
-    from drex_jax.default_model import default_gguf_path
-
-    path = default_gguf_path()
-    d, f = os.path.dirname(path), os.path.basename(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
-    tok.padding_side = "left"
-
-    def run(prompts, n):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-                 for p in prompts]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
-        return time.perf_counter() - t0
-
-    return run
+    _, _, generate = hf_generator()
+    return lambda prompts, n: generate(prompts, True, n)[1]
 
 
 def main(argv=None) -> int:
@@ -56,7 +40,7 @@ def main(argv=None) -> int:
 
     n = args.new_tokens
     engine = Engine(max_slots=max(args.batches), max_seq_len=256)
-    hf_run = _hf(PROMPTS, n)
+    hf_run = _hf()
     gc = GenerationConfig(max_new_tokens=n, ignore_eos=True)
     rows = []
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} cpus, "

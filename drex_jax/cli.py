@@ -151,6 +151,8 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from drex_jax.rebatch.policies import POLICIES
+
     p = argparse.ArgumentParser(prog="drex-jax", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -184,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exit-layers", type=int, nargs="+", default=[8, 15, 22])
     e.add_argument("--threshold", type=float, nargs="+", default=[0.9], help="one per ramp, or one for all")
     e.add_argument("--policy", default="rebatching",
-                   choices=["off", "eager", "lazy", "average", "median", "latency-only", "rebatching"])
+                   choices=list(POLICIES))
     e.add_argument("--confidence", default="top1_minus_top2", choices=["top1_minus_top2", "max_prob", "neg_entropy"])
     e.add_argument("--missing-kv", default="propagate", choices=["copy", "propagate"],
                    help="default propagate: measured better than copy on SmolLM2 (BENCHMARKS.md)")
@@ -228,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-prompts", type=int, default=bd.num_prompts)
     b.add_argument("--new-tokens", type=int, default=bd.new_tokens)
     b.add_argument("--policies", nargs="+", default=None,
-                   choices=["off", "eager", "lazy", "average", "median", "latency-only", "rebatching"],
+                   choices=list(POLICIES),
                    help=f"default {' '.join(bd.policies)} ('off' is the quality reference)")
     b.add_argument("--thresholds", type=float, nargs="+", default=list(bd.thresholds),
                    help="exit thresholds to sweep; the last is used for online and batch runs")

@@ -177,11 +177,11 @@ class Engine:
                 raise ValueError(f"policy {policy!r} needs an early-exit config (ee=EEConfig(...))")
             return None
         heads = exit_heads
+        ramps = [e for e in ee.exit_layers if e < self.cfg.num_layers]
         if isinstance(exit_heads, str) and ee.head == "trained":
             from drex_jax.train_exits import load_heads
 
             heads, meta = load_heads(exit_heads)
-            ramps = [e for e in ee.exit_layers if e < self.cfg.num_layers]
             trained = list(meta["exit_layers"])
             if not set(ramps) <= set(trained):
                 raise ValueError(f"exit heads at {exit_heads!r} were trained for layers {trained}, "
@@ -197,9 +197,8 @@ class Engine:
         if exit_trace is not None:
             from drex_jax.sched.exit_trace import ExitTrace
 
-            n_ramps = len([e for e in ee.exit_layers if e < self.cfg.num_layers])
-            if not isinstance(exit_trace, ExitTrace) or len(exit_trace.fractions) != n_ramps + 1:
-                raise ValueError(f"exit_trace must be an ExitTrace with {n_ramps + 1} fractions (ramps + full depth)")
+            if not isinstance(exit_trace, ExitTrace) or len(exit_trace.fractions) != len(ramps) + 1:
+                raise ValueError(f"exit_trace must be an ExitTrace with {len(ramps) + 1} fractions (ramps + full depth)")
         return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art, exit_trace)
 
     @property

@@ -17,6 +17,7 @@ import numpy as np
 from drex_jax.kv.pool import page_bytes, pages_needed
 from drex_jax.model.config import ModelConfig, config_from_hf
 from drex_jax.model.params import param_specs
+from drex_jax.sharding import tp_divides
 
 # Well-known shapes (HF config fields) for planning and scale benchmarks with random weights.
 PRESETS = {
@@ -73,7 +74,7 @@ def plan(cfg: ModelConfig, tp: int = 1, max_batch: int = 1, max_len: int = 2048,
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not 0 <= reserve_fraction < 1:
         raise ValueError(f"reserve_fraction must be in [0, 1), got {reserve_fraction}")
-    if cfg.num_kv_heads % tp or cfg.num_heads % tp or cfg.intermediate_size % tp:
+    if not tp_divides(cfg, tp):
         raise ValueError(f"tp={tp} must divide the KV heads ({cfg.num_kv_heads}), attention heads "
                          f"({cfg.num_heads}) and MLP width ({cfg.intermediate_size})")
     item = np.dtype(dt).itemsize

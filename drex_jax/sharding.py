@@ -50,10 +50,11 @@ def check_mesh(mesh: Mesh, cfg: ModelConfig | None = None) -> None:
                     ("MLP width (intermediate_size)", cfg.intermediate_size)):
         if n % tp:
             raise ValueError(f"tp={tp} does not divide the model's {n} {what}; choose tp among "
-                             f"{[d for d in range(1, cfg.num_kv_heads + 1) if _divides_all(cfg, d)]}")
+                             f"{[d for d in range(1, cfg.num_kv_heads + 1) if tp_divides(cfg, d)]}")
 
 
-def _divides_all(cfg: ModelConfig, tp: int) -> bool:
+def tp_divides(cfg: ModelConfig, tp: int) -> bool:
+    """Whether tp splits the KV heads, attention heads and MLP width evenly."""
     return not (cfg.num_kv_heads % tp or cfg.num_heads % tp or cfg.intermediate_size % tp)
 
 

@@ -104,35 +104,42 @@ def run_engine(engine, encoded: list[list[int]], gc, *, label: str, workload: st
     return out
 
 
-def hf_baseline(prompts: list[str], chat: bool, new_tokens: int, *, label: str, workload: str) -> RunResult:
-    """HF `transformers` fp32 greedy `generate` on the bundled model (its GGUF, loaded by
-    transformers), all prompts in one left-padded batch, exactly `new_tokens` each. TTFT is a
-    1-token generate of the same batch."""
+def hf_generator():
+    """Load HF `transformers`' fp32 copy of the bundled model (its GGUF). Returns (model,
+    tokenizer, generate) with `generate(prompts, chat, n) -> (new token ids per prompt, seconds)`:
+    greedy, all prompts in one left-padded batch, exactly `n` new tokens each; only
+    `model.generate` is timed."""
     import torch
     import transformers
 
     from drex_jax.default_model import default_gguf_path
 
-    path = default_gguf_path()
-    d, f = path.rsplit("/", 1)
+    d, f = default_gguf_path().rsplit("/", 1)
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
     tok.padding_side = "left"
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             if chat else p for p in prompts]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
-    def gen(n):
+    def generate(prompts: list[str], chat: bool, n: int):
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         tokenize=False) if chat else p for p in prompts]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                  pad_token_id=tok.eos_token_id)
-        return out, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        return [row[enc["input_ids"].shape[1]:].tolist() for row in out], seconds
 
-    gen(2)  # warm-up
-    _, ttft = gen(1)
-    out, wall = gen(new_tokens)
-    ids = [row[enc["input_ids"].shape[1]:].tolist() for row in out]
+    return model, tok, generate
+
+
+def hf_baseline(prompts: list[str], chat: bool, new_tokens: int, *, label: str, workload: str) -> RunResult:
+    """HF `transformers` fp32 greedy `generate` on the bundled model, all prompts in one
+    left-padded batch, exactly `new_tokens` each. TTFT is a 1-token generate of the same batch."""
+    model, tok, gen = hf_generator()
+    gen(prompts, chat, 2)  # warm-up
+    _, ttft = gen(prompts, chat, 1)
+    ids, wall = gen(prompts, chat, new_tokens)
     n = len(prompts)
     tpot = (wall - ttft) / max(new_tokens - 1, 1) * 1e3
     return RunResult(

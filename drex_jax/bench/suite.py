@@ -26,8 +26,8 @@ import numpy as np
 from drex_jax.bench import quality, report
 from drex_jax.bench.runner import RunResult, hf_baseline, run_engine
 from drex_jax.bench.workloads import WORKLOADS, poisson_arrivals
+from drex_jax.rebatch.policies import POLICIES
 
-EE_POLICIES = ("off", "eager", "lazy", "average", "median", "latency-only", "rebatching")
 # peak memory bandwidth (bytes/s) by device kind, for the utilization figure
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
@@ -52,10 +52,10 @@ class BenchConfig:
         bad = [w for w in self.workloads if w not in WORKLOADS]
         if bad or not self.workloads:
             raise ValueError(f"unknown workloads {bad}; choose from {sorted(WORKLOADS)}")
-        bad = [p for p in self.policies if p not in EE_POLICIES]
+        bad = [p for p in self.policies if p not in POLICIES]
         if bad or "off" not in self.policies:
             raise ValueError(f"policies {list(self.policies)} must include 'off' (the reference) and come from "
-                             f"{EE_POLICIES}")
+                             f"{POLICIES}")
         for name, v in (("num_prompts", self.num_prompts), ("new_tokens", self.new_tokens)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -123,7 +123,7 @@ def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) 
             run_engine(eng, encoded, gc, label=label, workload=wl_name, policy=policy, threshold=thr)  # warm-up
             r = run_engine(eng, encoded, gc, label=label, workload=wl_name, policy=policy, threshold=thr)
             bar.update(1)
-            ref = ref or r
+            ref = r if ref is None else ref  # the first run of a workload is `off`
             _score(r, ref, wl)
             results.append(r)
             if thr in (None, main_thr):
