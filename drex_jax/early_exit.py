@@ -15,6 +15,8 @@ class EEConfig:
 
     A token exits at the first ramp where `confidence > threshold` of that ramp.
     `thresholds` is one float per ramp (or a single float for all).
+    `ramp_vocab`: score only this many candidate tokens at the ramps (the most frequent
+    outputs, ranked when the exit heads were trained); None = the whole vocabulary.
     """
 
     exit_layers: tuple[int, ...]
@@ -22,6 +24,7 @@ class EEConfig:
     confidence: str = "top1_minus_top2"
     missing_kv: str = "copy"
     head: str = "shared"
+    ramp_vocab: int | None = None
 
     def __post_init__(self):
         layers = self.exit_layers
@@ -33,7 +36,7 @@ class EEConfig:
             thr = (float(thr),) * len(self.exit_layers)
         object.__setattr__(self, "thresholds", tuple(thr))
 
-    def validate(self, num_layers: int) -> "EEConfig":
+    def validate(self, num_layers: int, vocab_size: int | None = None) -> "EEConfig":
         layers = self.exit_layers
         if not layers:
             raise ValueError("exit_layers is empty; give at least one ramp layer in [1, num_layers]")
@@ -52,4 +55,9 @@ class EEConfig:
             raise ValueError(f"unknown missing-KV method {self.missing_kv!r}; choose one of {MISSING_KV_METHODS}")
         if self.head not in RAMP_HEADS:
             raise ValueError(f"unknown ramp head {self.head!r}; choose one of {RAMP_HEADS}")
+        rv = self.ramp_vocab
+        if rv is not None:
+            top = vocab_size if vocab_size is not None else "vocab_size"
+            if isinstance(rv, bool) or not isinstance(rv, int) or rv < 2 or (vocab_size is not None and rv > vocab_size):
+                raise ValueError(f"ramp_vocab must be None or an integer in [2, {top}], got {rv!r}")
         return self

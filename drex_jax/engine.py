@@ -100,7 +100,8 @@ class Engine:
         path = model if model is not None else default_model_path(verbose=True)
         cfg, params, tok = load_checkpoint(path, dtype=_dtype(dtype))
         ee = kwargs.get("ee")
-        if ee is not None and ee.head == "trained" and kwargs.get("exit_heads") is None:
+        wants_heads_dir = ee is not None and (ee.head == "trained" or ee.ramp_vocab is not None)
+        if wants_heads_dir and kwargs.get("exit_heads") is None:
             kwargs["exit_heads"] = os.path.join(path, "exit_heads")
         self._setup(cfg, params, tok, dtype=dtype, verbose=verbose, **kwargs)
 
@@ -114,7 +115,8 @@ class Engine:
 
     def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
                num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024,
-               ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None):
+               ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
+               ramp_tokens=None):
         for name, v, lo in (("max_slots", max_slots, 1), ("page_size", page_size, 1),
                             ("max_prefill_tokens_per_step", max_prefill_tokens_per_step, 1)):
             if not isinstance(v, int) or v < lo:
@@ -163,9 +165,9 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._eos |= {int(tokenizer.eos_token_id)}
         compile_counter.install()
-        self._ee = self._make_ee_decoder(ee, policy, exit_heads, flush, art, exit_trace)
+        self._ee = self._make_ee_decoder(ee, policy, exit_heads, flush, art, exit_trace, ramp_tokens)
 
-    def _make_ee_decoder(self, ee, policy, exit_heads, flush, art, exit_trace=None):
+    def _make_ee_decoder(self, ee, policy, exit_heads, flush, art, exit_trace=None, ramp_tokens=None):
         from drex_jax.rebatch.policies import POLICIES
         from drex_jax.sched.ee_decoder import EEDecoder
         from drex_jax.sched.flush import FlushConfig
@@ -178,6 +180,10 @@ class Engine:
             return None
         heads = exit_heads
         ramps = [e for e in ee.exit_layers if e < self.cfg.num_layers]
+        if ee.ramp_vocab is not None and ramp_tokens is None and isinstance(exit_heads, str):
+            from drex_jax.train_exits import load_token_ranking
+
+            ramp_tokens = load_token_ranking(exit_heads)
         if isinstance(exit_heads, str) and ee.head == "trained":
             from drex_jax.train_exits import load_heads
 
@@ -188,6 +194,8 @@ class Engine:
                                  f"but exit_layers is {ramps}")
             rows = np.asarray([trained.index(e) for e in ramps])  # a subset of the trained ramps
             heads = jax.tree.map(lambda a: a[rows], heads)
+        if ee.head != "trained":
+            heads = None
         if heads is not None:
             heads = jax.tree.map(jnp.asarray, heads)
             if self.mesh is not None:
@@ -199,7 +207,8 @@ class Engine:
 
             if not isinstance(exit_trace, ExitTrace) or len(exit_trace.fractions) != len(ramps) + 1:
                 raise ValueError(f"exit_trace must be an ExitTrace with {len(ramps) + 1} fractions (ramps + full depth)")
-        return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art, exit_trace)
+        return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art, exit_trace,
+                         ramp_tokens)
 
     @property
     def ee_stats(self):

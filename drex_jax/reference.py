@@ -26,7 +26,7 @@ from drex_jax.kv.pool import bucket
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import attention, embed, layer_at, lm_head, qkv
 from drex_jax.model.paged import layer_loop
-from drex_jax.model.ramps import confidence, ramp_logits
+from drex_jax.model.ramps import confidence, ramp_logits, to_token_ids
 
 
 @dataclasses.dataclass
@@ -51,9 +51,9 @@ def _segment(params, cache, x, positions, *, cfg: ModelConfig, start: int, end: 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "measure"))
-def _ramp(params, heads, h, ramp, *, cfg: ModelConfig, measure: str):
-    logits = ramp_logits(params, cfg, h, heads, ramp)
-    return jnp.argmax(logits, -1), confidence(logits, measure)
+def _ramp(params, heads, h, ramp, ramp_tokens, *, cfg: ModelConfig, measure: str):
+    logits = ramp_logits(params, cfg, h, heads, ramp, ramp_tokens)
+    return to_token_ids(jnp.argmax(logits, -1), ramp_tokens), confidence(logits, measure)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -86,6 +86,24 @@ def _propagate_fill(params, cache, h, pos, exit_layer, *, cfg: ModelConfig):
     return jax.lax.fori_loop(exit_layer, cfg.num_layers, body, cache)
 
 
+def check_ramp_tokens(ee: EEConfig, cfg: ModelConfig, ramp_tokens) -> jax.Array | None:
+    """The ramp candidate ids as int32 [ee.ramp_vocab], checked; None when ee.ramp_vocab is None."""
+    if ee.ramp_vocab is None:
+        return None
+    if ramp_tokens is None:
+        raise ValueError(f"ramp_vocab={ee.ramp_vocab} needs the candidate token ids (a token ranking saved "
+                         "by `drex-jax train-exits`, or ramp_tokens=...)")
+    ids = np.asarray(ramp_tokens)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ramp_tokens must be a 1-D array of integer token ids, got shape {ids.shape} {ids.dtype}")
+    ids = ids[: ee.ramp_vocab]
+    if len(ids) != ee.ramp_vocab:
+        raise ValueError(f"ramp_vocab={ee.ramp_vocab} but only {len(ids)} ranked token ids are available")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size or len(np.unique(ids)) != len(ids):
+        raise ValueError(f"ramp_tokens must be distinct ids in [0, {cfg.vocab_size})")
+    return jnp.asarray(ids, jnp.int32)
+
+
 def _pad_chunk(xs: list, ps: list[int]):
     T = bucket(len(xs))
     x = jnp.zeros((1, T, xs[0].shape[-1]), xs[0].dtype).at[0, : len(xs)].set(jnp.stack(xs))
@@ -102,10 +120,13 @@ def reference_generate(
     max_new_tokens: int,
     heads: dict | None = None,
     stop_ids: tuple[int, ...] = (),
+    ramp_tokens=None,
 ) -> ReferenceOutput:
     """Greedy early-exit generation for one request. `heads`: trained ramp heads (ee.head ==
-    'trained') or None for the shared head."""
-    ee.validate(cfg.num_layers)
+    'trained') or None for the shared head. `ramp_tokens`: the [ee.ramp_vocab] candidate ids
+    the ramps score (needed when ee.ramp_vocab is set)."""
+    ee.validate(cfg.num_layers, cfg.vocab_size)
+    ramp_tokens = check_ramp_tokens(ee, cfg, ramp_tokens)
     if ee.head == "trained" and heads is None:
         raise ValueError("EEConfig.head == 'trained' needs the trained ramp heads (see drex-jax train-exits)")
     heads = heads if ee.head == "trained" else None
@@ -144,7 +165,7 @@ def reference_generate(
                 h = xc[0, 0]
             start = E
             if r < len(ee.exit_layers):
-                tok, conf = _ramp(params, heads, h, r, cfg=cfg, measure=ee.confidence)
+                tok, conf = _ramp(params, heads, h, r, ramp_tokens, cfg=cfg, measure=ee.confidence)
                 confs.append(float(conf))
                 if E == L or float(conf) > ee.thresholds[r]:
                     token, exit_at = int(tok), E

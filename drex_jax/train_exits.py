@@ -98,6 +98,25 @@ def distill_loss(heads, params, cfg: ModelConfig, ramp_h, final_h):
     return total
 
 
+def token_ranking(params, cfg: ModelConfig, final_h: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Token ids [V] ordered by how often the full model predicts them (greedy) at the training
+    positions, most frequent first (ties by id). Its head is a ramp vocabulary (EEConfig.ramp_vocab)."""
+    head = jax.jit(lambda h: jnp.argmax(lm_head(params, cfg, h), -1))
+    counts = np.zeros(cfg.vocab_size, np.int64)
+    for i in range(0, len(final_h), chunk):
+        counts += np.bincount(np.asarray(head(final_h[i: i + chunk])), minlength=cfg.vocab_size)
+    return np.argsort(-counts, kind="stable").astype(np.int32)
+
+
+def load_token_ranking(path: str) -> np.ndarray:
+    """The ranking saved next to the exit heads at `path` (see `token_ranking`)."""
+    f = os.path.join(path, "token_ranking.npy")
+    if not os.path.exists(f):
+        raise ValueError(f"no token ranking at {f!r} for EEConfig.ramp_vocab; run `drex-jax train-exits` "
+                         "(it writes one) or pass ramp_tokens=...")
+    return np.load(f)
+
+
 def save_heads(path: str, heads: dict, meta: dict) -> None:
     import orbax.checkpoint as ocp
 
@@ -181,4 +200,5 @@ def train_exit_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc: Trai
             "positions": int(n), "final_kl_sum": float(np.mean(losses[-20:])) if losses else None,
             "train_seconds_this_run": time.perf_counter() - t0}
     save_heads(out_dir, state["heads"], meta)
+    np.save(os.path.join(out_dir, "token_ranking.npy"), token_ranking(params, cfg, final_h))
     return state["heads"], meta

@@ -61,7 +61,8 @@ class NaiveEE:
         w = self.p["embed"].T if self.cfg.tie_word_embeddings else self.p["lm_head"]
         return self.norm(h, self.p["final_norm"]) @ w
 
-    def generate(self, prompt, exit_layers, thresholds, method, max_new):
+    def generate(self, prompt, exit_layers, thresholds, method, max_new, candidates=None):
+        """`candidates`: token ids the ramps score (softmax and argmax over them only)."""
         L = self.cfg.num_layers
         H = []  # H[p][l] = input of layer l at position p
         exit_of = []  # layers completed at exit (L = full)
@@ -106,13 +107,15 @@ class NaiveEE:
                 if l + 1 in exit_layers and l + 1 < L:
                     r = exit_layers.index(l + 1)
                     z = self.logits(H[p][l + 1])
+                    ids = np.arange(len(z)) if candidates is None else np.asarray(candidates)
+                    z = z[ids]
                     prob = np.exp(z - z.max())
                     prob /= prob.sum()
                     top = np.sort(prob)[::-1]
                     conf = top[0] - top[1]
                     margins.append(abs(conf - thresholds[r]))
                     if conf > thresholds[r]:
-                        tok, exit_of[p] = int(np.argmax(z)), l + 1
+                        tok, exit_of[p] = int(ids[np.argmax(z)]), l + 1
                         break
             if tok is None:
                 tok = int(np.argmax(self.logits(H[p][L])))

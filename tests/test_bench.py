@@ -88,3 +88,16 @@ def test_bench_cli_end_to_end(tmp_path, capsys, default_model):
         assert os.path.getsize(out / png) > 1000
     trace = json.loads((out / "exit_trace.json").read_text())
     assert sum(trace["fractions"]) == pytest.approx(1.0)
+
+
+def test_prefix_agreement_against_greedy_reference(tiny_llama):
+    """The full model's own greedy output agrees 100%; one wrong last token costs exactly 1/n."""
+    from drex_jax.bench.quality import prefix_agreement
+    from tests.reference import greedy_reference
+
+    cfg, params = tiny_llama
+    prompts = [[3, 5, 7], [11, 2, 9, 4, 1]]
+    outs = [greedy_reference(params, cfg, p, 6) for p in prompts]
+    assert prefix_agreement(params, cfg, prompts, outs) == 1.0
+    bad = [outs[0], outs[1][:-1] + [(outs[1][-1] + 1) % cfg.vocab_size]]
+    assert prefix_agreement(params, cfg, prompts, bad) == 11 / 12

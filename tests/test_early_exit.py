@@ -71,6 +71,51 @@ def test_methods_differ(tiny4):
     assert len({tuple(v) for v in outs.values()}) >= 2, outs
 
 
+@pytest.mark.parametrize("trained", [False, True])
+def test_ramp_vocabulary_scores_those_columns(tiny4, trained):
+    """Ramp logits over candidate ids are exactly those columns of the full ramp logits."""
+    cfg, params = tiny4
+    heads = init_ramp_heads(params, cfg, 1, 8, jax.random.key(0)) if trained else None
+    if trained:  # move away from the shared-head init
+        heads["up"] = jax.random.normal(jax.random.key(2), heads["up"].shape) * 0.1
+    h = jax.random.normal(jax.random.key(1), (3, cfg.hidden_size))
+    ids = jnp.asarray([17, 3, 40, 0, 9], jnp.int32)
+    full = ramp_logits(params, cfg, h, heads, 0)
+    np.testing.assert_allclose(ramp_logits(params, cfg, h, heads, 0, ids), np.asarray(full)[:, ids], atol=1e-5)
+
+
+def test_ramp_vocabulary_reference_matches_naive(tiny4):
+    """reference_generate with a ramp vocabulary against the float64 naive decoder scoring the
+    same candidates; exited tokens come from the candidates, full-depth ones need not."""
+    cfg, params = tiny4
+    prompt, layers, thr = [5, 7, 11, 13, 2], (1, 2, 3), (0.75, 0.72, 0.7)
+    cands = np.random.default_rng(3).permutation(cfg.vocab_size)[:12].astype(np.int32)
+    ee = EEConfig(layers, thr, missing_kv="propagate", ramp_vocab=12)
+    with jax.default_matmul_precision("highest"):
+        out = reference_generate(params, cfg, prompt, ee, 16, ramp_tokens=cands)
+    want, want_exits, margin = NaiveEE(params, cfg).generate(prompt, list(layers), thr, "propagate", 16, cands)
+    assert margin > 1e-4, "a confidence sits on a threshold; pick other thresholds"
+    assert out.token_ids == want and out.exit_layers == want_exits
+    exited = [t for t, e in zip(out.token_ids, out.exit_layers) if e < cfg.num_layers]
+    assert exited and set(exited) <= set(cands.tolist())
+    assert cfg.num_layers in out.exit_layers[1:]
+
+
+@pytest.mark.parametrize("ramp_vocab", [0, 1, True, 2.5, 62])
+def test_bad_ramp_vocab(ramp_vocab):
+    with pytest.raises(ValueError, match=r"ramp_vocab must be None or an integer in \[2, 61\]"):
+        EEConfig((1,), ramp_vocab=ramp_vocab).validate(4, 61)
+
+
+def test_ramp_vocab_needs_valid_tokens(tiny4):
+    cfg, params = tiny4
+    for tokens, match in [(None, "needs the candidate token ids"), ([1, 2], "only 2 ranked token ids"),
+                          ([1, 2, 2, 5], "distinct ids"), ([1, 2, 3, cfg.vocab_size], "distinct ids"),
+                          ([[1, 2, 3, 4]], "1-D array")]:
+        with pytest.raises(ValueError, match=match):
+            reference_generate(params, cfg, [1, 2], EEConfig((1,), 0.5, ramp_vocab=4), 3, ramp_tokens=tokens)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(exit_layers=(0,)), r"must be integers in \[1, 4\]"),
     (dict(exit_layers=(2, 9)), r"must be integers in \[1, 4\]"),

@@ -50,6 +50,50 @@ def test_rebatching_matches_reference_and_eager_does_not(tiny4, method):
     assert lazy.ee_stats.involuntary_stays > 0 and lazy.ee_stats.involuntary_exits == 0
 
 
+def test_rebatching_with_ramp_vocabulary_matches_reference(tiny4):
+    """Ramps scoring 12 candidate ids: the batched engine equals the unbatched reference token
+    for token and exit layer for exit layer, and every early exit emits a candidate."""
+    cfg, params = tiny4
+    cands = np.random.default_rng(3).permutation(cfg.vocab_size)[:12].astype(np.int32)
+    ee = EEConfig(EE_LAYERS, (0.75, 0.72, 0.55), missing_kv="propagate", ramp_vocab=12)
+    prompts = _prompts(10, seed=4)
+    gc = GenerationConfig(max_new_tokens=14)
+    refs = [reference_generate(params, cfg, p, ee, 14, ramp_tokens=cands) for p in prompts]
+    eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=False,
+                             ramp_tokens=cands)
+    got = _serve_with_arrivals(eng, prompts, gc)
+    for i, ref in enumerate(refs):
+        assert got[i].token_ids == ref.token_ids, f"request {i}"
+        assert got[i].exit_layers == ref.exit_layers, f"request {i}"
+    exited = [t for g in got.values() for t, e in zip(g.token_ids, g.exit_layers) if e < cfg.num_layers]
+    assert len(exited) > 5 and set(exited) <= set(cands.tolist())
+    assert min(eng.ee_stats.exits_per_ramp) > 0, eng.ee_stats.exits_per_ramp
+    with pytest.raises(ValueError, match="needs the candidate token ids"):
+        Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching")
+
+
+def test_art_profiles_per_shape_without_compile_time(tiny4):
+    """ART keys its timings by (batch bucket, page-width bucket) and each decision is judged
+    against the fused full step of the same shape; timings exclude compilation."""
+    cfg, params = tiny4
+    eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=EEConfig(EE_LAYERS, EE_THR),
+                             policy="rebatching", art=True)
+    eng.generate(_prompts(8, seed=2), GenerationConfig(max_new_tokens=12))
+    art = eng._ee.art
+    assert art.full_s and all(isinstance(k, tuple) and len(k) == 2 for k in art.full_s)
+    assert {k for _, k in art.segment_s} <= set(art.full_s) | {k for _, k in art.segment_s}
+    for d in art.decisions:
+        assert d.bucket in art.full_s
+    # a call that compiles reports no timing; the same call again does
+    from drex_jax.kv.pool import block_table_array
+    from drex_jax.sampling import SamplingParams
+
+    pad = np.full(8, -1, np.int32)
+    arrays = (np.full(8, 8, np.int32), pad, pad, block_table_array([[]] * 8, 96), SamplingParams.build([], 8))
+    assert eng._ee._run_layers(arrays, 0, 2, 0, False)[2] is None
+    assert eng._ee._run_layers(arrays, 0, 2, 0, False)[2] > 0
+
+
 def test_art_stays_are_counted(tiny4):
     cfg, params = tiny4
     ee = EEConfig(EE_LAYERS, EE_THR)

@@ -53,3 +53,18 @@ def test_bad_train_config(tiny_llama):
         TrainExitsConfig(exit_layers=(1, 3)).validate(cfg)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         TrainExitsConfig(exit_layers=(1,), steps=0).validate(cfg)
+
+
+def test_token_ranking_counts_full_model_argmax(tiny_llama):
+    """Ranking = token ids by how often the full model's greedy token is each id (numpy count)."""
+    from drex_jax.train_exits import token_ranking
+
+    cfg, params = tiny_llama
+    h = np.random.default_rng(1).normal(size=(300, cfg.hidden_size)).astype(np.float32)
+    w = np.asarray(params["embed"]).T if cfg.tie_word_embeddings else np.asarray(params["lm_head"])
+    normed = h / np.sqrt((h * h).mean(-1, keepdims=True) + cfg.rms_norm_eps) * np.asarray(params["final_norm"])
+    counts = np.bincount((normed @ w).argmax(-1), minlength=cfg.vocab_size)
+    got = token_ranking(params, cfg, h, chunk=64)
+    assert sorted(got.tolist()) == list(range(cfg.vocab_size))
+    np.testing.assert_array_equal(counts[got], np.sort(counts)[::-1])  # most frequent first
+    np.testing.assert_array_equal(got, np.argsort(-counts, kind="stable"))

@@ -16,6 +16,31 @@ def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> fl
     return hit / max(sum(len(r) for r in references), 1)
 
 
+def prefix_agreement(params, cfg, prompts: list[list[int]], outputs: list[list[int]]) -> float:
+    """Share of generated tokens equal to the full model's greedy token for the same prefix
+    (prompt + the tokens generated before it), over all requests. Unlike `token_agreement`,
+    one early divergence does not count every later token as wrong: each token is judged
+    on the text actually produced before it. Full model = a dense fp32 forward, no cache."""
+    import jax
+    import jax.numpy as jnp
+
+    from drex_jax.kv.pool import bucket
+    from drex_jax.model.decoder import forward
+
+    greedy = jax.jit(lambda p, t: jnp.argmax(forward(p, cfg, t), -1))
+    hit = total = 0
+    for prompt, out in zip(prompts, outputs):
+        if not out:
+            continue
+        seq = list(prompt) + list(out[:-1])
+        toks = np.zeros((1, bucket(len(seq), 64)), np.int32)  # right padding cannot affect a causal prefix
+        toks[0, : len(seq)] = seq
+        pred = np.asarray(greedy(params, toks))[0, len(prompt) - 1: len(seq)]
+        hit += int(np.sum(pred == np.asarray(out)))
+        total += len(out)
+    return hit / max(total, 1)
+
+
 def rouge_l(texts: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F-measure (`rouge-score`)."""
     from rouge_score import rouge_scorer

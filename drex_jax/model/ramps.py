@@ -5,6 +5,11 @@ model's frozen LM head: `logits = W_lm . rmsnorm(h + (h @ down) @ up)`. With `up
 the norm weight copied from the final norm it starts exactly as the shared head, so
 training can only improve on it; it adds `2*H*rank + H` params per ramp (74k at H=576,
 rank 64) and reuses the 28M-param vocabulary projection instead of a new one.
+
+Ramp vocabulary (`ramp_tokens`, [K] int32 ids): a ramp may score only K candidate tokens
+(the model's most frequent outputs) instead of the whole vocabulary. Its confidence is then
+the softmax over those K, and an exiting token is one of them. On SmolLM2 the 49,152-word
+head costs as much as ~8 decoder layers per row; K = 1024 costs ~0.2 of one.
 """
 from __future__ import annotations
 
@@ -40,14 +45,32 @@ def init_ramp_heads(params: dict, cfg: ModelConfig, num_ramps: int, rank: int, k
     }
 
 
-def ramp_logits(params: dict, cfg: ModelConfig, h: jax.Array, heads: dict | None, ramp: int | jax.Array):
-    """Logits [..., V] of ramp `ramp` (index into the ramp list) for hidden states h [..., H].
+def vocab_projection(params: dict, cfg: ModelConfig, ramp_tokens: jax.Array | None = None) -> jax.Array:
+    """The LM head's [H, V] matrix, or only its columns `ramp_tokens` [K] -> [H, K]."""
+    if cfg.tie_word_embeddings:
+        rows = params["embed"] if ramp_tokens is None else params["embed"][ramp_tokens]  # row gather: cheap
+        return rows.T
+    return params["lm_head"] if ramp_tokens is None else params["lm_head"][:, ramp_tokens]
+
+
+def ramp_logits(params: dict, cfg: ModelConfig, h: jax.Array, heads: dict | None, ramp: int | jax.Array,
+                ramp_tokens: jax.Array | None = None):
+    """Logits [..., V] of ramp `ramp` (index into the ramp list) for hidden states h [..., H];
+    [..., K] over `ramp_tokens` [K] when given (index k means token ramp_tokens[k]).
     heads=None means the shared head (final norm + LM head)."""
+    w = vocab_projection(params, cfg, ramp_tokens)
     if heads is None:
-        return lm_head(params, cfg, h)
+        if ramp_tokens is None:
+            return lm_head(params, cfg, h)
+        normed = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+        return jnp.einsum("...h,hv->...v", normed, w, preferred_element_type=jnp.float32)
     hd = jax.tree.map(lambda a: a[ramp], heads)
     h32 = h.astype(jnp.float32)
     h2 = h32 + (h32 @ hd["down"]) @ hd["up"]
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     return jnp.einsum("...h,hv->...v", rms_norm(h2, hd["norm"], cfg.rms_norm_eps).astype(w.dtype), w,
                       preferred_element_type=jnp.float32)
+
+
+def to_token_ids(index: jax.Array, ramp_tokens: jax.Array | None) -> jax.Array:
+    """Argmax/sample indices into ramp logits -> vocabulary ids."""
+    return index if ramp_tokens is None else ramp_tokens[index].astype(index.dtype)

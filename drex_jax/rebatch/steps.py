@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import embed, layer_at, lm_head, qkv
 from drex_jax.model.paged import paged_layers
-from drex_jax.model.ramps import confidence, ramp_logits
+from drex_jax.model.ramps import confidence, ramp_logits, to_token_ids
 from drex_jax.sampling import SamplingParams, sample
 
 
@@ -34,6 +34,7 @@ def segment_step(
     positions: jax.Array,
     block_tables: jax.Array,
     sampling: SamplingParams,
+    ramp_tokens: jax.Array | None = None,
     *,
     cfg: ModelConfig,
     start: int,
@@ -46,7 +47,8 @@ def segment_step(
 
     start == 0 embeds `tokens` [B]; otherwise rows resume from `hidden[slot_ids]`. The output
     hidden state is written back to `hidden[slot_ids]`. Returns (token [B], confidence [B],
-    pool, hidden); confidence is +inf after the final layer.
+    pool, hidden); confidence is +inf after the final layer. `ramp_tokens` [K]: the ramp scores
+    only these candidates (None = whole vocabulary); the final LM head always scores all.
     """
     x = embed(params, tokens) if start == 0 else hidden[slot_ids]
     x, pool = paged_layers(params, cfg, pool, x[:, None], positions[:, None], block_tables, start, end)
@@ -56,8 +58,9 @@ def segment_step(
         logits = lm_head(params, cfg, x)
         conf = jnp.full(x.shape[:1], jnp.inf, jnp.float32)
     else:
-        logits = ramp_logits(params, cfg, x, heads, ramp)
+        logits = ramp_logits(params, cfg, x, heads, ramp, ramp_tokens)
         conf = confidence(logits, measure)
+        return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), conf, pool, hidden
     return sample(logits, sampling, do_sample), conf, pool, hidden
 
 

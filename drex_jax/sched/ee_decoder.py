@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
 from drex_jax.kv.pool import block_table_array, bucket, pages_needed
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
@@ -45,9 +46,12 @@ class EEStats:
 
 class EEDecoder:
     def __init__(self, engine, ee: EEConfig, policy: str, heads: dict | None, flush: FlushConfig,
-                 art: bool = True, exit_trace=None):
+                 art: bool = True, exit_trace=None, ramp_tokens=None):
+        from drex_jax.reference import check_ramp_tokens
+
         cfg = engine.cfg
-        ee.validate(cfg.num_layers)
+        ee.validate(cfg.num_layers, cfg.vocab_size)
+        self.ramp_tokens = check_ramp_tokens(ee, cfg, ramp_tokens)  # [K] candidate ids or None
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
         if ee.missing_kv == "recompute" and policy != "off":
@@ -68,6 +72,8 @@ class EEDecoder:
             from drex_jax.sharding import replicated
 
             self.hidden = jax.device_put(self.hidden, replicated(engine.mesh))
+            if self.ramp_tokens is not None:
+                self.ramp_tokens = jax.device_put(self.ramp_tokens, replicated(engine.mesh))
         self.art = ARTProfiler(self.num_segments)
         self.exit_trace = exit_trace  # ExitTrace: replayed exit decisions (scale benchmarks) or None
         self.reset_stats()
@@ -101,28 +107,44 @@ class EEDecoder:
         return slot_ids, tokens, positions, bt, sp
 
     def _run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
-        """segment_step on batch `arrays`; returns (tokens, confidences, seconds)."""
+        """segment_step on batch `arrays`; returns (tokens, confidences, seconds or None when the
+        call compiled)."""
         slot_ids, tokens, positions, bt, sp = arrays
         eng = self.eng
+        compiles = compile_counter.count()
         (tok, conf, eng.pool, self.hidden), dt = self._call(
             segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, tokens, positions, bt, sp,
+            self.ramp_tokens,
             cfg=eng.cfg, start=start, end=end, ramp=ramp, measure=self.ee.confidence, do_sample=do_sample)
+        if compile_counter.count() != compiles:  # a first call's time is mostly compilation: not a timing
+            dt = None
         return np.asarray(tok), np.asarray(conf), dt
 
     def _segment(self, s: int, arrays, do_sample: bool):
         last = s == self.num_segments - 1
         tok, conf, dt = self._run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
-        self.art.record_segment(s, len(arrays[0]), dt)
+        if dt is not None:
+            self.art.record_segment(s, self._art_key(arrays), dt)
         self.stats.segment_calls += 1
         return tok, conf
 
-    def _profile_full(self, B: int, do_sample: bool) -> None:
-        """Time a fused full-depth step on an all-padding batch of bucket B (writes nothing)."""
+    @staticmethod
+    def _art_key(arrays) -> tuple[int, int]:
+        """ART profiles per (batch bucket, page-width bucket): attention over the pages costs as
+        much as the layers' matmuls here, so times at one width say little about another."""
+        return len(arrays[0]), arrays[3].shape[1]
+
+    def _profile_full(self, key: tuple[int, int], do_sample: bool) -> None:
+        """Time a fused full-depth step on an all-padding batch of shape `key` (writes nothing);
+        a call that compiles is repeated, so the profile holds run time only."""
+        B, width = key
         pad = np.full(B, -1, np.int32)
-        arrays = (np.full(B, self.eng.max_slots, np.int32), pad, pad, block_table_array([[]] * B, 1),
+        arrays = (np.full(B, self.eng.max_slots, np.int32), pad, pad, block_table_array([[]] * B, width),
                   SamplingParams.build([], B))
-        _, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
-        self.art.record_full(B, dt)
+        dt = None
+        while dt is None:
+            _, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
+        self.art.record_full(key, dt)
 
     def warmup_shapes(self, max_batch: int, max_width: int) -> list[tuple]:
         """Every (kind, ramp/segment, batch bucket, page-width bucket) this decoder can run."""
@@ -132,12 +154,10 @@ class EEDecoder:
         for b in _pow2_upto(max_batch):
             for w in _pow2_upto(max_width):
                 shapes += [("segment", s, b, w) for s in range(self.num_segments)]
-                if self.policy == "off":
-                    shapes.append(("full", -1, b, w))
-                elif self.policy != "latency-only":
+                if self.policy == "off" or (self.use_art and self.policy == "rebatching"):
+                    shapes.append(("full", -1, b, w))  # ART profiles the fused step per shape
+                if self.policy not in ("off", "latency-only"):
                     shapes += [("fill", s, b, w) for s in range(self.num_segments - 1)]
-            if self.use_art and self.policy == "rebatching":
-                shapes.append(("full", -1, b, 1))
         return shapes
 
     def warmup_one(self, kind: str, s: int, B: int, width: int, do_sample: bool) -> None:
@@ -231,9 +251,9 @@ class EEDecoder:
         do_sample = any(r.config.temperature > 0 for r in reqs)
         while True:
             arrays = self._batch_arrays(reqs)
-            B = len(arrays[0])
-            if self.use_art and self.art.needs_full_profile(B):
-                self._profile_full(B, do_sample)
+            key = self._art_key(arrays)
+            if self.use_art and self.art.needs_full_profile(key):
+                self._profile_full(key, do_sample)
             tok, conf = self._segment(s, arrays, do_sample)
             n = len(reqs)
             if s == self.num_segments - 1:
@@ -242,7 +262,7 @@ class EEDecoder:
                     self._finalize(r, int(tok[i]), s, events)
                 return
             wants = self._wants_exit(s, conf, reqs)
-            split = wants.any() and (not self.use_art or self.art.decide(s, B, int(wants.sum()), n))
+            split = wants.any() and (not self.use_art or self.art.decide(s, key, int(wants.sum()), n))
             if not split:
                 self.stats.involuntary_stays += int(wants.sum())
                 self.stats.art_declined += int(wants.any())
