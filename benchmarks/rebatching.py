@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.9])
     ap.add_argument("--exit-layers", type=int, nargs="+", default=None, help="subset of the trained ramps")
-    ap.add_argument("--policies", nargs="+", default=["off", "lazy", "eager", "rebatching"])
+    ap.add_argument("--policies", nargs="+", default=["off", "lazy", "eager", "rebatching", "rebatching:noart"],
+                    help="policy names; 'rebatching:noart' = rebatching with ART off (split at every ramp)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--head", default="trained", choices=["trained", "shared"])
     ap.add_argument("--ramp-vocab", type=int, default=1024, help="candidate tokens per ramp (0 = whole vocabulary)")
@@ -55,9 +56,12 @@ def main(argv=None) -> int:
     print(f"batch {args.batch}, {args.new_tokens} new tokens, ramps {list(layers)}, thresholds {list(thr)}, "
           f"ramp vocabulary {args.ramp_vocab or 'full'}, missing KV {args.missing_kv}", flush=True)
     for policy in args.policies:
-        eng = Engine(model, max_slots=args.batch, max_seq_len=1024, ee=ee, policy=policy)
+        name, _, variant = policy.partition(":")
+        eng = Engine(model, max_slots=args.batch, max_seq_len=1024, ee=ee, policy=name, art=variant != "noart")
         encoded = [eng.encode(p, chat) for p, chat in work]
         eng.generate(encoded, gc)  # warm-up (compiles)
+        if eng._ee is not None and eng._ee.use_art and name == "rebatching":
+            eng._ee.profile_art()  # fused-step times for the shapes the warm-up met (ART's t_f)
         walls = []
         for _ in range(args.repeats):
             eng._ee.reset_stats()
@@ -90,17 +94,19 @@ def main(argv=None) -> int:
               f"{r['involuntary_exits']} | {r['involuntary_stays']} | {100 * r['prefix_agreement']:.1f}% | "
               f"{100 * r['agreement_vs_off']:.1f}% | {100 * r['host_gap_share']:.1f}% |")
     by = {r["policy"]: r for r in rows}
-    if "rebatching" in by:
-        reb = by["rebatching"]
-        base = max((by[p]["tok_s"] for p in ("off", "lazy") if p in by), default=None)
+    base = max((by[p]["tok_s"] for p in ("off", "lazy") if p in by), default=None)
+    for name in ("rebatching", "rebatching:noart"):
+        if name not in by:
+            continue
+        reb = by[name]
+        print(f"\n{name}:")
         if base:
-            print(f"\nrebatching / best(off, lazy) = {reb['tok_s'] / base:.2f}x")
+            print(f"  tok/s / best(off, lazy) = {reb['tok_s'] / base:.2f}x")
         if "off" in by:
             ideal = L / reb["mean_depth"]
             got = reb["tok_s"] / by["off"]["tok_s"]
-            print(f"ideal speed-up L/mean depth = {ideal:.2f}x; achieved vs off = {got:.2f}x "
-                  f"({got / ideal:.2f} of ideal)")
-        print(f"ART hindsight accuracy: {reb['art_hindsight']} over {reb['art_judged']} decisions; "
+            print(f"  ideal speed-up L/mean depth = {ideal:.2f}x; achieved vs off = {got:.2f}x ({got / ideal:.2f} of ideal)")
+        print(f"  ART hindsight accuracy: {reb['art_hindsight']} over {reb['art_judged']} decisions; "
               f"declined {reb['art_declined']}; flushes {reb['flushes']}")
     if args.json:
         with open(args.json, "w") as f:

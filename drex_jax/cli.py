@@ -83,7 +83,7 @@ def _early_exit_kwargs(args) -> dict:
             print("[drex_jax] no trained exit heads found (run `drex-jax train-exits`); using the shared head, "
                   "which is much less accurate at shallow layers", file=sys.stderr)
     ee = EEConfig(tuple(args.exit_layers), tuple(args.threshold) if len(args.threshold) > 1 else args.threshold[0],
-                  confidence=args.confidence, missing_kv=args.missing_kv, head=head)
+                  confidence=args.confidence, missing_kv=args.missing_kv, head=head, ramp_vocab=args.ramp_vocab)
     return {"ee": ee, "policy": args.policy}
 
 
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default propagate: measured better than copy on SmolLM2 (BENCHMARKS.md)")
     e.add_argument("--head", default=None, choices=["shared", "trained"],
                    help="default: trained if MODEL/exit_heads exists, else shared")
+    e.add_argument("--ramp-vocab", type=int, default=None,
+                   help="ramps score only this many candidate tokens (the most frequent outputs, ranked by "
+                        "train-exits): much cheaper ramps; default: the whole vocabulary")
     g.set_defaults(fn=_generate)
 
     from drex_jax.train_exits import TrainExitsConfig

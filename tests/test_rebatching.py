@@ -78,12 +78,20 @@ def test_art_profiles_per_shape_without_compile_time(tiny4):
     cfg, params = tiny4
     eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=EEConfig(EE_LAYERS, EE_THR),
                              policy="rebatching", art=True)
+    from drex_jax import compile_counter
+
     eng.generate(_prompts(8, seed=2), GenerationConfig(max_new_tokens=12))
     art = eng._ee.art
-    assert art.full_s and all(isinstance(k, tuple) and len(k) == 2 for k in art.full_s)
-    assert {k for _, k in art.segment_s} <= set(art.full_s) | {k for _, k in art.segment_s}
-    for d in art.decisions:
-        assert d.bucket in art.full_s
+    # serving never compiles a full-depth program to profile: unknown shapes split and are timed
+    assert not art.full_s and all(d.split and d.predicted_profit_s is None for d in art.decisions)
+    seen = {k for _, k in art.segment_s}
+    assert seen and all(isinstance(k, tuple) and len(k) == 2 for k in seen)
+    assert eng._ee.profile_art() == len(seen) and set(art.full_s) == seen
+    before = compile_counter.count()
+    eng.generate(_prompts(8, seed=2), GenerationConfig(max_new_tokens=12))  # same shapes again
+    assert compile_counter.count() == before
+    judged = [d for d in art.decisions if d.predicted_profit_s is not None]
+    assert judged and all(d.bucket in art.full_s for d in judged)
     # a call that compiles reports no timing; the same call again does
     from drex_jax.kv.pool import block_table_array
     from drex_jax.sampling import SamplingParams
@@ -98,8 +106,11 @@ def test_art_stays_are_counted(tiny4):
     cfg, params = tiny4
     ee = EEConfig(EE_LAYERS, EE_THR)
     eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=True)
+    eng.generate(_prompts(6, seed=1), GenerationConfig(max_new_tokens=10))  # time the segments
     # make splitting look unprofitable: a fused full step far cheaper than its segments
     eng._ee.art.record_full = lambda bucket, seconds: eng._ee.art.full_s.__setitem__(bucket, 1e-9)
+    eng._ee.profile_art()
+    eng._ee.reset_stats()
     eng.generate(_prompts(6, seed=1), GenerationConfig(max_new_tokens=10))
     st = eng.ee_stats
     assert st.involuntary_exits == 0

@@ -45,6 +45,7 @@ class ARTProfiler:
         self.full_s[bucket] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
 
     def needs_full_profile(self, bucket: tuple) -> bool:
+        """Unknown, or due for its periodic refresh."""
         return bucket not in self.full_s or (self.num_decisions + 1) % self.refresh_every == 0
 
     def profit(self, ramp: int, bucket: tuple, exit_fraction: float) -> float | None:

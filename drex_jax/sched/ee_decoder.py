@@ -134,6 +134,14 @@ class EEDecoder:
         much as the layers' matmuls here, so times at one width say little about another."""
         return len(arrays[0]), arrays[3].shape[1]
 
+    def profile_art(self) -> int:
+        """Time the fused full-depth step for every shape whose segments ART has timed but whose
+        full step it has not (compiling those programs now, outside serving). Returns how many."""
+        keys = sorted({k for _, k in self.art.segment_s} - set(self.art.full_s))
+        for key in keys:
+            self._profile_full(key, False)
+        return len(keys)
+
     def _profile_full(self, key: tuple[int, int], do_sample: bool) -> None:
         """Time a fused full-depth step on an all-padding batch of shape `key` (writes nothing);
         a call that compiles is repeated, so the profile holds run time only."""
@@ -169,6 +177,8 @@ class EEDecoder:
         if kind == "segment":
             last = s == self.num_segments - 1
             self._run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
+        elif kind == "full" and self.use_art and self.policy == "rebatching" and not do_sample:
+            self._profile_full((B, width), do_sample)
         elif kind == "full":
             self._run_layers(arrays, 0, eng.cfg.num_layers, -1, do_sample)
         elif not do_sample:  # fills do not sample
@@ -252,7 +262,10 @@ class EEDecoder:
         while True:
             arrays = self._batch_arrays(reqs)
             key = self._art_key(arrays)
-            if self.use_art and self.art.needs_full_profile(key):
+            # refresh a known shape's fused-step time now and then; an unknown shape is not profiled
+            # here (that would compile a full-depth program mid-serving): ART splits and measures
+            # its segments until `profile_art()` (warmup does it) times the fused step
+            if self.use_art and key in self.art.full_s and self.art.needs_full_profile(key):
                 self._profile_full(key, do_sample)
             tok, conf = self._segment(s, arrays, do_sample)
             n = len(reqs)
