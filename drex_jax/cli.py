@@ -141,7 +141,8 @@ def _bench(args) -> int:
             workloads=tuple(args.workloads), num_prompts=args.num_prompts, new_tokens=args.new_tokens,
             policies=tuple(args.policies or BenchConfig.policies), thresholds=tuple(args.thresholds),
             batch_sizes=tuple(args.batch_sizes), online_rate=args.rate, sla_ttft_ms=args.sla_ttft_ms,
-            sla_tpot_ms=args.sla_tpot_ms, hf=not args.no_hf, missing_kv=args.missing_kv, out_dir=args.out)
+            sla_tpot_ms=args.sla_tpot_ms, hf=not args.no_hf, missing_kv=args.missing_kv, out_dir=args.out,
+            ramp_vocab=args.ramp_vocab)
         results, meta = run_suite(bc, args.model)
         with open(os.path.join(args.out, "results.md")) as f:
             md = f.read()
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sla-ttft-ms", type=float, default=bd.sla_ttft_ms)
     b.add_argument("--sla-tpot-ms", type=float, default=bd.sla_tpot_ms)
     b.add_argument("--missing-kv", default=bd.missing_kv, choices=["copy", "propagate"])
+    b.add_argument("--ramp-vocab", type=int, default=None,
+                   help="candidate tokens per ramp (needs the trained heads' ranking); default: whole vocabulary")
     b.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     b.add_argument("--out", default=bd.out_dir, help="output dir: results.json, results.md, PNG plots")
     s = b.add_argument_group("GPU scale mode")

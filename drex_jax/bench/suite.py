@@ -45,6 +45,7 @@ class BenchConfig:
     sla_tpot_ms: float = 250.0
     hf: bool = True
     missing_kv: str = "propagate"
+    ramp_vocab: int | None = None  # candidate tokens per ramp (EEConfig.ramp_vocab); None = whole vocabulary
     out_dir: str = "bench_results"
     seed: int = 0
 
@@ -74,6 +75,12 @@ def machine() -> dict:
     return {"device": d.device_kind, "backend": jax.default_backend(), "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
             "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+
+
+def _profile_art(engine) -> None:
+    """After a warm-up run: ART's fused-step times for the shapes it met (compiled now, untimed)."""
+    if engine._ee is not None and engine._ee.policy == "rebatching" and engine._ee.use_art:
+        engine._ee.profile_art()
 
 
 def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) -> tuple[list[RunResult], dict]:
@@ -106,9 +113,10 @@ def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) 
     results: list[RunResult] = []
 
     def engine(policy, thr, slots, max_len):
-        ee = None if policy == "off" else EEConfig(exit_layers, thr, missing_kv=bc.missing_kv, head=head)
+        ee = None if policy == "off" else EEConfig(exit_layers, thr, missing_kv=bc.missing_kv, head=head,
+                                                   ramp_vocab=bc.ramp_vocab)
         return Engine.from_params(cfg, params, tok, max_slots=slots, max_seq_len=max_len, ee=ee, policy=policy,
-                                  exit_heads=heads_dir if head == "trained" else None)
+                                  exit_heads=heads_dir if head == "trained" or bc.ramp_vocab else None)
 
     encoder = engine("off", None, 1, 64)  # tokenizes exactly as serving does
     for wl_name in bc.workloads:
@@ -121,6 +129,7 @@ def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) 
             eng = engine(policy, thr, bc.num_prompts, max_len)
             label = policy if thr is None else f"{policy}@{thr}"
             run_engine(eng, encoded, gc, label=label, workload=wl_name, policy=policy, threshold=thr)  # warm-up
+            _profile_art(eng)
             r = run_engine(eng, encoded, gc, label=label, workload=wl_name, policy=policy, threshold=thr)
             bar.update(1)
             ref = r if ref is None else ref  # the first run of a workload is `off`
@@ -154,6 +163,7 @@ def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) 
             encoded = [encoder.encode(p, True) for p in wl.prompts[:b]]
             lab = f"batch{b} {policy}"
             run_engine(eng, encoded, gc, label=lab, workload="chat", policy=policy, threshold=thr)
+            _profile_art(eng)
             results.append(run_engine(eng, encoded, gc, label=lab, workload="chat", policy=policy, threshold=thr))
             bar.update(1)
             del eng
