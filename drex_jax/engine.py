@@ -29,6 +29,7 @@ from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import check_params
 from drex_jax.model.paged import decode_step, prefill_step
 from drex_jax.sampling import SamplingParams
+from drex_jax.sched.batch import decode_batch
 
 
 @dataclasses.dataclass
@@ -419,16 +420,9 @@ class Engine:
 
     def _decode(self, events: list[StreamEvent]) -> None:
         reqs = [self._running[s] for s in sorted(self._running)]
-        B = bucket(len(reqs))
-        width = bucket(max(pages_needed(r.cache_len + 1, self.page_size) for r in reqs))
-        tokens = np.zeros(B, np.int32)
-        positions = np.full(B, -1, np.int32)
-        for i, r in enumerate(reqs):
-            tokens[i], positions[i] = r.generated[-1], r.cache_len
-        bt = block_table_array([r.pages for r in reqs] + [[]] * (B - len(reqs)), width)
-        sp = SamplingParams.build([r.sampling_row() for r in reqs], B)
+        batch = decode_batch(reqs, self.page_size, self.max_slots)
         nxt, self.pool = decode_step(
-            self.params, self.pool, tokens, positions, bt, sp,
+            self.params, self.pool, batch.tokens, batch.positions, batch.block_tables, batch.sampling,
             cfg=self.cfg, do_sample=any(r.config.temperature > 0 for r in reqs),
         )
         nxt = np.asarray(nxt)

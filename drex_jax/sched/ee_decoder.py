@@ -16,11 +16,12 @@ import numpy as np
 
 from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
-from drex_jax.kv.pool import block_table_array, bucket, pages_needed
+from drex_jax.kv.pool import block_table_array
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
 from drex_jax.rebatch.steps import fill_copy, fill_propagate, segment_step
 from drex_jax.sampling import SamplingParams
 from drex_jax.sched.art import ARTProfiler
+from drex_jax.sched.batch import DecodeBatch, decode_batch
 from drex_jax.sched.flush import FlushConfig, flush_reason
 
 
@@ -94,17 +95,8 @@ class EEDecoder:
         self.stats.device_s += self._last_ready - t0
         return out, self._last_ready - t0
 
-    def _batch_arrays(self, reqs):
-        eng, B = self.eng, bucket(len(reqs))
-        width = bucket(max(pages_needed(r.cache_len + 1, eng.page_size) for r in reqs))
-        slot_ids = np.full(B, eng.max_slots, np.int32)  # padding: out of range
-        tokens = np.zeros(B, np.int32)
-        positions = np.full(B, -1, np.int32)
-        for i, r in enumerate(reqs):
-            slot_ids[i], tokens[i], positions[i] = r.slot, r.generated[-1], r.cache_len
-        bt = block_table_array([r.pages for r in reqs] + [[]] * (B - len(reqs)), width)
-        sp = SamplingParams.build([r.sampling_row() for r in reqs], B)
-        return slot_ids, tokens, positions, bt, sp
+    def _batch_arrays(self, reqs) -> DecodeBatch:
+        return decode_batch(reqs, self.eng.page_size, self.eng.max_slots)
 
     def _run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
         """segment_step on batch `arrays`; returns (tokens, confidences, seconds or None when the
