@@ -178,19 +178,22 @@ def test_deadline_flushes_buffers(tiny4):
     assert eng.ee_stats.flushes.get("deadline", 0) > 0
 
 
-def test_smollm2_rebatching_matches_reference(default_model):
+@pytest.mark.parametrize("ramp_vocab", [None, 1024])
+def test_smollm2_rebatching_matches_reference(default_model, ramp_vocab):
     cfg, params, tok = default_model
     from drex_jax.data.texts import PROMPTS
 
-    ee = EEConfig((8, 15, 22), (0.5, 0.4, 0.3))
-    eng = Engine.from_params(cfg, params, tok, max_slots=8, max_seq_len=256, ee=ee, art=False)
+    ramp_tokens = None if ramp_vocab is None else np.arange(ramp_vocab, dtype=np.int32)  # any fixed set
+    ee = EEConfig((8, 15, 22), (0.5, 0.4, 0.3), ramp_vocab=ramp_vocab)
+    eng = Engine.from_params(cfg, params, tok, max_slots=8, max_seq_len=256, ee=ee, art=False,
+                             ramp_tokens=ramp_tokens)
     prompts = [eng.encode(p, chat=True) for p in PROMPTS[:16]]
     gc = GenerationConfig(max_new_tokens=24)
     got = _serve_with_arrivals(eng, prompts, gc)
     eos = (tok.eos_token_id,)
     diverged = []
     for i, p in enumerate(prompts):
-        ref = reference_generate(params, cfg, p, ee, 24, stop_ids=eos)
+        ref = reference_generate(params, cfg, p, ee, 24, stop_ids=eos, ramp_tokens=ramp_tokens)
         if got[i].token_ids != ref.token_ids:
             diverged.append(i)
     st = eng.ee_stats
