@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         eng = Engine(model, max_slots=args.batch, max_seq_len=1024, ee=ee, policy=name, art=variant != "noart")
         encoded = [eng.encode(p, chat) for p, chat in work]
         eng.generate(encoded, gc)  # warm-up (compiles)
-        if eng._ee is not None and eng._ee.use_art and name == "rebatching":
+        if eng._ee is not None:
             eng._ee.profile_art()  # fused-step times for the shapes the warm-up met (ART's t_f)
         walls = []
         for _ in range(args.repeats):

@@ -179,13 +179,13 @@ class Engine:
             if policy not in (None, "off"):
                 raise ValueError(f"policy {policy!r} needs an early-exit config (ee=EEConfig(...))")
             return None
-        heads = exit_heads
+        heads = exit_heads if ee.head == "trained" else None  # a path: loaded below
         ramps = [e for e in ee.exit_layers if e < self.cfg.num_layers]
         if ee.ramp_vocab is not None and ramp_tokens is None and isinstance(exit_heads, str):
             from drex_jax.train_exits import load_token_ranking
 
             ramp_tokens = load_token_ranking(exit_heads)
-        if isinstance(exit_heads, str) and ee.head == "trained":
+        if isinstance(heads, str):
             from drex_jax.train_exits import load_heads
 
             heads, meta = load_heads(exit_heads)
@@ -195,8 +195,6 @@ class Engine:
                                  f"but exit_layers is {ramps}")
             rows = np.asarray([trained.index(e) for e in ramps])  # a subset of the trained ramps
             heads = jax.tree.map(lambda a: a[rows], heads)
-        if ee.head != "trained":
-            heads = None
         if heads is not None:
             heads = jax.tree.map(jnp.asarray, heads)
             if self.mesh is not None:

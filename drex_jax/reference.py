@@ -26,7 +26,7 @@ from drex_jax.kv.pool import bucket
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import attention, embed, layer_at, lm_head, qkv
 from drex_jax.model.paged import layer_loop
-from drex_jax.model.ramps import confidence, ramp_logits, to_token_ids
+from drex_jax.model.ramps import check_ramp_tokens, confidence, ramp_logits, to_token_ids
 
 
 @dataclasses.dataclass
@@ -84,24 +84,6 @@ def _propagate_fill(params, cache, h, pos, exit_layer, *, cfg: ModelConfig):
                 "v": c["v"].at[i, :, 0, pos].set(v[0, 0].astype(c["v"].dtype))}
 
     return jax.lax.fori_loop(exit_layer, cfg.num_layers, body, cache)
-
-
-def check_ramp_tokens(ee: EEConfig, cfg: ModelConfig, ramp_tokens) -> jax.Array | None:
-    """The ramp candidate ids as int32 [ee.ramp_vocab], checked; None when ee.ramp_vocab is None."""
-    if ee.ramp_vocab is None:
-        return None
-    if ramp_tokens is None:
-        raise ValueError(f"ramp_vocab={ee.ramp_vocab} needs the candidate token ids (a token ranking saved "
-                         "by `drex-jax train-exits`, or ramp_tokens=...)")
-    ids = np.asarray(ramp_tokens)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ramp_tokens must be a 1-D array of integer token ids, got shape {ids.shape} {ids.dtype}")
-    ids = ids[: ee.ramp_vocab]
-    if len(ids) != ee.ramp_vocab:
-        raise ValueError(f"ramp_vocab={ee.ramp_vocab} but only {len(ids)} ranked token ids are available")
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size or len(np.unique(ids)) != len(ids):
-        raise ValueError(f"ramp_tokens must be distinct ids in [0, {cfg.vocab_size})")
-    return jnp.asarray(ids, jnp.int32)
 
 
 def _pad_chunk(xs: list, ps: list[int]):

@@ -1,13 +1,18 @@
 """Output quality against the full model: token agreement, ROUGE-L, HumanEval pass@1."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from drex_jax.bench.workloads import HUMANEVAL_STOPS
+from drex_jax.kv.pool import bucket
+from drex_jax.model.decoder import forward
 
 
 def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> float:
@@ -16,18 +21,17 @@ def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> fl
     return hit / max(sum(len(r) for r in references), 1)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _greedy_tokens(params, tokens, *, cfg):
+    """Full-model greedy next token at every position: [B, T] -> [B, T]."""
+    return jnp.argmax(forward(params, cfg, tokens), -1)
+
+
 def prefix_agreement(params, cfg, prompts: list[list[int]], outputs: list[list[int]]) -> float:
     """Share of generated tokens equal to the full model's greedy token for the same prefix
     (prompt + the tokens generated before it), over all requests. Unlike `token_agreement`,
     one early divergence does not count every later token as wrong: each token is judged
     on the text actually produced before it. Full model = a dense fp32 forward, no cache."""
-    import jax
-    import jax.numpy as jnp
-
-    from drex_jax.kv.pool import bucket
-    from drex_jax.model.decoder import forward
-
-    greedy = jax.jit(lambda p, t: jnp.argmax(forward(p, cfg, t), -1))
     hit = total = 0
     for prompt, out in zip(prompts, outputs):
         if not out:
@@ -35,7 +39,7 @@ def prefix_agreement(params, cfg, prompts: list[list[int]], outputs: list[list[i
         seq = list(prompt) + list(out[:-1])
         toks = np.zeros((1, bucket(len(seq), 64)), np.int32)  # right padding cannot affect a causal prefix
         toks[0, : len(seq)] = seq
-        pred = np.asarray(greedy(params, toks))[0, len(prompt) - 1: len(seq)]
+        pred = np.asarray(_greedy_tokens(params, toks, cfg=cfg))[0, len(prompt) - 1: len(seq)]
         hit += int(np.sum(pred == np.asarray(out)))
         total += len(out)
     return hit / max(total, 1)

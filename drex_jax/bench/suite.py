@@ -77,12 +77,6 @@ def machine() -> dict:
             "jax": jax.__version__, "date": datetime.date.today().isoformat()}
 
 
-def _profile_art(engine) -> None:
-    """After a warm-up run: ART's fused-step times for the shapes it met (compiled now, untimed)."""
-    if engine._ee is not None and engine._ee.policy == "rebatching" and engine._ee.use_art:
-        engine._ee.profile_art()
-
-
 def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) -> tuple[list[RunResult], dict]:
     """Run the default-mode suite; write JSON, markdown and plots to `bc.out_dir`."""
     import jax
@@ -129,7 +123,8 @@ def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) 
             eng = engine(policy, thr, bc.num_prompts, max_len)
             label = policy if thr is None else f"{policy}@{thr}"
             run_engine(eng, encoded, gc, label=label, workload=wl_name, policy=policy, threshold=thr)  # warm-up
-            _profile_art(eng)
+            if eng._ee is not None:
+                eng._ee.profile_art()  # ART's fused-step times for the shapes the warm-up met
             r = run_engine(eng, encoded, gc, label=label, workload=wl_name, policy=policy, threshold=thr)
             bar.update(1)
             ref = r if ref is None else ref  # the first run of a workload is `off`
@@ -163,7 +158,8 @@ def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) 
             encoded = [encoder.encode(p, True) for p in wl.prompts[:b]]
             lab = f"batch{b} {policy}"
             run_engine(eng, encoded, gc, label=lab, workload="chat", policy=policy, threshold=thr)
-            _profile_art(eng)
+            if eng._ee is not None:
+                eng._ee.profile_art()  # ART's fused-step times for the shapes the warm-up met
             results.append(run_engine(eng, encoded, gc, label=lab, workload="chat", policy=policy, threshold=thr))
             bar.update(1)
             del eng

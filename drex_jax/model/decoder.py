@@ -97,11 +97,18 @@ def embed(params: dict, tokens: jax.Array) -> jax.Array:
     return jnp.take(params["embed"], tokens, axis=0)
 
 
-def lm_head(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """Final RMSNorm + LM head -> fp32 logits. x: [..., H] -> [..., V]."""
+def vocab_projection(params: dict, cfg: ModelConfig, columns: jax.Array | None = None) -> jax.Array:
+    """The LM head's [H, V] matrix, or only its columns (token ids [K]) -> [H, K]."""
+    if cfg.tie_word_embeddings:
+        rows = params["embed"] if columns is None else params["embed"][columns]  # row gather: cheap
+        return rows.T
+    return params["lm_head"] if columns is None else params["lm_head"][:, columns]
+
+
+def lm_head(params: dict, cfg: ModelConfig, x: jax.Array, columns: jax.Array | None = None) -> jax.Array:
+    """Final RMSNorm + LM head -> fp32 logits. x: [..., H] -> [..., V] ([..., K] for `columns` [K])."""
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,hv->...v", h, vocab_projection(params, cfg, columns), preferred_element_type=jnp.float32)
 
 
 def forward_hidden(

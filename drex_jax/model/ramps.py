@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from drex_jax.early_exit import EEConfig
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import lm_head, rms_norm
+from drex_jax.model.decoder import lm_head, rms_norm, vocab_projection
 
 
 def confidence(logits: jax.Array, measure: str) -> jax.Array:
@@ -45,30 +47,37 @@ def init_ramp_heads(params: dict, cfg: ModelConfig, num_ramps: int, rank: int, k
     }
 
 
-def vocab_projection(params: dict, cfg: ModelConfig, ramp_tokens: jax.Array | None = None) -> jax.Array:
-    """The LM head's [H, V] matrix, or only its columns `ramp_tokens` [K] -> [H, K]."""
-    if cfg.tie_word_embeddings:
-        rows = params["embed"] if ramp_tokens is None else params["embed"][ramp_tokens]  # row gather: cheap
-        return rows.T
-    return params["lm_head"] if ramp_tokens is None else params["lm_head"][:, ramp_tokens]
-
-
 def ramp_logits(params: dict, cfg: ModelConfig, h: jax.Array, heads: dict | None, ramp: int | jax.Array,
                 ramp_tokens: jax.Array | None = None):
     """Logits [..., V] of ramp `ramp` (index into the ramp list) for hidden states h [..., H];
     [..., K] over `ramp_tokens` [K] when given (index k means token ramp_tokens[k]).
     heads=None means the shared head (final norm + LM head)."""
-    w = vocab_projection(params, cfg, ramp_tokens)
     if heads is None:
-        if ramp_tokens is None:
-            return lm_head(params, cfg, h)
-        normed = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-        return jnp.einsum("...h,hv->...v", normed, w, preferred_element_type=jnp.float32)
+        return lm_head(params, cfg, h, ramp_tokens)
+    w = vocab_projection(params, cfg, ramp_tokens)
     hd = jax.tree.map(lambda a: a[ramp], heads)
     h32 = h.astype(jnp.float32)
     h2 = h32 + (h32 @ hd["down"]) @ hd["up"]
     return jnp.einsum("...h,hv->...v", rms_norm(h2, hd["norm"], cfg.rms_norm_eps).astype(w.dtype), w,
                       preferred_element_type=jnp.float32)
+
+
+def check_ramp_tokens(ee: EEConfig, cfg: ModelConfig, ramp_tokens) -> jax.Array | None:
+    """The ramp candidate ids as int32 [ee.ramp_vocab], checked; None when ee.ramp_vocab is None."""
+    if ee.ramp_vocab is None:
+        return None
+    if ramp_tokens is None:
+        raise ValueError(f"ramp_vocab={ee.ramp_vocab} needs the candidate token ids (a token ranking saved "
+                         "by `drex-jax train-exits`, or ramp_tokens=...)")
+    ids = np.asarray(ramp_tokens)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ramp_tokens must be a 1-D array of integer token ids, got shape {ids.shape} {ids.dtype}")
+    ids = ids[: ee.ramp_vocab]
+    if len(ids) != ee.ramp_vocab:
+        raise ValueError(f"ramp_vocab={ee.ramp_vocab} but only {len(ids)} ranked token ids are available")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size or len(np.unique(ids)) != len(ids):
+        raise ValueError(f"ramp_tokens must be distinct ids in [0, {cfg.vocab_size})")
+    return jnp.asarray(ids, jnp.int32)
 
 
 def to_token_ids(index: jax.Array, ramp_tokens: jax.Array | None) -> jax.Array:

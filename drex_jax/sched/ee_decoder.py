@@ -18,6 +18,7 @@ from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
 from drex_jax.kv.pool import block_table_array
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
+from drex_jax.model.ramps import check_ramp_tokens
 from drex_jax.rebatch.steps import fill_copy, fill_propagate, segment_step
 from drex_jax.sampling import SamplingParams
 from drex_jax.sched.art import ARTProfiler
@@ -48,8 +49,6 @@ class EEStats:
 class EEDecoder:
     def __init__(self, engine, ee: EEConfig, policy: str, heads: dict | None, flush: FlushConfig,
                  art: bool = True, exit_trace=None, ramp_tokens=None):
-        from drex_jax.reference import check_ramp_tokens
-
         cfg = engine.cfg
         ee.validate(cfg.num_layers, cfg.vocab_size)
         self.ramp_tokens = check_ramp_tokens(ee, cfg, ramp_tokens)  # [K] candidate ids or None
@@ -120,6 +119,12 @@ class EEDecoder:
         self.stats.segment_calls += 1
         return tok, conf
 
+    def _padding_batch(self, B: int, width: int) -> DecodeBatch:
+        """B padding rows at page width `width`: runs a program's shape, writes no KV or hidden row."""
+        pad = np.full(B, -1, np.int32)
+        return DecodeBatch(np.full(B, self.eng.max_slots, np.int32), pad, pad, block_table_array([[]] * B, width),
+                           SamplingParams.build([], B))
+
     @staticmethod
     def _art_key(arrays) -> tuple[int, int]:
         """ART profiles per (batch bucket, page-width bucket): attention over the pages costs as
@@ -128,7 +133,10 @@ class EEDecoder:
 
     def profile_art(self) -> int:
         """Time the fused full-depth step for every shape whose segments ART has timed but whose
-        full step it has not (compiling those programs now, outside serving). Returns how many."""
+        full step it has not (compiling those programs now, outside serving). Returns how many
+        (0 unless the policy is `rebatching` with ART on)."""
+        if not (self.use_art and self.policy == "rebatching"):
+            return 0
         keys = sorted({k for _, k in self.art.segment_s} - set(self.art.full_s))
         for key in keys:
             self._profile_full(key, False)
@@ -137,10 +145,7 @@ class EEDecoder:
     def _profile_full(self, key: tuple[int, int], do_sample: bool) -> None:
         """Time a fused full-depth step on an all-padding batch of shape `key` (writes nothing);
         a call that compiles is repeated, so the profile holds run time only."""
-        B, width = key
-        pad = np.full(B, -1, np.int32)
-        arrays = (np.full(B, self.eng.max_slots, np.int32), pad, pad, block_table_array([[]] * B, width),
-                  SamplingParams.build([], B))
+        arrays = self._padding_batch(*key)
         dt = None
         while dt is None:
             _, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
@@ -163,9 +168,7 @@ class EEDecoder:
     def warmup_one(self, kind: str, s: int, B: int, width: int, do_sample: bool) -> None:
         """Run one shape on an all-padding batch: no KV or hidden-state row is written."""
         eng = self.eng
-        pad = np.full(B, -1, np.int32)
-        arrays = (np.full(B, eng.max_slots, np.int32), pad, pad, block_table_array([[]] * B, width),
-                  SamplingParams.build([], B))
+        arrays = self._padding_batch(B, width)
         if kind == "segment":
             last = s == self.num_segments - 1
             self._run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
