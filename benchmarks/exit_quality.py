@@ -34,29 +34,23 @@ def main(argv=None) -> int:
     from rouge_score import rouge_scorer
 
     from convert.checkpoint import load_checkpoint
-    from drex_jax.data.texts import PROMPTS, humaneval_prompts
-    from drex_jax.default_model import default_model_path
+        from drex_jax.default_model import default_model_path
     from drex_jax.early_exit import EEConfig
     from drex_jax.model.ramps import confidence, ramp_logits
     from drex_jax.model.decoder import lm_head
     from drex_jax.reference import reference_generate
-    from drex_jax.train_exits import TrainExitsConfig, generate_sequences, hidden_dataset, load_heads
+    from drex_jax.exit_heads import find_heads, load_heads
+    from drex_jax.train_exits import generate_sequences, generated_hidden, held_out_prompts
 
     model = default_model_path()
     cfg, params, tok = load_checkpoint(model)
-    heads, meta = load_heads(args.heads or os.path.join(model, "exit_heads"))
+    heads, meta = load_heads(args.heads or find_heads(model, cfg, params), cfg, params)
     layers = tuple(meta["exit_layers"])
-    held_out = [(p, True) for p in PROMPTS] + [(p, False) for p in humaneval_prompts()[TrainExitsConfig().num_humaneval:][:20]]
+    held_out = held_out_prompts(20)
     t0 = time.perf_counter()
-    seqs = generate_sequences(params, cfg, tok, held_out, args.new_tokens, progress=False)
-    ramp_h, final_h = hidden_dataset(params, cfg, seqs, layers, progress=False)
-    # keep only positions that predict a generated token
-    keep, o = [], 0
-    for (p, chat), s in zip(held_out, seqs):
-        n_prompt = len(s) - args.new_tokens if len(s) > args.new_tokens else 1
-        keep.extend(range(o + n_prompt - 1, o + len(s) - 1))
-        o += len(s)
-    ramp_h, final_h = ramp_h[keep], final_h[keep]
+    encoded, outs = generate_sequences(params, cfg, tok, held_out, args.new_tokens, progress=False)
+    ramp_h, final_h = generated_hidden(params, cfg, encoded, outs, layers, progress=False)
+    keep = final_h  # positions that predict a generated token
     final_tok = np.asarray(jnp.argmax(lm_head(params, cfg, final_h), -1))
     thresholds = np.round(np.linspace(0.0, 0.95, 20), 2)
     res = {"exit_layers": layers, "positions": len(keep), "ramps": {}, "missing_kv": []}
@@ -81,7 +75,7 @@ def main(argv=None) -> int:
     # missing-KV methods vs the full model, trained heads
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     prompts = held_out[: args.prompts]
-    full = [s[len(s) - args.new_tokens:] for s in seqs[: args.prompts]]
+    full = outs[: args.prompts]
     eos = {tok.eos_token_id}
     print("\n| method | threshold | token agreement | ROUGE-L F1 | mean depth / 30 | exits per ramp |")
     print("|---|---:|---:|---:|---:|---|")

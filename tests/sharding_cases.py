@@ -3,6 +3,9 @@
 Collected through tests/test_sharding.py, which runs this file in a fresh process with
 XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag must be set before JAX starts).
 """
+import collections
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -29,6 +32,46 @@ def four_devices():
     assert jax.device_count() >= 4, "run through tests/test_sharding.py, which forces 4 host devices"
 
 
+_forward = jax.jit(forward, static_argnums=1)
+_COLLECTIVE = re.compile(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+
+
+def reordered_equivalent(cfg, params, rng):
+    """The same function with its KV-head groups (and their q heads) and MLP units permuted: exactly
+    the axes tp splits. Mathematically identical; in fp32 only the order of the sums over those
+    axes (o and down projections) changes, which is all that tp's partial sums + all-reduce change."""
+    hd, g = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    kv_perm = rng.permutation(cfg.num_kv_heads)
+    kv_idx = (kv_perm[:, None] * hd + np.arange(hd)).ravel()
+    q_idx = ((kv_perm[:, None] * g + np.arange(g))[:, :, None] * hd + np.arange(hd)).ravel()
+    mlp = rng.permutation(cfg.intermediate_size)
+    axis_index = {"wq": (2, q_idx), "bq": (1, q_idx), "wk": (2, kv_idx), "bk": (1, kv_idx), "wv": (2, kv_idx),
+                  "bv": (1, kv_idx), "wo": (1, q_idx), "w_gate": (2, mlp), "w_up": (2, mlp), "w_down": (1, mlp)}
+    layers = {k: jax.numpy.take(v, axis_index[k][1], axis=axis_index[k][0]) if k in axis_index else v
+              for k, v in params["layers"].items()}
+    return {**params, "layers": layers}
+
+
+def assert_tensor_parallel_equivalent(cfg, params, sharded, tokens):
+    """Sharded forward == single-device forward, for a reason:
+    1. values: tp only reorders fp32 sums (per-device partial sums over heads / MLP units, then an
+       all-reduce). The tolerance is 4x the largest deviation among three reordered single-device
+       evaluations of the same sums (`reordered_equivalent`): tp's result is one more reordering,
+       and 4x covers the gap between the largest of 3 samples and a new one.
+    2. communication: Megatron-style splits need exactly one all-reduce after the O projection and
+       one after the down projection per layer, and nothing else (no weight gathers). A wrong split
+       axis computes the same values under GSPMD but moves weights around every step."""
+    want = np.asarray(_forward(params, cfg, tokens))
+    spread = max(np.abs(np.asarray(_forward(reordered_equivalent(cfg, params, np.random.default_rng(s)), cfg, tokens))
+                        - want).max() for s in range(3))
+    assert 0 < spread < 1e-4, spread  # reordering does change fp32 results, by rounding only
+    got = np.asarray(_forward(sharded, cfg, tokens))
+    np.testing.assert_allclose(got, want, rtol=0, atol=4 * spread)
+    hlo = _forward.lower(sharded, cfg, tokens).compile().as_text()
+    collectives = collections.Counter(_COLLECTIVE.findall(hlo))
+    assert collectives == {"all-reduce": 2}, f"expected one all-reduce after O and one after down: {collectives}"
+
+
 @pytest.mark.parametrize("arch,heads,kv_heads,tp", [
     ("LlamaForCausalLM", 8, 2, 2),  # GQA 4:1
     ("Qwen2ForCausalLM", 8, 4, 4),  # q/k/v biases split too
@@ -38,13 +81,28 @@ def test_sharded_logits_equal_single_device(arch, heads, kv_heads, tp):
     cfg = _cfg(arch, heads, kv_heads)
     params = init_params(cfg, jax.random.key(1), scale=0.2)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 29)).astype(np.int32)
-    want = np.asarray(forward(params, cfg, tokens))
     mesh = make_mesh(tp=tp, devices=jax.devices()[:tp])
     sharded = shard_params(cfg, params, mesh)
     assert sharded["layers"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tp")
     assert len(sharded["layers"]["w_down"].addressable_shards) == tp
-    got = np.asarray(forward(sharded, cfg, tokens))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_tensor_parallel_equivalent(cfg, params, sharded, tokens)
+
+
+@pytest.mark.parametrize("weight,wrong_axis", [("w_down", 2), ("wq", 1)])
+def test_wrong_split_axis_fails_the_check(weight, wrong_axis):
+    """Splitting one weight on the wrong axis (down projection by its output, q by its input) must
+    fail the same check that the right sharding passes."""
+    cfg = _cfg("LlamaForCausalLM", 8, 2)
+    params = init_params(cfg, jax.random.key(1), scale=0.2)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 29)).astype(np.int32)
+    mesh = make_mesh(tp=2, devices=jax.devices()[:2])
+    sharded = shard_params(cfg, params, mesh)
+    axes = [None] * params["layers"][weight].ndim
+    axes[wrong_axis] = "tp"
+    wrong = {**sharded, "layers": {**sharded["layers"], weight: jax.device_put(
+        params["layers"][weight], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes)))}}
+    with pytest.raises(AssertionError, match="expected one all-reduce"):
+        assert_tensor_parallel_equivalent(cfg, params, wrong, tokens)
 
 
 def test_sharded_rebatching_generation_equals_unsharded():

