@@ -221,7 +221,18 @@ def _bench(args) -> int:
     from drex_jax.bench.suite import BenchConfig, run_scale, run_suite
 
     t0 = time.perf_counter()
-    if args.scale:
+    if args.roofline:
+        from drex_jax.bench import roofline
+
+        res = roofline.run_roofline(args.model, quick=args.quick, steps=args.steps, hf=not args.no_hf)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "roofline.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        md = roofline.markdown(res)
+        with open(os.path.join(args.out, "roofline.md"), "w") as f:
+            f.write(md)
+        roofline.plot(res, os.path.join(args.out, "roofline.png"))
+    elif args.scale:
         trace = args.trace or os.path.join(args.out, "exit_trace.json")
         results, meta = run_scale(args.scale, trace, batch=args.scale_batch, prompt_len=args.scale_prompt_len,
                                   new_tokens=args.scale_new_tokens, policies=tuple(args.policies or
@@ -357,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ramp-vocab", type=int, default=None,
                    help="candidate tokens per ramp (needs the trained heads' ranking); default: whole vocabulary")
     b.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    r = b.add_argument_group("roofline")
+    r.add_argument("--roofline", action="store_true",
+                   help="decode steps (prefill excluded) vs this machine's measured roofline over batch x context; "
+                        "writes OUT/roofline.json, .md, .png")
+    r.add_argument("--quick", action="store_true", help="roofline: a small grid (batch 1 8 32, context 128 512)")
+    r.add_argument("--steps", type=int, default=5, help="roofline: timed decode steps per point (median)")
     b.add_argument("--out", default=bd.out_dir, help="output dir: results.json, results.md, PNG plots")
     s = b.add_argument_group("GPU scale mode")
     s.add_argument("--scale", default=None, help="preset shape with random weights, e.g. llama2-7b, llama2-13b")

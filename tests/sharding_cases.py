@@ -183,8 +183,8 @@ def test_cli_generate_tensor_parallel_matches_one_device(capsys, default_model):
     args = ["generate", "--prompt", "Name a fruit.", "--max-new-tokens", "6", "--max-slots", "1",
             "--max-seq-len", "64", "--json"]
     assert main(args) == 0
-    one = json.loads(capsys.readouterr().out)[0]["token_ids"]
+    one = json.loads(capsys.readouterr().out)[0]["full depth"]["token_ids"]
     assert main(args + ["--tp", "3"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["token_ids"] == one
+    assert json.loads(capsys.readouterr().out)[0]["full depth"]["token_ids"] == one
     assert main(args + ["--tp", "2"]) == 2
     assert "tp=2 does not divide the model's 3 KV heads" in capsys.readouterr().err

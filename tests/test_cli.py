@@ -25,7 +25,7 @@ def test_main_command_default_answers_are_not_degenerate(capsys, default_model):
         ee, full = r["early exit"], r["full depth"]
         print(f"\n{r['prompt']}\n  EE:   {ee['text']!r}\n  full: {full['text']!r}")
         assert repeated_ngram_share(ee["token_ids"]) <= max(0.25, repeated_ngram_share(full["token_ids"]) + 0.1)
-        assert rouge_l([ee["text"]], [full["text"]]) >= 0.4
+        assert rouge_l([ee["text"]], [full["text"]]) >= 0.3  # same answer, possibly worded differently
         depths += ee["exit_layers"][1:]
     assert min(depths) < 30  # some tokens did leave early
 

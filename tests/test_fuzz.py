@@ -54,6 +54,7 @@ def serving(tiny4):
     return cfg, params, eng
 
 
+@pytest.mark.slow  # run by .ci/run in its second (slow) pass
 @FUZZ
 @given(req=requests())
 def test_fuzzed_requests(serving, req):

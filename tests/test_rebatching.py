@@ -221,6 +221,7 @@ def test_off_and_latency_only_run_full_depth(tiny4):
     assert st.mean_depth() == cfg.num_layers and sum(st.exits_per_ramp[:-1]) > 0
 
 
+@pytest.mark.slow  # run by .ci/run in its second (slow) pass
 def test_warmup_covers_early_exit_programs(tiny4):
     """After warmup() a rebatching engine (ART on) serves a steady stream without compiling."""
     from drex_jax import compile_counter

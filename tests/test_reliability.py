@@ -138,6 +138,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow  # run by .ci/run in its second (slow) pass
 def test_soak_2000_requests_no_leaks(tiny4):
     """2,000 requests, random prompt/output lengths and arrivals, a pool small enough to preempt,
     and some cancellations, under rebatching: all complete and every page and slot comes back."""

@@ -10,7 +10,8 @@ from drex_jax.train_exits import TrainExitsConfig, train_exit_heads
 def test_resume_equals_uninterrupted(tmp_path, default_model):
     cfg, params, tok = default_model
     tc = TrainExitsConfig(exit_layers=(10, 20), rank=8, num_humaneval=2, new_tokens=8, steps=6, batch_size=64,
-                          save_every=1, learning_rate=1e-2)
+                          save_every=1, learning_rate=1e-2, num_calibration_humaneval=0, num_eval_humaneval=0,
+                          eval_new_tokens=4)
     train_exit_heads(params, cfg, tok, str(tmp_path / "a"), tc, progress=False, max_steps_this_run=3)
     resumed, meta = train_exit_heads(params, cfg, tok, str(tmp_path / "a"), tc, progress=False)
     straight, _ = train_exit_heads(params, cfg, tok, str(tmp_path / "b"), tc, progress=False)
@@ -20,6 +21,8 @@ def test_resume_equals_uninterrupted(tmp_path, default_model):
     assert meta2["exit_layers"] == [10, 20]
     np.testing.assert_allclose(np.asarray(loaded["up"]), np.asarray(resumed["up"]))
     assert np.abs(np.asarray(loaded["up"])).max() > 0  # trained away from the zero init
+    assert len(meta2["thresholds"]) == 2 and all(0.5 <= t <= 1.0 for t in meta2["thresholds"])
+    assert meta2["held_out"]["prompts"] == 20 and meta2["provenance"]["config"]["steps"] == 6
 
 
 def test_distillation_lowers_kl(tiny_llama):

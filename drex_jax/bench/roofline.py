@@ -1,0 +1,252 @@
+"""`drex-jax bench --roofline`: decode steps against this machine's roofline.
+
+Roofline of one decode step = max(bytes read / read bandwidth, FLOPs / matmul peak), with
+bytes = every weight once + every live K/V byte, FLOPs = 2 x matmul params x batch + attention
+(4 x layers x heads x head_dim x context x batch). Peak and bandwidth are measured in the same
+run (a jitted XLA matmul, a jitted XLA reduction), so "% of roofline" is comparable across runs
+on a noisy machine. The analytic bytes and FLOPs are printed beside XLA's own `cost_analysis()`
+of the compiled step. Prefill is excluded: the pool is filled with random K/V for every row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drex_jax.kv.pool import bucket, init_pool, pages_needed
+from drex_jax.model.config import ModelConfig
+from drex_jax.model.paged import decode_step
+from drex_jax.model.params import flatten
+from drex_jax.rebatch.steps import segment_step
+from drex_jax.sampling import SamplingParams
+
+FULL_GRID = {"batches": (1, 8, 32, 64), "contexts": (128, 512, 2048), "hf_batches": (1, 8, 32)}
+QUICK_GRID = {"batches": (1, 8, 32), "contexts": (128, 512), "hf_batches": (1, 8)}
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted [n, n] x [n, n] matmul (best of `repeats`)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    return 2 * n**3 / _best_seconds(lambda: f(a, a), repeats)
+
+
+def measure_read_bandwidth(dtype=jnp.float32, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s read by a jitted sum over an array of `nbytes` (best of `repeats`)."""
+    x = jnp.ones((nbytes // jnp.dtype(dtype).itemsize,), dtype)
+    f = jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))
+    return nbytes / _best_seconds(lambda: f(x), repeats)
+
+
+def decode_cost(cfg: ModelConfig, params: dict, batch: int, context: int, start: int = 0,
+                end: int | None = None, head_columns: int | None = None) -> tuple[float, float]:
+    """Analytic (bytes read, FLOPs) of layers [start, end) for `batch` rows at `context` cached
+    positions, plus the LM head (or a ramp scoring `head_columns` tokens) when given."""
+    end = cfg.num_layers if end is None else end
+    itemsize = jnp.dtype(jax.tree.leaves(params)[0].dtype).itemsize
+    flat = flatten(params)
+    per_layer = sum(v.size for k, v in flat.items() if k.startswith("layers/")) / cfg.num_layers
+    matmul_per_layer = sum(v.size for k, v in flat.items() if k.startswith("layers/w")) / cfg.num_layers
+    n = end - start
+    kv = 2 * n * cfg.num_kv_heads * cfg.head_dim * context * batch
+    head = 0 if head_columns is None else cfg.hidden_size * head_columns
+    bytes_read = itemsize * (n * per_layer + head + kv)
+    flops = 2 * batch * (n * matmul_per_layer + head) + 4 * n * cfg.num_heads * cfg.head_dim * context * batch
+    return float(bytes_read), float(flops)
+
+
+@dataclasses.dataclass
+class DecodeFixture:
+    """A pool whose `batch` rows each hold `context` cached positions (random K/V), and the
+    arrays of one decode step for them."""
+    pool: dict
+    tokens: jax.Array  # [B]
+    positions: jax.Array  # [B]
+    block_tables: jax.Array  # [B, P]
+    sampling: SamplingParams
+
+
+def decode_fixture(cfg: ModelConfig, batch: int, context: int, dtype, page_size: int = 16) -> DecodeFixture:
+    per_row = pages_needed(context + 1, page_size)
+    pool = init_pool(cfg, 1 + batch * per_row, page_size, dtype)
+    key = jax.random.key(0)
+    pool = {k: jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype) * 0.5
+            for i, (k, v) in enumerate(pool.items())}
+    width = bucket(per_row, 1)
+    bt = np.zeros((batch, width), np.int32)
+    bt[:, :per_row] = 1 + np.arange(batch * per_row).reshape(batch, per_row)
+    rng = np.random.default_rng(0)
+    return DecodeFixture(pool, jnp.asarray(rng.integers(0, cfg.vocab_size, batch), jnp.int32),
+                         jnp.full((batch,), context, jnp.int32), jnp.asarray(bt),
+                         SamplingParams.build([], batch))
+
+
+def _time_steps(step, fx: DecodeFixture, steps: int) -> tuple[float, object]:
+    """Median seconds of `steps` calls of `step(pool) -> (out, pool)` after one compiling call."""
+    out, fx.pool = step(fx.pool)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out, fx.pool = step(fx.pool)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def xla_cost(jitted, *args, **kwargs) -> dict:
+    """XLA's cost analysis of the compiled call: {'flops', 'bytes accessed'}."""
+    cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def roofline_point(cfg, params, batch: int, context: int, peak: float, bandwidth: float, steps: int) -> dict:
+    fx = decode_fixture(cfg, batch, context, jax.tree.leaves(params)[0].dtype)
+    kw = dict(cfg=cfg, do_sample=False)
+    xla = xla_cost(decode_step, params, fx.pool, fx.tokens, fx.positions, fx.block_tables, fx.sampling, **kw)
+    sec, _ = _time_steps(lambda pool: decode_step(params, pool, fx.tokens, fx.positions, fx.block_tables,
+                                                   fx.sampling, **kw), fx, steps)
+    nbytes, flops = decode_cost(cfg, params, batch, context, head_columns=cfg.vocab_size)
+    roof = max(nbytes / bandwidth, flops / peak)
+    kv_bytes = decode_cost(cfg, params, batch, context)[0] - decode_cost(cfg, params, batch, 0)[0]
+    return {"batch": batch, "context": context, "ms_per_step": sec * 1e3, "tok_s": batch / sec,
+            "bytes": nbytes, "flops": flops, "xla_bytes": xla["bytes"], "xla_flops": xla["flops"],
+            "kv_bytes": kv_bytes, "roofline_ms": roof * 1e3, "pct_roofline": 100 * roof / sec,
+            "bound": "bandwidth" if nbytes / bandwidth >= flops / peak else "compute"}
+
+
+def segment_pair(cfg, params, batch: int, context: int, exit_layer: int, ramp_vocab: int | None, peak: float,
+                 bandwidth: float, steps: int) -> dict:
+    """One early-exit segment pair (layers 0..E + ramp, then E..L + LM head, shared head) vs the
+    fused full-depth step, all at the same batch and context: the segments' overhead."""
+    dtype = jax.tree.leaves(params)[0].dtype
+    fx = decode_fixture(cfg, batch, context, dtype)
+    hidden = jnp.zeros((batch, cfg.hidden_size), dtype)
+    slots = jnp.arange(batch, dtype=jnp.int32)
+    ramp_tokens = None if ramp_vocab is None else jnp.arange(ramp_vocab, dtype=jnp.int32)
+    out = {}
+    for name, start, end, ramp in (("shallow", 0, exit_layer, 0), ("deep", exit_layer, cfg.num_layers, -1)):
+        state = {"hidden": hidden}
+
+        def step(pool, start=start, end=end, ramp=ramp, state=state):
+            tok, conf, pool, state["hidden"] = segment_step(
+                params, None, pool, state["hidden"], slots, fx.tokens, fx.positions, fx.block_tables, fx.sampling,
+                ramp_tokens, cfg=cfg, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False)
+            return tok, pool
+
+        sec, _ = _time_steps(step, fx, steps)
+        cols = cfg.vocab_size if ramp == -1 or ramp_vocab is None else ramp_vocab
+        nbytes, flops = decode_cost(cfg, params, batch, context, start, end, head_columns=cols)
+        out[name] = {"ms": sec * 1e3, "roofline_ms": 1e3 * max(nbytes / bandwidth, flops / peak)}
+    return out
+
+
+def hf_tok_s(batches, new_tokens: int = 32) -> dict[int, float]:
+    """HF `transformers` fp32 greedy generate tokens/s on the bundled model (prompt batch of the
+    held-out chat prompts, exactly `new_tokens` each; only `generate` is timed)."""
+    from drex_jax.bench.runner import hf_generator
+    from drex_jax.data.texts import PROMPTS
+
+    _, _, gen = hf_generator()
+    gen(PROMPTS[:1], True, 2)
+    res = {}
+    for b in batches:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
+        _, sec = gen(prompts, True, new_tokens)
+        res[b] = b * new_tokens / sec
+    return res
+
+
+def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, exit_layer: int = 15,
+                 ramp_vocab: int | None = 1024, hf: bool = True, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from convert.checkpoint import load_checkpoint
+    from drex_jax.default_model import default_model_path
+
+    grid = QUICK_GRID if quick else FULL_GRID
+    cfg, params, _ = load_checkpoint(model or default_model_path())
+    dtype = jax.tree.leaves(params)[0].dtype
+    if progress:
+        print("[roofline] measuring matmul peak and read bandwidth", file=sys.stderr, flush=True)
+    peak, bandwidth = measure_matmul_peak(dtype), measure_read_bandwidth(dtype)
+    points = [(b, c) for b in grid["batches"] for c in grid["contexts"]]
+    rows = []
+    for b, c in tqdm(points, desc="roofline", disable=not progress, file=sys.stderr):
+        rows.append(roofline_point(cfg, params, b, c, peak, bandwidth, steps))
+    seg_b, seg_c = grid["batches"][-1], grid["contexts"][0]
+    full = next(r for r in rows if r["batch"] == seg_b and r["context"] == seg_c)
+    seg = segment_pair(cfg, params, seg_b, seg_c, exit_layer, ramp_vocab, peak, bandwidth, steps)
+    seg.update(batch=seg_b, context=seg_c, exit_layer=exit_layer, ramp_vocab=ramp_vocab, full_ms=full["ms_per_step"],
+               overhead_ms=seg["shallow"]["ms"] + seg["deep"]["ms"] - full["ms_per_step"])
+    hf_res = hf_tok_s(grid["hf_batches"]) if hf else {}
+    for r in rows:
+        if r["batch"] in hf_res and r["context"] == grid["contexts"][0]:
+            r["hf_tok_s"] = hf_res[r["batch"]]
+    return {"machine": machine(), "dtype": str(jnp.dtype(dtype)), "peak_flops": peak, "bandwidth": bandwidth,
+            "steps_per_point": steps, "points": rows, "segments": seg, "hf_tok_s": hf_res,
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    dev = jax.devices()[0]
+    return f"{platform.machine()} {os.cpu_count()} cpus, {dev.platform} ({dev.device_kind}), jax {jax.__version__}"
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Roofline benchmark, {res['machine']}, {res['dtype']}, {res['date']}: matmul peak "
+             f"{res['peak_flops'] / 1e9:.0f} GFLOP/s, read bandwidth {res['bandwidth'] / 1e9:.1f} GB/s (measured in this "
+             f"run); median of {res['steps_per_point']} decode steps per point, prefill excluded.", "",
+             "| batch | context | ms/step | tok/s | MB read (analytic / XLA) | GFLOP (analytic / XLA) | K/V MB | "
+             "roofline ms | bound | % of roofline | HF tok/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in res["points"]:
+        hf = f"{r['hf_tok_s']:.1f}" if "hf_tok_s" in r else ""
+        lines.append(f"| {r['batch']} | {r['context']} | {r['ms_per_step']:.1f} | {r['tok_s']:.1f} | "
+                     f"{r['bytes'] / 1e6:.0f} / {r['xla_bytes'] / 1e6:.0f} | {r['flops'] / 1e9:.2f} / "
+                     f"{r['xla_flops'] / 1e9:.2f} | {r['kv_bytes'] / 1e6:.0f} | {r['roofline_ms']:.1f} | {r['bound']} | "
+                     f"**{r['pct_roofline']:.0f}%** | {hf} |")
+    s = res["segments"]
+    lines += ["", f"Early-exit segment pair at batch {s['batch']}, context {s['context']}, exit after layer "
+              f"{s['exit_layer']} (ramp vocabulary {s['ramp_vocab'] or 'full'}): shallow {s['shallow']['ms']:.1f} ms "
+              f"(roofline {s['shallow']['roofline_ms']:.1f}) + deep {s['deep']['ms']:.1f} ms (roofline "
+              f"{s['deep']['roofline_ms']:.1f}) vs fused {s['full_ms']:.1f} ms: overhead {s['overhead_ms']:+.1f} ms."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b in sorted({r["batch"] for r in res["points"]}):
+        pts = [r for r in res["points"] if r["batch"] == b]
+        ax.plot([r["context"] for r in pts], [r["pct_roofline"] for r in pts], "o-", label=f"batch {b}")
+    ax.set(xscale="log", xlabel="context (tokens per row)", ylabel="% of roofline",
+           title=f"Decode step vs roofline ({res['dtype']})")
+    ax.set_xticks(sorted({r["context"] for r in res["points"]}), [str(c) for c in sorted({r["context"] for r in res["points"]})])
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
