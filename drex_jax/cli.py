@@ -52,14 +52,15 @@ def _generate(args) -> int:
     mcfg, params, tok = load_checkpoint(model_dir)
     ee_kwargs = _early_exit_kwargs(args, mcfg, params, model_dir)
     engine = Engine.from_params(mcfg, params, tok, dtype=args.dtype, max_slots=args.max_slots,
-                                max_seq_len=args.max_seq_len, mesh=mesh, **ee_kwargs)
+                                max_seq_len=args.max_seq_len, mesh=mesh, attention=args.attention, **ee_kwargs)
     label = "early exit" if ee_kwargs else "full depth"
     encoded = [engine.encode(p, not args.raw) for p in prompts]
     results, timing = _timed_generate(engine, encoded, cfg, label)
     runs = [(label, engine, results, timing)]
     if ee_kwargs and not args.no_compare:  # the same model at full depth: what early exit costs and buys
         full = Engine.from_params(engine.cfg, engine.params, engine.tokenizer, dtype=args.dtype,
-                                  max_slots=args.max_slots, max_seq_len=args.max_seq_len, mesh=mesh)
+                                  max_slots=args.max_slots, max_seq_len=args.max_seq_len, mesh=mesh,
+                                  attention=args.attention)
         runs.append(("full depth", full, *_timed_generate(full, encoded, cfg, "full depth")))
     if args.json:
         print(json.dumps([{"prompt": p, **{name: {"text": r[i].text, "token_ids": r[i].token_ids,
@@ -224,7 +225,8 @@ def _bench(args) -> int:
     if args.roofline:
         from drex_jax.bench import roofline
 
-        res = roofline.run_roofline(args.model, quick=args.quick, steps=args.steps, hf=not args.no_hf)
+        res = roofline.run_roofline(args.model, quick=args.quick, steps=args.steps, hf=not args.no_hf,
+                                    attention=args.attention)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "roofline.json"), "w") as f:
             json.dump(res, f, indent=2)
@@ -287,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--max-slots", type=int, default=32)
+    g.add_argument("--attention", default="auto", choices=["auto", "xla", "ffi", "pallas"],
+                   help="decode attention over the paged KV pool (auto: Pallas on a GPU, the C++ kernel on a CPU)")
     g.add_argument("--max-seq-len", type=int, default=1024)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print results as JSON")
@@ -374,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes OUT/roofline.json, .md, .png")
     r.add_argument("--quick", action="store_true", help="roofline: a small grid (batch 1 8 32, context 128 512)")
     r.add_argument("--steps", type=int, default=5, help="roofline: timed decode steps per point (median)")
+    r.add_argument("--attention", default="auto", choices=["auto", "xla", "ffi", "pallas"],
+                   help="roofline: decode attention path timed (the XLA path is timed beside it)")
     b.add_argument("--out", default=bd.out_dir, help="output dir: results.json, results.md, PNG plots")
     s = b.add_argument_group("GPU scale mode")
     s.add_argument("--scale", default=None, help="preset shape with random weights, e.g. llama2-7b, llama2-13b")

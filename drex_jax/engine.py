@@ -26,7 +26,7 @@ from drex_jax.kv.pool import (
     PageAllocator, block_table_array, bucket, row_bucket, row_buckets_upto, init_pool, pages_for_budget, pages_needed,
 )
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.params import check_params
+from drex_jax.model.params import check_params, decode_layout
 from drex_jax.model.paged import decode_step, prefill_step
 from drex_jax.sampling import SamplingParams
 from drex_jax.sched.batch import decode_batch
@@ -90,6 +90,9 @@ class Engine:
         least one prompt is always admitted), bounding how long the running batch waits.
       mesh: a ("dp"=1, "tp") `jax.sharding.Mesh` (drex_jax.sharding.make_mesh): params and the
         KV pool are split over tp; None = one device.
+      attention: decode attention over the paged pool: "auto" (default: Pallas kernel on a GPU,
+        the C++ FFI kernel on a CPU in fp32, else "xla"), "xla" (dense gather, any backend),
+        "ffi", "pallas". All give the same tokens (tests compare them).
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", verbose: bool = False, **kwargs):
@@ -124,7 +127,7 @@ class Engine:
     def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
                num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024,
                ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
-               ramp_tokens=None):
+               ramp_tokens=None, attention="auto"):
         for name, v, lo in (("max_slots", max_slots, 1), ("page_size", page_size, 1),
                             ("max_prefill_tokens_per_step", max_prefill_tokens_per_step, 1)):
             if not isinstance(v, int) or v < lo:
@@ -139,9 +142,13 @@ class Engine:
             if mesh.shape["dp"] != 1:
                 raise ValueError(f"an Engine serves one replica but the mesh has dp={mesh.shape['dp']}; build one "
                                  "Engine per drex_jax.sharding.replica_meshes(mesh)")
+        # the compiled steps read the decode layout (per-layer weights, [out, in]); one copy only
+        params = decode_layout(params)
+        if mesh is not None:
             params = shard_params(cfg, params, mesh)
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.dtype = _dtype(dtype)
+        self.attention = resolve_attention(attention, self.dtype, mesh)
         self.verbose = verbose
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 2048))
         if not 1 < self.max_seq_len <= cfg.max_position_embeddings:
@@ -149,6 +156,12 @@ class Engine:
                 f"max_seq_len must be in [2, {cfg.max_position_embeddings}] for this model, got {max_seq_len}"
             )
         self.page_size, self.max_slots = page_size, max_slots
+        # block-table widths the decode programs take: the FFI kernel reads only each row's live
+        # pages, so one width (the longest sequence's) serves every batch and one program per
+        # batch bucket is compiled; the dense-gather XLA path and Pallas cost grow with the width
+        max_width = bucket(pages_needed(self.max_seq_len, page_size))
+        self.table_width = max_width if self.attention == "ffi" else None  # None: bucketed per batch
+        self.page_widths = [max_width] if self.table_width else _pow2_upto(max_width)
         if num_pages is not None and kv_memory_bytes is not None:
             raise ValueError("give num_pages or kv_memory_bytes, not both")
         if kv_memory_bytes is not None:
@@ -429,10 +442,10 @@ class Engine:
 
     def _decode(self, events: list[StreamEvent]) -> None:
         reqs = [self._running[s] for s in sorted(self._running)]
-        batch = decode_batch(reqs, self.page_size, self.max_slots)
+        batch = decode_batch(reqs, self.page_size, self.max_slots, self.table_width)
         nxt, self.pool = decode_step(
             self.params, self.pool, batch.tokens, batch.positions, batch.block_tables, batch.sampling,
-            cfg=self.cfg, do_sample=any(r.config.temperature > 0 for r in reqs),
+            cfg=self.cfg, do_sample=any(r.config.temperature > 0 for r in reqs), attention=self.attention,
         )
         nxt = np.asarray(nxt)
         for i, r in enumerate(reqs):
@@ -496,10 +509,9 @@ class Engine:
         (`sampling=False`: greedy programs only, for greedy-only serving)."""
         from tqdm import tqdm
 
-        max_width = bucket(pages_needed(self.max_seq_len, self.page_size))
         max_rows = bucket(self.max_slots)
         budget = max(self.max_prefill_tokens_per_step, self.max_seq_len)
-        shapes = [("decode", b, w, 0) for b in _pow2_upto(max_rows) for w in _pow2_upto(max_width)]
+        shapes = [("decode", b, w, 0) for b in _pow2_upto(max_rows) for w in self.page_widths]
         # prefill: row width W, rows R (each row holds >= 1 prompt), prompts Q
         for W in _pow2_upto(bucket(self.max_seq_len, 16)):
             if W < 16:
@@ -509,7 +521,7 @@ class Engine:
                 shapes += [("prefill", q, W, R) for q in _pow2_upto(max_rows) if q >= R]
         if self._ee is not None:  # early exit decodes through segments, not decode_step
             shapes = [s for s in shapes if s[0] != "decode"] + [
-                ("ee",) + x for x in self._ee.warmup_shapes(max_rows, max_width)]
+                ("ee",) + x for x in self._ee.warmup_shapes(max_rows, self.page_widths)]
         drop = self.allocator.num_pages
         variants = (False, True) if sampling else (False,)
         for shape in tqdm(shapes, desc="compiling", disable=not progress, file=sys.stderr):
@@ -522,7 +534,8 @@ class Engine:
                 if kind == "decode":
                     bt = block_table_array([[]] * b, n)
                     out, self.pool = decode_step(self.params, self.pool, np.zeros(b, np.int32),
-                                                 np.full(b, -1, np.int32), bt, sp, cfg=self.cfg, do_sample=do_sample)
+                                                 np.full(b, -1, np.int32), bt, sp, cfg=self.cfg, do_sample=do_sample,
+                                                 attention=self.attention)
                 else:
                     pad, zero = np.full((rows, n), -1, np.int32), np.zeros((rows, n), np.int32)
                     out, self.pool = prefill_step(
@@ -566,6 +579,37 @@ class Engine:
                     bar.update(1)
         bar.close()
         return [results[i] for i in ids]
+
+
+def resolve_attention(attention: str, dtype, mesh=None) -> str:
+    """The decode-attention path for `Engine(attention=...)`: "auto" takes the Pallas kernel on a
+    GPU, the C++ FFI kernel on a CPU (fp32, one device) where it builds, else the XLA path."""
+    from drex_jax.model.paged import ATTENTION
+
+    if attention not in ATTENTION + ("auto",):
+        raise ValueError(f"attention must be one of {('auto',) + ATTENTION}, got {attention!r}")
+    backend = jax.default_backend()
+    if attention == "auto":
+        if mesh is not None:  # the kernels have no partitioning rule: GSPMD partitions the XLA path
+            return "xla"
+        if backend == "gpu":
+            return "pallas"
+        if backend == "cpu" and dtype == jnp.float32:
+            from drex_jax.kernels import ffi
+
+            return "ffi" if ffi.available() else "xla"
+        return "xla"
+    if attention != "xla" and mesh is not None:
+        raise ValueError(f"attention={attention!r} runs on one device; with a mesh use 'xla' or 'auto'")
+    if attention == "ffi":
+        if backend != "cpu" or dtype != jnp.float32:
+            raise ValueError(f"attention='ffi' is the CPU kernel for float32; this engine runs {backend} "
+                             f"{jnp.dtype(dtype).name}: use 'auto'")
+        from drex_jax.kernels import ffi
+
+        if not ffi.available():
+            raise ValueError("attention='ffi' but the CPU kernel could not be built (see the notice above)")
+    return attention
 
 
 def _as_list(prompts) -> list:

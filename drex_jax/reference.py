@@ -24,7 +24,8 @@ import numpy as np
 from drex_jax.early_exit import EEConfig
 from drex_jax.kv.pool import bucket
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import attention, embed, layer_at, lm_head, qkv
+from drex_jax.model.decoder import attention, embed, lm_head, qkv
+from drex_jax.model.params import checkpoint_layout, layer_params
 from drex_jax.model.paged import layer_loop
 from drex_jax.model.ramps import check_ramp_tokens, confidence, ramp_logits, to_token_ids
 
@@ -43,8 +44,8 @@ def _segment(params, cache, x, positions, *, cfg: ModelConfig, start: int, end: 
     valid = positions >= 0
     mask = (jnp.arange(S)[None, None, :] <= positions[:, :, None]) & valid[:, :, None]
 
-    def attend(q, k, v, k_layer, v_layer):  # [kv, 1, S, D] -> [1, S, kv, D]
-        return attention(cfg, q, k_layer.transpose(1, 2, 0, 3), v_layer.transpose(1, 2, 0, 3), mask)
+    def attend(q, k, v, k_pool, v_pool, layer):  # [kv, 1, S, D] -> [1, S, kv, D]
+        return attention(cfg, q, k_pool[layer].transpose(1, 2, 0, 3), v_pool[layer].transpose(1, 2, 0, 3), mask)
 
     write_page = jnp.where(valid, 0, 1)  # page 1 does not exist: padding writes are dropped
     return layer_loop(params, cfg, cache, x, positions, write_page, jnp.maximum(positions, 0), attend, start, end)
@@ -79,7 +80,7 @@ def _propagate_fill(params, cache, h, pos, exit_layer, *, cfg: ModelConfig):
     """Each layer >= exit_layer computes its own K/V at `pos` from the exit hidden state h [H]."""
 
     def body(i, c):
-        _, k, v = qkv(layer_at(params["layers"], i), cfg, h[None, None], jnp.full((1, 1), pos))
+        _, k, v = qkv(layer_params(params, i), cfg, h[:, None], jnp.full((1, 1), pos))
         return {"k": c["k"].at[i, :, 0, pos].set(k[0, 0].astype(c["k"].dtype)),
                 "v": c["v"].at[i, :, 0, pos].set(v[0, 0].astype(c["v"].dtype))}
 
@@ -112,10 +113,11 @@ def reference_generate(
     if ee.head == "trained" and heads is None:
         raise ValueError("EEConfig.head == 'trained' needs the trained ramp heads (see drex-jax train-exits)")
     heads = heads if ee.head == "trained" else None
+    params = checkpoint_layout(params)  # the fill below indexes layers with a traced index
     L = cfg.num_layers
     n = len(prompt_ids)
     S = bucket(n + max_new_tokens)
-    dtype = params["layers"]["wq"].dtype
+    dtype = params["final_norm"].dtype
     shape = (L, cfg.num_kv_heads, 1, S, cfg.head_dim)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.params import flatten, param_specs, unflatten
+from drex_jax.model.params import MATRICES, flatten, is_decode_layout, param_specs, unflatten
 
 AXES = ("dp", "tp")
 
@@ -78,8 +78,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def decode_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
+    """The same placement for the decode layout (per-layer dicts, matrices transposed)."""
+    out, layer = {}, {}
+    for path, spec in param_specs(cfg).items():
+        axes = [None] * len(spec.shape)
+        if spec.tp_axis is not None:
+            axes[spec.tp_axis] = "tp"
+        if spec.stacked:
+            axes = axes[1:]
+            name = path.split("/", 1)[1]
+            layer[name] = NamedSharding(mesh, P(*(axes[::-1] if name in MATRICES else axes)))
+        else:
+            out[path] = NamedSharding(mesh, P(*axes))
+    return {**unflatten(out), "layers": tuple(dict(layer) for _ in range(cfg.num_layers))}
+
+
 def shard_params(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
+    """Place params (either layout) on the mesh as their specs say."""
     check_mesh(mesh, cfg)
+    if is_decode_layout(params):
+        return jax.tree.map(jax.device_put, params, decode_shardings(cfg, mesh))
     shardings = flatten(param_shardings(cfg, mesh))
     return unflatten({k: jax.device_put(v, shardings[k]) for k, v in flatten(params).items()})
 

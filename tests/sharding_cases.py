@@ -122,7 +122,7 @@ def test_sharded_rebatching_generation_equals_unsharded():
         assert tp[i].exit_layers == one[i].exit_layers, f"request {i}"
     assert min(eng.ee_stats.exits_per_ramp) > 0
     # placements survive the donated, jitted steps, so a second run compiles nothing
-    assert eng.pool["k"].sharding == pool_sharding(mesh) and eng.params["layers"]["w_up"].sharding.spec[2] == "tp"
+    assert eng.pool["k"].sharding == pool_sharding(mesh) and eng.params["layers"][0]["w_up"].sharding.spec[0] == "tp"
     before = compile_counter.count()
     again = serve_with_arrivals(eng, prompts, gc, first=0, every=3, per_arrival=3)
     assert compile_counter.count() == before

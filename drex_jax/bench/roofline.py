@@ -10,6 +10,7 @@ of the compiled step. Prefill is excluded: the pool is filled with random K/V fo
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ import numpy as np
 from drex_jax.kv.pool import bucket, init_pool, pages_needed
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.paged import decode_step
-from drex_jax.model.params import flatten
+from drex_jax.model.params import decode_layout, param_specs
 from drex_jax.rebatch.steps import segment_step
 from drex_jax.sampling import SamplingParams
 
@@ -58,10 +59,10 @@ def decode_cost(cfg: ModelConfig, params: dict, batch: int, context: int, start:
     """Analytic (bytes read, FLOPs) of layers [start, end) for `batch` rows at `context` cached
     positions, plus the LM head (or a ramp scoring `head_columns` tokens) when given."""
     end = cfg.num_layers if end is None else end
-    itemsize = jnp.dtype(jax.tree.leaves(params)[0].dtype).itemsize
-    flat = flatten(params)
-    per_layer = sum(v.size for k, v in flat.items() if k.startswith("layers/")) / cfg.num_layers
-    matmul_per_layer = sum(v.size for k, v in flat.items() if k.startswith("layers/w")) / cfg.num_layers
+    itemsize = jnp.dtype(params["final_norm"].dtype).itemsize
+    specs = param_specs(cfg)  # sizes from the specs: the same for either params layout
+    per_layer = sum(math.prod(s.shape) for k, s in specs.items() if k.startswith("layers/")) / cfg.num_layers
+    matmul_per_layer = sum(math.prod(s.shape) for k, s in specs.items() if k.startswith("layers/w")) / cfg.num_layers
     n = end - start
     kv = 2 * n * cfg.num_kv_heads * cfg.head_dim * context * batch
     head = 0 if head_columns is None else cfg.hidden_size * (head_columns + 1)  # + the final norm
@@ -118,29 +119,58 @@ def xla_cost(jitted, *args, **kwargs) -> dict:
     return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
-def roofline_point(cfg, params, batch: int, context: int, peak: float, bandwidth: float, steps: int) -> dict:
-    fx = decode_fixture(cfg, batch, context, jax.tree.leaves(params)[0].dtype)
-    kw = dict(cfg=cfg, do_sample=False)
-    xla = xla_cost(decode_step, params, fx.pool, fx.tokens, fx.positions, fx.block_tables, fx.sampling, **kw)
-    sec, _ = _time_steps(lambda pool: decode_step(params, pool, fx.tokens, fx.positions, fx.block_tables,
-                                                   fx.sampling, **kw), fx, steps)
+def roofline_point(cfg, params, batch: int, context: int, peak: float, bandwidth: float, steps: int,
+                   attention: str = "ffi", compare: tuple[str, ...] = ("xla",)) -> dict:
+    """Time `decode_step` with `attention` (and each path in `compare`, same fixture) at one point.
+    `params` in the decode layout."""
+    fx = decode_fixture(cfg, batch, context, params["final_norm"].dtype)
     nbytes, flops = decode_cost(cfg, params, batch, context, head_columns=cfg.vocab_size)
-    # XLA's cost analysis counts a while-loop body once: compare it with one layer + the LM head
-    one_bytes, one_flops = decode_cost(cfg, params, batch, context, 0, 1, head_columns=cfg.vocab_size)
-    roof = max(nbytes / bandwidth, flops / peak)
     kv_bytes = decode_cost(cfg, params, batch, context)[0] - decode_cost(cfg, params, batch, 0)[0]
-    return {"batch": batch, "context": context, "ms_per_step": sec * 1e3, "tok_s": batch / sec,
-            "bytes": nbytes, "flops": flops, "xla_bytes": xla["bytes"], "xla_flops": xla["flops"],
-            "one_layer_bytes": one_bytes, "one_layer_flops": one_flops,
-            "kv_bytes": kv_bytes, "roofline_ms": roof * 1e3, "pct_roofline": 100 * roof / sec,
-            "bound": "bandwidth" if nbytes / bandwidth >= flops / peak else "compute"}
+    roof = max(nbytes / bandwidth, flops / peak)
+    row = {"batch": batch, "context": context, "attention": attention, "bytes": nbytes, "flops": flops,
+           "kv_bytes": kv_bytes, "roofline_ms": roof * 1e3,
+           "bound": "bandwidth" if nbytes / bandwidth >= flops / peak else "compute"}
+    for path in (attention,) + tuple(compare):
+        kw = dict(cfg=cfg, do_sample=False, attention=path)
+        sec, _ = _time_steps(lambda pool: decode_step(params, pool, fx.tokens, fx.positions, fx.block_tables,
+                                                       fx.sampling, **kw), fx, steps)
+        if path == attention:
+            # the layer loop is unrolled, so XLA's count covers every layer; it does not see inside
+            # the FFI kernel's custom call (there it omits the K/V reads)
+            xla = xla_cost(decode_step, params, fx.pool, fx.tokens, fx.positions, fx.block_tables, fx.sampling, **kw)
+            row.update(ms_per_step=sec * 1e3, tok_s=batch / sec, pct_roofline=100 * roof / sec,
+                       xla_bytes=xla["bytes"], xla_flops=xla["flops"])
+        else:
+            row[f"ms_per_step_{path}"] = sec * 1e3
+    return row
+
+
+def engine_step_ms(cfg, params, batch: int, context: int, steps: int) -> float:
+    """Median ms of `Engine.step` (planning, the compiled step, sampling, token fetch and
+    bookkeeping) with `batch` requests of `context` prompt tokens, all prefilled first."""
+    from drex_jax import Engine, GenerationConfig
+
+    eng = Engine.from_params(cfg, params, max_slots=batch, max_seq_len=context + steps + 8,
+                             max_prefill_tokens_per_step=batch * context)
+    rng = np.random.default_rng(1)
+    gc = GenerationConfig(max_new_tokens=steps + 4, ignore_eos=True)
+    for _ in range(batch):
+        eng.submit([int(t) for t in rng.integers(0, cfg.vocab_size, context)], gc)
+    eng.step()  # prefill all, first decode step (compiles)
+    eng.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def segment_pair(cfg, params, batch: int, context: int, exit_layer: int, ramp_vocab: int | None, peak: float,
-                 bandwidth: float, steps: int) -> dict:
+                 bandwidth: float, steps: int, attention: str = "ffi") -> dict:
     """One early-exit segment pair (layers 0..E + ramp, then E..L + LM head, shared head) vs the
     fused full-depth step, all at the same batch and context: the segments' overhead."""
-    dtype = jax.tree.leaves(params)[0].dtype
+    dtype = params["final_norm"].dtype
     fx = decode_fixture(cfg, batch, context, dtype)
     slots = jnp.arange(batch, dtype=jnp.int32)
     ramp_tokens = None if ramp_vocab is None else jnp.arange(ramp_vocab, dtype=jnp.int32)
@@ -151,7 +181,8 @@ def segment_pair(cfg, params, batch: int, context: int, exit_layer: int, ramp_vo
         def step(pool, start=start, end=end, ramp=ramp, state=state):
             tok, conf, pool, state["hidden"] = segment_step(
                 params, None, pool, state["hidden"], slots, fx.tokens, fx.positions, fx.block_tables, fx.sampling,
-                ramp_tokens, cfg=cfg, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False)
+                ramp_tokens, cfg=cfg, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False,
+                attention=attention)
             return tok, pool
 
         sec, _ = _time_steps(step, fx, steps)
@@ -178,33 +209,41 @@ def hf_tok_s(batches, new_tokens: int = 32) -> dict[int, float]:
 
 
 def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, exit_layer: int = 15,
-                 ramp_vocab: int | None = 1024, hf: bool = True, progress: bool = True) -> dict:
+                 ramp_vocab: int | None = 1024, hf: bool = True, progress: bool = True,
+                 attention: str = "auto") -> dict:
     from tqdm import tqdm
 
     from convert.checkpoint import load_checkpoint
     from drex_jax.default_model import default_model_path
+    from drex_jax.engine import resolve_attention
 
     grid = QUICK_GRID if quick else FULL_GRID
     cfg, params, _ = load_checkpoint(model or default_model_path())
-    dtype = jax.tree.leaves(params)[0].dtype
+    params = decode_layout(params)
+    dtype = params["final_norm"].dtype
+    attention = resolve_attention(attention, dtype)
+    compare = ("xla",) if attention != "xla" else ()
     if progress:
-        print("[roofline] measuring matmul peak and read bandwidth", file=sys.stderr, flush=True)
+        print(f"[roofline] attention={attention}; measuring matmul peak and read bandwidth", file=sys.stderr, flush=True)
     peak, bandwidth = measure_matmul_peak(dtype), measure_read_bandwidth(dtype)
     points = [(b, c) for b in grid["batches"] for c in grid["contexts"]]
     rows = []
     for b, c in tqdm(points, desc="roofline", disable=not progress, file=sys.stderr):
-        rows.append(roofline_point(cfg, params, b, c, peak, bandwidth, steps))
+        row = roofline_point(cfg, params, b, c, peak, bandwidth, steps, attention, compare)
+        if c == grid["contexts"][0]:  # the engine around the step, where prefilling every row is cheap
+            row["engine_ms_per_step"] = engine_step_ms(cfg, params, b, c, steps)
+        rows.append(row)
     seg_b, seg_c = grid["batches"][-1], grid["contexts"][0]
     full = next(r for r in rows if r["batch"] == seg_b and r["context"] == seg_c)
-    seg = segment_pair(cfg, params, seg_b, seg_c, exit_layer, ramp_vocab, peak, bandwidth, steps)
+    seg = segment_pair(cfg, params, seg_b, seg_c, exit_layer, ramp_vocab, peak, bandwidth, steps, attention)
     seg.update(batch=seg_b, context=seg_c, exit_layer=exit_layer, ramp_vocab=ramp_vocab, full_ms=full["ms_per_step"],
                overhead_ms=seg["shallow"]["ms"] + seg["deep"]["ms"] - full["ms_per_step"])
     hf_res = hf_tok_s(grid["hf_batches"]) if hf else {}
     for r in rows:
         if r["batch"] in hf_res and r["context"] == grid["contexts"][0]:
             r["hf_tok_s"] = hf_res[r["batch"]]
-    return {"machine": machine(), "dtype": str(jnp.dtype(dtype)), "peak_flops": peak, "bandwidth": bandwidth,
-            "steps_per_point": steps, "points": rows, "segments": seg, "hf_tok_s": hf_res,
+    return {"machine": machine(), "dtype": str(jnp.dtype(dtype)), "attention": attention, "peak_flops": peak,
+            "bandwidth": bandwidth, "steps_per_point": steps, "points": rows, "segments": seg, "hf_tok_s": hf_res,
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
@@ -217,22 +256,27 @@ def machine() -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Roofline benchmark, {res['machine']}, {res['dtype']}, {res['date']}: matmul peak "
+    att = res.get("attention", "xla")
+    lines = [f"Roofline benchmark, {res['machine']}, {res['dtype']}, attention `{att}`, {res['date']}: matmul peak "
              f"{res['peak_flops'] / 1e9:.0f} GFLOP/s, read bandwidth {res['bandwidth'] / 1e9:.1f} GB/s (measured in this "
              f"run); median of {res['steps_per_point']} decode steps per point, prefill excluded.", "",
-             "MB and GFLOP are analytic per step; the cross-check columns compare one layer + LM head "
-             "(analytic) with XLA's `cost_analysis()` of the compiled step, which counts the layer loop's body once.",
+             "MB and GFLOP are analytic per step; the check columns give XLA's `cost_analysis()` of the compiled "
+             "step (it does not see inside the FFI kernel, so there it omits the K/V reads). `xla attn ms`: the "
+             "same step with the dense-gather XLA attention, same fixture. `Engine.step ms`: the whole engine "
+             "step (plan, compiled step, token fetch, bookkeeping) with every request prefilled.",
              "",
-             "| batch | context | ms/step | tok/s | MB read | GFLOP | check MB: 1 layer+head / XLA | "
-             "check GFLOP: 1 layer+head / XLA | K/V MB | roofline ms | bound | % of roofline | HF tok/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "| batch | context | ms/step | tok/s | MB read | GFLOP | XLA MB | XLA GFLOP | K/V MB | roofline ms | "
+             "bound | % of roofline | K/V GB/s | xla attn ms | Engine.step ms | HF tok/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["points"]:
         hf = f"{r['hf_tok_s']:.1f}" if "hf_tok_s" in r else ""
+        xla_ms = f"{r['ms_per_step_xla']:.1f}" if "ms_per_step_xla" in r else ""
+        eng = f"{r['engine_ms_per_step']:.1f}" if "engine_ms_per_step" in r else ""
+        kv_rate = r["kv_bytes"] / (r["ms_per_step"] / 1e3) / 1e9
         lines.append(f"| {r['batch']} | {r['context']} | {r['ms_per_step']:.1f} | {r['tok_s']:.1f} | "
-                     f"{r['bytes'] / 1e6:.0f} | {r['flops'] / 1e9:.2f} | {r['one_layer_bytes'] / 1e6:.0f} / "
-                     f"{r['xla_bytes'] / 1e6:.0f} | {r['one_layer_flops'] / 1e9:.3f} / {r['xla_flops'] / 1e9:.3f} | "
-                     f"{r['kv_bytes'] / 1e6:.0f} | {r['roofline_ms']:.1f} | {r['bound']} | "
-                     f"**{r['pct_roofline']:.0f}%** | {hf} |")
+                     f"{r['bytes'] / 1e6:.0f} | {r['flops'] / 1e9:.2f} | {r['xla_bytes'] / 1e6:.0f} | "
+                     f"{r['xla_flops'] / 1e9:.2f} | {r['kv_bytes'] / 1e6:.0f} | {r['roofline_ms']:.1f} | {r['bound']} | "
+                     f"**{r['pct_roofline']:.0f}%** | {kv_rate:.1f} | {xla_ms} | {eng} | {hf} |")
     s = res["segments"]
     lines += ["", f"Early-exit segment pair at batch {s['batch']}, context {s['context']}, exit after layer "
               f"{s['exit_layer']} (ramp vocabulary {s['ramp_vocab'] or 'full'}): shallow {s['shallow']['ms']:.1f} ms "

@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import attention, embed, finish_layer, layer_at, lm_head, qkv
-from drex_jax.sampling import SamplingParams, sample
+from drex_jax.model.decoder import attention as attention_fn
+from drex_jax.model.decoder import embed, finish_layer, from_stream, next_tokens, qkv, to_stream
+from drex_jax.model.params import layer_params
+from drex_jax.sampling import SamplingParams
 
 
 def layer_loop(
@@ -35,42 +37,51 @@ def layer_loop(
     """Run layers `[start, end)`, writing each token's K/V into the pool first.
 
     x: [B, T, H]; positions, write_page, write_off: [B, T] int32 (write_page >= num_pages
-    drops the write). `attend(q, k, v, k_layer_pool, v_layer_pool) -> [B, T, nh*D]`.
-    The pool is a loop carry, so with a donated pool XLA updates it in place.
+    drops the write). `attend(q, k, v, k_pool, v_pool, layer) -> [B, T, nh*D]` reads layer
+    `layer` of the whole pool (no per-layer slice is materialized). With a donated pool XLA
+    updates it in place.
+
+    The loop is unrolled in Python so each layer's weights are read where they lie (decode
+    layout: no per-layer copy; from the checkpoint layout `layer_params` slices instead).
 
     kv_depth [B, T] (optional) replays early exits: a token with depth E runs layers < E only;
     its K/V at layers >= E is what the early-exit fill wrote (`missing_kv`): layer E-1's K/V
     (copy) or each layer's projection of the frozen exit hidden state (propagate).
     """
+    B, T = positions.shape
     pos = jnp.maximum(positions, 0)
-
-    def body(i, carry):
-        x, k_pool, v_pool, k_last, v_last = carry
-        lp = layer_at(params["layers"], i)
-        q, k, v = qkv(lp, cfg, x, pos)
+    k_pool, v_pool = pool["k"], pool["v"]
+    k_last = v_last = None
+    xt = to_stream(x)
+    for i in range(start, end):
+        lp = layer_params(params, i)
+        q, k, v = qkv(lp, cfg, xt, pos)
         if kv_depth is not None:
             live = (i < kv_depth)[..., None, None]  # [B, T, 1, 1]
-            if missing_kv == "copy":
+            if missing_kv == "copy" and k_last is not None:
                 k, v = jnp.where(live, k, k_last), jnp.where(live, v, v_last)
             k_last, v_last = k, v
         # advanced indices split by a slice => value layout [B, T, kv, D]
         k_pool = k_pool.at[i, :, write_page, write_off].set(k.astype(k_pool.dtype), mode="drop")
         v_pool = v_pool.at[i, :, write_page, write_off].set(v.astype(v_pool.dtype), mode="drop")
-        y = finish_layer(lp, cfg, x, attend(q, k, v, k_pool[i], v_pool[i]))
+        y = finish_layer(lp, cfg, xt, attend(q, k, v, k_pool, v_pool, i))
         if kv_depth is not None:  # exited tokens keep their exit hidden state
-            y = jnp.where(live[..., 0], y, x)
-        return y, k_pool, v_pool, k_last, v_last
-
-    B, T = positions.shape
-    none = jnp.zeros((B, T, cfg.num_kv_heads, cfg.head_dim), x.dtype) if kv_depth is not None else None
-    x, k_pool, v_pool, _, _ = jax.lax.fori_loop(start, end, body, (x, pool["k"], pool["v"], none, none))
-    return x, {"k": k_pool, "v": v_pool}
+            y = jnp.where(live.reshape(1, B * T), y, xt)
+        xt = y
+    return from_stream(xt, B, T), {"k": k_pool, "v": v_pool}
 
 
-def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end: int):
+ATTENTION = ("xla", "ffi", "pallas")
+
+
+def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end: int, attention: str = "xla"):
     """Layers `[start, end)` for rows attending through their pages (decode, deep segments).
 
     x: [B, T, H]; positions: [B, T] (-1 = padding); block_tables: [B, P]. Returns (x, pool).
+    `attention` picks how a layer reads its keys and values (each gives the same result):
+    "xla" gathers every row's pages into a dense [B, S, kv, D] copy (any backend, any dtype);
+    "ffi" streams each live page once through the C++ kernel (CPU, fp32; `kernels.ffi`);
+    "pallas" runs jax's Pallas GPU paged-attention kernel (one query token per row).
     """
     B, T, _ = x.shape
     _, _, num_pages, page_size, _ = pool["k"].shape
@@ -78,14 +89,28 @@ def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end:
     valid = positions >= 0
     pos = jnp.maximum(positions, 0)
     write_page = jnp.where(valid, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
-    mask = (jnp.arange(S)[None, None, :] <= pos[:, :, None]) & valid[:, :, None]  # [B, T, S]
+    if attention == "ffi":
+        from drex_jax.kernels.ffi import paged_attention
 
-    def gather(layer_pool):  # [kv, N, ps, D] -> [B, S, kv, D]
-        g = layer_pool[:, block_tables]  # [kv, B, P, ps, D]
-        return g.reshape(cfg.num_kv_heads, B, S, cfg.head_dim).transpose(1, 2, 0, 3)
+        def attend(q, k, v, k_pool, v_pool, layer):
+            out = paged_attention(q, k_pool, v_pool, block_tables, positions, layer)
+            return out.reshape(B, T, -1).astype(q.dtype)
+    elif attention == "pallas":
+        from drex_jax.kernels.pallas import paged_attention_pallas
 
-    def attend(q, k, v, k_layer, v_layer):
-        return attention(cfg, q, gather(k_layer), gather(v_layer), mask)
+        def attend(q, k, v, k_pool, v_pool, layer):
+            return paged_attention_pallas(q, k_pool[layer], v_pool[layer], block_tables, positions).astype(q.dtype)
+    elif attention == "xla":
+        mask = (jnp.arange(S)[None, None, :] <= pos[:, :, None]) & valid[:, :, None]  # [B, T, S]
+
+        def gather(pool_kv, layer):  # [L, kv, N, ps, D] -> [B, S, kv, D]
+            g = pool_kv[layer][:, block_tables]  # [kv, B, P, ps, D]
+            return g.reshape(cfg.num_kv_heads, B, S, cfg.head_dim).transpose(1, 2, 0, 3)
+
+        def attend(q, k, v, k_pool, v_pool, layer):
+            return attention_fn(cfg, q, gather(k_pool, layer), gather(v_pool, layer), mask)
+    else:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
 
     return layer_loop(params, cfg, pool, x, positions, write_page, pos % page_size, attend, start, end)
 
@@ -121,16 +146,16 @@ def prefill_step(
     causal = positions[:, None, :] <= positions[:, :, None]
     mask = same & causal & valid[:, :, None] & valid[:, None, :]  # [R, W, W] block-diagonal causal
 
-    def attend(q, k, v, k_layer, v_layer):  # prompts attend to their own fresh K/V only
-        return attention(cfg, q, k, v, mask)
+    def attend(q, k, v, k_pool, v_pool, layer):  # prompts attend to their own fresh K/V only
+        return attention_fn(cfg, q, k, v, mask)
 
     x, pool = layer_loop(params, cfg, pool, embed(params, tokens), positions, write_page, write_off, attend,
                          0, cfg.num_layers, kv_depth, missing_kv)
     last = x.reshape(R * W, -1)[last_index]
-    return sample(lm_head(params, cfg, last), sampling, do_sample), pool
+    return next_tokens(params, cfg, last, sampling, do_sample), pool
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "do_sample"), donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("cfg", "do_sample", "attention"), donate_argnames=("pool",))
 def decode_step(
     params: dict,
     pool: dict,
@@ -141,8 +166,9 @@ def decode_step(
     *,
     cfg: ModelConfig,
     do_sample: bool,
+    attention: str = "xla",
 ):
     """One token per row: tokens [B], positions [B] (-1 = padding row) -> next tokens [B], pool."""
     x = embed(params, tokens)[:, None]
-    x, pool = paged_layers(params, cfg, pool, x, positions[:, None], block_tables, 0, cfg.num_layers)
-    return sample(lm_head(params, cfg, x[:, 0]), sampling, do_sample), pool
+    x, pool = paged_layers(params, cfg, pool, x, positions[:, None], block_tables, 0, cfg.num_layers, attention)
+    return next_tokens(params, cfg, x[:, 0], sampling, do_sample), pool

@@ -1,8 +1,13 @@
 """One description of the parameters drives random init, shape checks and HF name mapping.
 
-Params are a plain nested dict of arrays. Per-layer weights are stacked on a leading
-`[layers]` axis so a segment `[start, end)` indexes them without copying.
-Linear weights are stored `[in, out]` (HF stores `[out, in]`).
+Two layouts of the same nested dict of arrays:
+- checkpoint layout (conversion, checkpoints, training, the unbatched reference): per-layer
+  weights stacked on a leading `[layers]` axis, linear weights `[in, out]`;
+- decode layout (`decode_layout`, what the engine's compiled steps read): `layers` is a tuple
+  of one dict per layer and linear weights are `[out, in]` (HF's own order). A jitted step
+  then reads each layer's weights in place (slicing a stacked array inside the step copies
+  the slice before its dot), and the dot keeps the weight on the left of a `[hidden, tokens]`
+  activation, which XLA:CPU's dot library runs without repacking the weight on every call.
 """
 from __future__ import annotations
 
@@ -94,8 +99,16 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
 def check_params(cfg: ModelConfig, params: dict) -> None:
     """Raise ValueError naming every missing, unexpected or mis-shaped parameter."""
     specs = param_specs(cfg)
-    flat = flatten(params)
     problems = []
+    if is_decode_layout(params):
+        if len(params["layers"]) != cfg.num_layers:
+            problems.append(f"{len(params['layers'])} layers, config expects {cfg.num_layers}")
+        params = {**params, "layers": {k: jax.ShapeDtypeStruct((len(params["layers"]),) + (
+            lp_shape[::-1] if k in MATRICES else lp_shape), a.dtype) for k, a in params["layers"][0].items()
+            for lp_shape in [tuple(np.shape(a))]}}
+        if "lm_head" in params:
+            params["lm_head"] = jax.ShapeDtypeStruct(np.shape(params["lm_head"])[::-1], params["lm_head"].dtype)
+    flat = flatten(params)
     for path in sorted(set(specs) - set(flat)):
         problems.append(f"missing parameter {path!r} (shape {specs[path].shape})")
     for path in sorted(set(flat) - set(specs)):
@@ -109,6 +122,45 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
             problems.append(f"parameter {path!r} has dtype {dt}, expected a float dtype")
     if problems:
         raise ValueError("params do not match the model config:\n  " + "\n  ".join(problems))
+
+
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def is_decode_layout(params: dict) -> bool:
+    return isinstance(params["layers"], (tuple, list))
+
+
+def layer_params(params: dict, i: int) -> dict:
+    """Layer `i`'s weights in the decode layout (matrices `[out, in]`), from either layout.
+    From the checkpoint layout this slices and transposes (a copy: reference and training only)."""
+    layers = params["layers"]
+    if is_decode_layout(params):
+        return layers[i]
+    return {k: (v[i].T if k in MATRICES else v[i]) for k, v in layers.items()}
+
+
+def decode_layout(params: dict) -> dict:
+    """The decode layout of checkpoint-layout params (new arrays; the caller may drop the old)."""
+    if is_decode_layout(params):
+        return params
+    L = next(iter(params["layers"].values())).shape[0]
+    out = {**params, "layers": tuple(jax.tree.map(jnp.asarray, layer_params(params, i)) for i in range(L))}
+    if "lm_head" in params:  # [V, H] like every matrix of this layout
+        out["lm_head"] = jnp.asarray(params["lm_head"].T)
+    return out
+
+
+def checkpoint_layout(params: dict) -> dict:
+    """Inverse of `decode_layout` (stacked, `[in, out]`)."""
+    if not is_decode_layout(params):
+        return params
+    layers = params["layers"]
+    stacked = {k: jnp.stack([lp[k].T if k in MATRICES else lp[k] for lp in layers]) for k in layers[0]}
+    out = {**params, "layers": stacked}
+    if "lm_head" in params:
+        out["lm_head"] = params["lm_head"].T
+    return out
 
 
 def cast_params(params: dict, dtype) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 
 from drex_jax.early_exit import EEConfig
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import lm_head, rms_norm, vocab_projection
+from drex_jax.model.decoder import lm_head, project_rows, rms_norm, vocab_rows
 
 
 def confidence(logits: jax.Array, measure: str) -> jax.Array:
@@ -54,12 +54,10 @@ def ramp_logits(params: dict, cfg: ModelConfig, h: jax.Array, heads: dict | None
     heads=None means the shared head (final norm + LM head)."""
     if heads is None:
         return lm_head(params, cfg, h, ramp_tokens)
-    w = vocab_projection(params, cfg, ramp_tokens)
     hd = jax.tree.map(lambda a: a[ramp], heads)
     h32 = h.astype(jnp.float32)
     h2 = h32 + (h32 @ hd["down"]) @ hd["up"]
-    return jnp.einsum("...h,hv->...v", rms_norm(h2, hd["norm"], cfg.rms_norm_eps).astype(w.dtype), w,
-                      preferred_element_type=jnp.float32)
+    return project_rows(vocab_rows(params, cfg, ramp_tokens), rms_norm(h2, hd["norm"], cfg.rms_norm_eps))
 
 
 def check_ramp_tokens(ee: EEConfig, cfg: ModelConfig, ramp_tokens) -> jax.Array | None:

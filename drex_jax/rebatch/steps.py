@@ -14,14 +14,15 @@ import jax
 import jax.numpy as jnp
 
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import embed, layer_at, lm_head, qkv
+from drex_jax.model.decoder import embed, next_tokens, qkv
+from drex_jax.model.params import layer_params
 from drex_jax.model.paged import paged_layers
 from drex_jax.model.ramps import confidence, ramp_logits, to_token_ids
 from drex_jax.sampling import SamplingParams, sample
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "start", "end", "ramp", "measure", "do_sample"),
+    jax.jit, static_argnames=("cfg", "start", "end", "ramp", "measure", "do_sample", "attention"),
     donate_argnames=("pool", "hidden"),
 )
 def segment_step(
@@ -42,6 +43,7 @@ def segment_step(
     ramp: int,
     measure: str,
     do_sample: bool,
+    attention: str = "xla",
 ):
     """Layers [start, end) for rows `slot_ids` [B], then the ramp `ramp` (or the LM head if -1).
 
@@ -51,17 +53,15 @@ def segment_step(
     only these candidates (None = whole vocabulary); the final LM head always scores all.
     """
     x = embed(params, tokens) if start == 0 else hidden[slot_ids]
-    x, pool = paged_layers(params, cfg, pool, x[:, None], positions[:, None], block_tables, start, end)
+    x, pool = paged_layers(params, cfg, pool, x[:, None], positions[:, None], block_tables, start, end,
+                           attention)
     x = x[:, 0]
     hidden = hidden.at[slot_ids].set(x.astype(hidden.dtype), mode="drop")
     if ramp < 0:
-        logits = lm_head(params, cfg, x)
-        conf = jnp.full(x.shape[:1], jnp.inf, jnp.float32)
-    else:
-        logits = ramp_logits(params, cfg, x, heads, ramp, ramp_tokens)
-        conf = confidence(logits, measure)
-        return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), conf, pool, hidden
-    return sample(logits, sampling, do_sample), conf, pool, hidden
+        return next_tokens(params, cfg, x, sampling, do_sample), jnp.full(x.shape[:1], jnp.inf), pool, hidden
+    logits = ramp_logits(params, cfg, x, heads, ramp, ramp_tokens)
+    conf = confidence(logits, measure)
+    return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), conf, pool, hidden
 
 
 def _write_targets(pool, block_tables, positions):
@@ -90,12 +90,10 @@ def fill_copy(pool: dict, block_tables: jax.Array, positions: jax.Array, *, exit
 def fill_propagate(params, pool, hidden, slot_ids, block_tables, positions, *, cfg: ModelConfig, exit_layer: int):
     """Each layer >= exit_layer computes its own K/V from the rows' exit hidden states."""
     page, off = _write_targets(pool, block_tables, positions)
-    h = hidden[slot_ids][:, None]  # [B, 1, H]
+    ht = hidden[slot_ids].T  # [H, B]
     pos = jnp.maximum(positions, 0)[:, None]
-
-    def body(i, c):
-        _, k, v = qkv(layer_at(params["layers"], i), cfg, h, pos)  # [B, 1, kv, D]
-        return {"k": c["k"].at[i, :, page, off].set(k[:, 0].astype(c["k"].dtype), mode="drop"),
-                "v": c["v"].at[i, :, page, off].set(v[:, 0].astype(c["v"].dtype), mode="drop")}
-
-    return jax.lax.fori_loop(exit_layer, cfg.num_layers, body, pool)
+    for i in range(exit_layer, cfg.num_layers):
+        _, k, v = qkv(layer_params(params, i), cfg, ht, pos)  # [B, 1, kv, D]
+        pool = {"k": pool["k"].at[i, :, page, off].set(k[:, 0].astype(pool["k"].dtype), mode="drop"),
+                "v": pool["v"].at[i, :, page, off].set(v[:, 0].astype(pool["v"].dtype), mode="drop")}
+    return pool

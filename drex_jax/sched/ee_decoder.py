@@ -95,7 +95,7 @@ class EEDecoder:
         return out, self._last_ready - t0
 
     def _batch_arrays(self, reqs) -> DecodeBatch:
-        return decode_batch(reqs, self.eng.page_size, self.eng.max_slots)
+        return decode_batch(reqs, self.eng.page_size, self.eng.max_slots, self.eng.table_width)
 
     def _run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
         """segment_step on batch `arrays`; returns (tokens, confidences, seconds or None when the
@@ -106,7 +106,8 @@ class EEDecoder:
         (tok, conf, eng.pool, self.hidden), dt = self._call(
             segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, tokens, positions, bt, sp,
             self.ramp_tokens,
-            cfg=eng.cfg, start=start, end=end, ramp=ramp, measure=self.ee.confidence, do_sample=do_sample)
+            cfg=eng.cfg, start=start, end=end, ramp=ramp, measure=self.ee.confidence, do_sample=do_sample,
+            attention=eng.attention)
         if compile_counter.count() != compiles:  # a first call's time is mostly compilation: not a timing
             dt = None
         return np.asarray(tok), np.asarray(conf), dt
@@ -151,13 +152,13 @@ class EEDecoder:
             _, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
         self.art.record_full(key, dt)
 
-    def warmup_shapes(self, max_batch: int, max_width: int) -> list[tuple]:
-        """Every (kind, ramp/segment, batch bucket, page-width bucket) this decoder can run."""
+    def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
+        """Every (kind, ramp/segment, batch bucket, page width) this decoder can run."""
         from drex_jax.engine import _pow2_upto
 
         shapes = []
         for b in _pow2_upto(max_batch):
-            for w in _pow2_upto(max_width):
+            for w in widths:
                 shapes += [("segment", s, b, w) for s in range(self.num_segments)]
                 if self.policy == "off" or (self.use_art and self.policy == "rebatching"):
                     shapes.append(("full", -1, b, w))  # ART profiles the fused step per shape

@@ -1,0 +1,110 @@
+"""The C++ paged-attention kernel for XLA:CPU (`paged_attention.cc`), built on first use.
+
+The shared library is compiled with the system C++ compiler against the XLA FFI headers that
+ship with jaxlib, into `$DREX_JAX_CACHE/kernels` (default `~/.cache/drex_jax/kernels`), keyed
+by a hash of the source, the jaxlib version and the compiler; later processes load it from
+there. Where no compiler exists or the build fails, `available()` is False, one line says why,
+and the engine keeps the XLA attention path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = "drex_paged_attention"
+SOURCE = os.path.join(os.path.dirname(__file__), "paged_attention.cc")
+# Reassociation lets the compiler vectorize the dot products. Not -ffast-math: linking with it
+# pulls in crtfastmath, which switches the whole process to flush-denormals-to-zero on load.
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+         "-std=c++17", "-shared", "-fPIC")
+
+
+def _cpu_key() -> bytes:
+    """-march=native code runs only on this kind of CPU: key the cached library by it."""
+    import platform
+
+    flags = b""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            flags = next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        pass
+    return platform.machine().encode() + flags
+
+
+def cache_dir() -> str:
+    root = os.environ.get("DREX_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "drex_jax"))
+    return os.path.join(root, "kernels")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def library_path(cxx: str) -> str:
+    import jaxlib
+
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode() + " ".join(FLAGS).encode()
+                             + _cpu_key())
+    return os.path.join(cache_dir(), f"paged_attention-{key.hexdigest()[:16]}.so")
+
+
+def build(verbose: bool = True) -> str:
+    """Compile the kernel (if not cached) and return the library path. Raises RuntimeError."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    path = library_path(cxx)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if verbose:
+        print(f"drex_jax: building the CPU paged-attention kernel with {cxx} -> {path}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        out = os.path.join(tmp, "lib.so")  # build aside, then rename: concurrent builders never see half a file
+        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", out]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"building the paged-attention kernel failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
+        os.replace(out, path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def available(verbose: bool = True) -> bool:
+    """Build (once per process), load and register the kernel; False (with a one-line notice)
+    where that is impossible. `DREX_JAX_NO_FFI=1` disables it."""
+    if os.environ.get("DREX_JAX_NO_FFI"):
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(build(verbose))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DrexPagedAttention), platform="cpu")
+        return True
+    except (RuntimeError, OSError) as e:
+        first = str(e).splitlines()[0]
+        print(f"drex_jax: CPU paged-attention kernel unavailable ({first}); using the XLA attention path",
+              file=sys.stderr)
+        return False
+
+
+def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_tables: jax.Array,
+                    positions: jax.Array, layer: int) -> jax.Array:
+    """q [B, T, nh, D] f32; pools [L, kv, N, ps, D] f32; block_tables [B, P]; positions [B, T]
+    (-1 = padding) -> [B, T, nh, D]. Each query attends to its row's keys at positions <= its own."""
+    if not available():
+        raise RuntimeError("the CPU paged-attention kernel is not available (see the notice above)")
+    scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), k_pool, v_pool, block_tables.astype(jnp.int32),
+                positions.astype(jnp.int32), layer=np.int64(layer), scale=scale)

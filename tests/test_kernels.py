@@ -1,0 +1,160 @@
+"""Paged decode attention: the C++ FFI kernel and the Pallas kernel (interpret mode) against a
+plain numpy softmax over each row's own keys, the engine's paths against each other, and the
+compiled decode step's HLO (no dense cache copy, no per-layer weight slices)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drex_jax import Engine, GenerationConfig
+from drex_jax.early_exit import EEConfig
+from drex_jax.kernels import ffi
+from drex_jax.kernels.pallas import paged_attention_pallas
+from drex_jax.model.paged import decode_step
+from drex_jax.model.params import decode_layout
+from tests.serving import serve_with_arrivals
+
+L, KV, N, PS, D, NH = 3, 2, 40, 4, 16, 6
+
+
+def _case(B, T, positions, seed=0):
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(L, KV, N, PS, D)).astype(np.float32)
+    v = rng.normal(size=(L, KV, N, PS, D)).astype(np.float32)
+    P = 8
+    bt = rng.permutation(N)[: B * P].reshape(B, P).astype(np.int32)
+    q = rng.normal(size=(B, T, NH, D)).astype(np.float32)
+    return q, k, v, bt, np.asarray(positions, np.int32).reshape(B, T)
+
+
+def _numpy_attention(q, k, v, bt, positions, layer):
+    B, T = positions.shape
+    out = np.zeros((B, T, NH, D), np.float64)
+    for b in range(B):
+        keys = k[layer][:, bt[b]].reshape(KV, -1, D)
+        vals = v[layer][:, bt[b]].reshape(KV, -1, D)
+        for t in range(T):
+            p = positions[b, t]
+            if p < 0:
+                continue
+            for h in range(NH):
+                g = h // (NH // KV)
+                s = keys[g, : p + 1] @ q[b, t, h] / np.sqrt(D)
+                w = np.exp(s - s.max())
+                out[b, t, h] = (w / w.sum()) @ vals[g, : p + 1]
+    return out
+
+
+needs_ffi = pytest.mark.skipif(not ffi.available(), reason="no C++ compiler for the FFI kernel")
+
+
+@needs_ffi
+@pytest.mark.parametrize("B,T,positions", [
+    (4, 1, [0, 5, 31, -1]),  # first token, mid-page, a full 8-page row, a padding row
+    (2, 3, [[3, 4, 5], [9, -1, 10]]),  # several query tokens per row, causal within the row
+    (1, 1, [17]),
+])
+def test_ffi_kernel_matches_numpy(B, T, positions):
+    q, k, v, bt, pos = _case(B, T, positions)
+    for layer in (0, L - 1):
+        got = jax.jit(ffi.paged_attention, static_argnums=5)(q, k, v, bt, pos, layer)
+        np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, bt, pos, layer), atol=2e-5)
+
+
+def test_pallas_kernel_interpret_matches_numpy():
+    q, k, v, bt, pos = _case(3, 1, [6, 30, -1])
+    got = paged_attention_pallas(q, jnp.asarray(k[1]), jnp.asarray(v[1]), bt, pos, interpret=True)
+    want = _numpy_attention(q, k, v, bt, pos, 1).reshape(3, 1, NH * D)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+def test_ffi_build_failure_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DREX_JAX_CACHE", str(tmp_path))
+    with pytest.raises((RuntimeError, OSError)):
+        ffi.build(verbose=False)
+
+
+def test_bad_attention_choice(tiny_llama):
+    cfg, params = tiny_llama
+    with pytest.raises(ValueError, match="attention must be one of"):
+        Engine.from_params(cfg, params, attention="flash")
+    with pytest.raises(ValueError, match="float32"):
+        Engine.from_params(cfg, params, dtype="bfloat16", attention="ffi")
+
+
+@needs_ffi
+def test_engine_attention_paths_give_identical_tokens(tiny_llama):
+    cfg, params = tiny_llama
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(0, cfg.vocab_size, rng.integers(2, 30))) for _ in range(7)]
+    gc = GenerationConfig(max_new_tokens=12)
+    runs = {}
+    for attention in ("xla", "ffi", "pallas"):
+        eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, attention=attention)
+        assert eng.attention == attention
+        res = serve_with_arrivals(eng, prompts, gc, first=0, every=2, per_arrival=2)
+        runs[attention] = [res[i].token_ids for i in range(len(prompts))]
+    assert runs["ffi"] == runs["xla"] and runs["pallas"] == runs["xla"]
+    assert Engine.from_params(cfg, params).attention == "ffi"  # auto on a CPU in fp32
+
+
+@needs_ffi
+def test_rebatching_segments_through_ffi_equal_xla(tiny4):
+    cfg, params = tiny4
+    ee = EEConfig((1, 2, 3), (0.08, 0.06, 0.05))
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(0, 61, rng.integers(2, 12))) for _ in range(8)]
+    out = {}
+    for attention in ("xla", "ffi"):
+        eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=False,
+                                 attention=attention)
+        res = serve_with_arrivals(eng, prompts, GenerationConfig(max_new_tokens=12), first=0, every=3,
+                                  per_arrival=3)
+        out[attention] = [(res[i].token_ids, res[i].exit_layers) for i in range(len(prompts))]
+    assert out["ffi"] == out["xla"]
+    assert len({d for _, layers in out["ffi"] for d in layers}) > 1  # tokens did exit at different depths
+
+
+def _compiled_decode_hlo(cfg, params, attention, B=4, P=4, num_pages=33, page_size=8):
+    from drex_jax.kv.pool import init_pool
+    from drex_jax.sampling import SamplingParams
+
+    pool = init_pool(cfg, num_pages, page_size, jnp.float32)
+    args = (params, pool, np.zeros(B, np.int32), np.arange(B, dtype=np.int32),
+            np.arange(B * P, dtype=np.int32).reshape(B, P) + 1, SamplingParams.build([], B))
+    return decode_step.lower(*args, cfg=cfg, do_sample=False, attention=attention).compile().as_text()
+
+
+@needs_ffi
+def test_compiled_decode_step_reads_weights_and_pages_in_place(tiny_llama):
+    """Decode layout + FFI attention: no dynamic slice, gather or copy of any weight-sized or
+    pool-sized array in the step; the stacked checkpoint layout does slice (what it replaces)."""
+    cfg, params = tiny_llama
+    dec = decode_layout(params)
+    weight_shapes = {tuple(a.shape) for lp in dec["layers"] for k, a in lp.items() if a.ndim == 2}
+    hlo = _compiled_decode_hlo(cfg, dec, "ffi")
+
+    def big_ops(text, ops):
+        found = []
+        for line in text.splitlines():
+            m = re.search(r"= f32\[([\d,]*)\]\S* (" + "|".join(ops) + r")\(", line)
+            if m:
+                shape = tuple(int(d) for d in m.group(1).split(",") if d)
+                if shape in weight_shapes or np.prod(shape) >= 33 * 8 * cfg.head_dim:  # >= one layer's pool
+                    found.append(line.strip()[:120])
+        return found
+
+    assert big_ops(hlo, ["dynamic-slice", "slice", "gather", "copy"]) == []
+    assert hlo.count("drex_paged_attention") == cfg.num_layers
+    stacked = _compiled_decode_hlo(cfg, params, "xla")
+    assert big_ops(stacked, ["dynamic-slice", "slice", "gather", "copy", "transpose"])  # the old way copies
+
+
+@needs_ffi
+def test_loading_the_kernel_keeps_denormals():
+    """The library must not switch the process to flush-to-zero (what -ffast-math's crtfastmath does)."""
+    tiny = np.float32(1e-45)  # the smallest float32 subnormal
+    assert tiny * np.float32(2.0) > 0  # host (numpy) arithmetic; XLA:CPU flushes inside its own programs
