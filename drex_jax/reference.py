@@ -48,7 +48,8 @@ def _segment(params, cache, x, positions, *, cfg: ModelConfig, start: int, end: 
         return attention(cfg, q, k_pool[layer].transpose(1, 2, 0, 3), v_pool[layer].transpose(1, 2, 0, 3), mask)
 
     write_page = jnp.where(valid, 0, 1)  # page 1 does not exist: padding writes are dropped
-    return layer_loop(params, cfg, cache, x, positions, write_page, jnp.maximum(positions, 0), attend, start, end)
+    return layer_loop(params, cfg, cache, x, positions, write_page, jnp.maximum(positions, 0), attend, start, end,
+                      unroll=False)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "measure"))

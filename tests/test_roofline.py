@@ -17,7 +17,7 @@ def _one_layer():
 
 
 def test_analytic_cost_matches_xla_cost_analysis():
-    """With one layer XLA's loop body is the whole step, so its FLOP count must match the analytic
+    """With one layer XLA counts exactly the step's layer, so its FLOP count must match the analytic
     one (matmuls + live attention). XLA also counts what the analytic model leaves out as small:
     elementwise work, norms, softmax, sampling and attention over the bucket-padded page width,
     which at this toy width (hidden 128) is up to ~25% on top."""

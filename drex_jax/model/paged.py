@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import attention as attention_fn
 from drex_jax.model.decoder import embed, finish_layer, from_stream, next_tokens, qkv, to_stream
-from drex_jax.model.params import layer_params
+from drex_jax.model.params import is_decode_layout, layer_params
 from drex_jax.sampling import SamplingParams
 
 
@@ -33,6 +33,7 @@ def layer_loop(
     end: int,
     kv_depth: jax.Array | None = None,
     missing_kv: str = "copy",
+    unroll: bool = True,
 ):
     """Run layers `[start, end)`, writing each token's K/V into the pool first.
 
@@ -41,8 +42,11 @@ def layer_loop(
     `layer` of the whole pool (no per-layer slice is materialized). With a donated pool XLA
     updates it in place.
 
-    The loop is unrolled in Python so each layer's weights are read where they lie (decode
-    layout: no per-layer copy; from the checkpoint layout `layer_params` slices instead).
+    unroll=True (the engine's steps): the loop is unrolled in Python so each layer's weights are
+    read where they lie (decode layout: no per-layer copy). Measured for prefill too: the
+    unrolled step ran 8 prompts x 16 tokens in 184 ms where a `fori_loop` over the layers
+    stacked per call took 413 ms (it compiles 2x faster). unroll=False (the unbatched reference,
+    checkpoint layout only): a `fori_loop`, one compiled layer.
 
     kv_depth [B, T] (optional) replays early exits: a token with depth E runs layers < E only;
     its K/V at layers >= E is what the early-exit fill wrote (`missing_kv`): layer E-1's K/V
@@ -50,15 +54,13 @@ def layer_loop(
     """
     B, T = positions.shape
     pos = jnp.maximum(positions, 0)
-    k_pool, v_pool = pool["k"], pool["v"]
-    k_last = v_last = None
-    xt = to_stream(x)
-    for i in range(start, end):
-        lp = layer_params(params, i)
+
+    def layer(i, lp, carry):
+        xt, k_pool, v_pool, k_last, v_last = carry
         q, k, v = qkv(lp, cfg, xt, pos)
         if kv_depth is not None:
             live = (i < kv_depth)[..., None, None]  # [B, T, 1, 1]
-            if missing_kv == "copy" and k_last is not None:
+            if missing_kv == "copy":
                 k, v = jnp.where(live, k, k_last), jnp.where(live, v, v_last)
             k_last, v_last = k, v
         # advanced indices split by a slice => value layout [B, T, kv, D]
@@ -67,7 +69,20 @@ def layer_loop(
         y = finish_layer(lp, cfg, xt, attend(q, k, v, k_pool, v_pool, i))
         if kv_depth is not None:  # exited tokens keep their exit hidden state
             y = jnp.where(live.reshape(1, B * T), y, xt)
-        xt = y
+        return y, k_pool, v_pool, k_last, v_last
+
+    none = None
+    if kv_depth is not None:  # layer 0 is always live, so these zeros are never used
+        none = jnp.zeros((B, T, cfg.num_kv_heads, cfg.head_dim), x.dtype)
+    carry = (to_stream(x), pool["k"], pool["v"], none, none)
+    if unroll:
+        for i in range(start, end):
+            carry = layer(i, layer_params(params, i), carry)
+    else:
+        if is_decode_layout(params):
+            raise ValueError("unroll=False indexes stacked layers: pass the checkpoint layout")
+        carry = jax.lax.fori_loop(start, end, lambda i, c: layer(i, layer_params(params, i), c), carry)
+    xt, k_pool, v_pool, _, _ = carry
     return from_stream(xt, B, T), {"k": k_pool, "v": v_pool}
 
 
