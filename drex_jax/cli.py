@@ -234,6 +234,18 @@ def _bench(args) -> int:
         with open(os.path.join(args.out, "roofline.md"), "w") as f:
             f.write(md)
         roofline.plot(res, os.path.join(args.out, "roofline.png"))
+    elif args.ee_efficiency:
+        from drex_jax.bench import ee_efficiency
+
+        res = ee_efficiency.run_ee_efficiency(args.model, quick=args.quick, new_tokens=args.ee_new_tokens)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "ee_efficiency.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        md = ee_efficiency.markdown(res) + "\n" + ee_efficiency.summary(res) + "\n"
+        with open(os.path.join(args.out, "ee_efficiency.md"), "w") as f:
+            f.write(md)
+        ee_efficiency.plot(res, os.path.join(args.out, "ee_efficiency.png"))
+        print(md)
     elif args.scale:
         trace = args.trace or os.path.join(args.out, "exit_trace.json")
         results, meta = run_scale(args.scale, trace, batch=args.scale_batch, prompt_len=args.scale_prompt_len,
@@ -380,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=5, help="roofline: timed decode steps per point (median)")
     r.add_argument("--attention", default="auto", choices=["auto", "xla", "ffi", "pallas"],
                    help="roofline: decode attention path timed (the XLA path is timed beside it)")
+    ef = b.add_argument_group("early-exit machinery efficiency")
+    ef.add_argument("--ee-efficiency", action="store_true",
+                    help="replayed exit traces (exit share x ramps x batch x context) through off / eager / lazy / "
+                         "rebatching with and without ART: measured vs ideal speed-up; writes OUT/ee_efficiency.*; "
+                         "--quick for one point pair")
+    ef.add_argument("--ee-new-tokens", type=int, default=24, help="ee-efficiency: new tokens per request")
     b.add_argument("--out", default=bd.out_dir, help="output dir: results.json, results.md, PNG plots")
     s = b.add_argument_group("GPU scale mode")
     s.add_argument("--scale", default=None, help="preset shape with random weights, e.g. llama2-7b, llama2-13b")
