@@ -26,24 +26,32 @@ def _case(B, T, positions, seed=0):
     P = 8
     bt = rng.permutation(N)[: B * P].reshape(B, P).astype(np.int32)
     q = rng.normal(size=(B, T, NH, D)).astype(np.float32)
-    return q, k, v, bt, np.asarray(positions, np.int32).reshape(B, T)
+    k_new = rng.normal(size=(B, T, KV, D)).astype(np.float32)
+    v_new = rng.normal(size=(B, T, KV, D)).astype(np.float32)
+    return q, k, v, k_new, v_new, bt, np.asarray(positions, np.int32).reshape(B, T)
 
 
-def _numpy_attention(q, k, v, bt, positions, layer):
+def _numpy_attention(q, k, v, k_new, v_new, bt, positions, layer):
+    """Each query: softmax over its row's pool keys below the row's first new position, then the
+    row's new tokens up to its own position."""
     B, T = positions.shape
     out = np.zeros((B, T, NH, D), np.float64)
     for b in range(B):
-        keys = k[layer][:, bt[b]].reshape(KV, -1, D)
-        vals = v[layer][:, bt[b]].reshape(KV, -1, D)
+        first = max(positions[b, 0], 0)
+        pool_k = k[layer][:, bt[b]].reshape(KV, -1, D)[:, :first]
+        pool_v = v[layer][:, bt[b]].reshape(KV, -1, D)[:, :first]
         for t in range(T):
             p = positions[b, t]
             if p < 0:
                 continue
+            seen = [u for u in range(T) if 0 <= positions[b, u] <= p]
             for h in range(NH):
                 g = h // (NH // KV)
-                s = keys[g, : p + 1] @ q[b, t, h] / np.sqrt(D)
+                keys = np.concatenate([pool_k[g], k_new[b, seen, g]])
+                vals = np.concatenate([pool_v[g], v_new[b, seen, g]])
+                s = keys @ q[b, t, h] / np.sqrt(D)
                 w = np.exp(s - s.max())
-                out[b, t, h] = (w / w.sum()) @ vals[g, : p + 1]
+                out[b, t, h] = (w / w.sum()) @ vals
     return out
 
 
@@ -53,20 +61,34 @@ needs_ffi = pytest.mark.skipif(not ffi.available(), reason="no C++ compiler for 
 @needs_ffi
 @pytest.mark.parametrize("B,T,positions", [
     (4, 1, [0, 5, 31, -1]),  # first token, mid-page, a full 8-page row, a padding row
-    (2, 3, [[3, 4, 5], [9, -1, 10]]),  # several query tokens per row, causal within the row
+    (2, 3, [[3, 4, 5], [9, 10, -1]]),  # several new tokens per row, causal among themselves
     (1, 1, [17]),
 ])
 def test_ffi_kernel_matches_numpy(B, T, positions):
-    q, k, v, bt, pos = _case(B, T, positions)
+    case = _case(B, T, positions)
+    q, k, v, k_new, v_new, bt, pos = case
     for layer in (0, L - 1):
-        got = jax.jit(ffi.paged_attention, static_argnums=5)(q, k, v, bt, pos, layer)
-        np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, bt, pos, layer), atol=2e-5)
+        got, k_out, v_out = jax.jit(ffi.paged_attention, static_argnums=7)(*case, layer)
+        np.testing.assert_allclose(np.asarray(got), _numpy_attention(*case, layer), atol=2e-5)
+        # the kernel wrote each new token's K/V into its row's page slot of this layer, nothing else
+        want_k, want_v = k.copy(), v.copy()
+        for b in range(B):
+            for t in range(T):
+                if pos[b, t] >= 0:
+                    want_k[layer][:, bt[b, pos[b, t] // PS], pos[b, t] % PS] = k_new[b, t]
+                    want_v[layer][:, bt[b, pos[b, t] // PS], pos[b, t] % PS] = v_new[b, t]
+        np.testing.assert_array_equal(np.asarray(k_out), want_k)
+        np.testing.assert_array_equal(np.asarray(v_out), want_v)
 
 
 def test_pallas_kernel_interpret_matches_numpy():
-    q, k, v, bt, pos = _case(3, 1, [6, 30, -1])
+    q, k, v, k_new, v_new, bt, pos = _case(3, 1, [6, 30, -1])
+    # the Pallas path reads the step's own token from the pool: put it there
+    for b in range(2):
+        k[1][:, bt[b, pos[b, 0] // PS], pos[b, 0] % PS] = k_new[b, 0]
+        v[1][:, bt[b, pos[b, 0] // PS], pos[b, 0] % PS] = v_new[b, 0]
     got = paged_attention_pallas(q, jnp.asarray(k[1]), jnp.asarray(v[1]), bt, pos, interpret=True)
-    want = _numpy_attention(q, k, v, bt, pos, 1).reshape(3, 1, NH * D)
+    want = _numpy_attention(q, k, v, k_new, v_new, bt, pos, 1).reshape(3, 1, NH * D)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 

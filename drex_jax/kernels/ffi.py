@@ -98,13 +98,20 @@ def available(verbose: bool = True) -> bool:
         return False
 
 
-def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_tables: jax.Array,
-                    positions: jax.Array, layer: int) -> jax.Array:
-    """q [B, T, nh, D] f32; pools [L, kv, N, ps, D] f32; block_tables [B, P]; positions [B, T]
-    (-1 = padding) -> [B, T, nh, D]. Each query attends to its row's keys at positions <= its own."""
+def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                    block_tables: jax.Array, positions: jax.Array, layer: int) -> jax.Array:
+    """q [B, T, nh, D] f32; pools [L, kv, N, ps, D] f32; k_new, v_new [B, T, kv, D]: the rows' new
+    tokens, not yet written to the pool; block_tables [B, P]; positions [B, T] (-1 = padding),
+    consecutive per row -> [B, T, nh, D]. A query attends to its row's cached positions (below
+    positions[b, 0], read from the pool's layer `layer`) and to its row's new tokens up to its own
+    position. Returns (out, k_pool, v_pool): the pools with the new tokens written into layer
+    `layer` (aliased to the inputs: with a donated pool nothing is copied)."""
     if not available():
         raise RuntimeError("the CPU paged-attention kernel is not available (see the notice above)")
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q.astype(jnp.float32), k_pool, v_pool, block_tables.astype(jnp.int32),
+    pool = jax.ShapeDtypeStruct(k_pool.shape, jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct(q.shape, jnp.float32), pool, pool),
+                            input_output_aliases={1: 1, 2: 2})
+    return call(q.astype(jnp.float32), k_pool, v_pool, k_new.astype(jnp.float32), v_new.astype(jnp.float32),
+                block_tables.astype(jnp.int32),
                 positions.astype(jnp.int32), layer=np.int64(layer), scale=scale)
