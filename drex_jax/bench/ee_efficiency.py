@@ -147,9 +147,11 @@ def run_ee_efficiency(model: str | None = None, quick: bool = False, new_tokens:
             m = measure(cfg, params, heads_dir, policy, art, ramps, fractions, batch, context, new_tokens, ramp_vocab)
             base = m["tok_s"] if label == "off" else base
             speedup = m["tok_s"] / base
+            ee = label != "off"  # off is the baseline: it has no efficiency of its own
             rows.append({"ramps": list(ramps), "exit_share": share, "batch": batch, "context": context,
                          "policy": label, "ideal": ideal, "ideal_roofline": ideal_roof, "speedup": speedup,
-                         "efficiency": speedup / ideal, "efficiency_roofline": speedup / ideal_roof, **m})
+                         "efficiency": speedup / ideal if ee else None,
+                         "efficiency_roofline": speedup / ideal_roof if ee else None, **m})
     return {"machine": machine(), "peak_flops": peak, "bandwidth": bandwidth, "new_tokens": new_tokens,
             "ramp_vocab": ramp_vocab, "heads": heads_dir, "rows": rows,
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
@@ -161,12 +163,16 @@ def markdown(res: dict) -> str:
              "prefill excluded (second of two identical rounds); `off` = the fused full-depth step, same run.", "",
              "| ramps | exit share | batch | context | policy | tok/s | speed-up vs off | ideal L/depth | ideal roofline | "
              "efficiency | efficiency (roofline) | mean depth | invol. exits / stays | flushes | round trips/iter |",
+             # eager ignores the thresholds (every token leaves at the first ramp: involuntary exits), so
+             # its speed-up is not comparable with the trace's ideal
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         inv = f"{r.get('involuntary_exits', 0)} / {r.get('involuntary_stays', 0)}"
+        eff = "-" if r["efficiency"] is None else f"**{r['efficiency']:.2f}**"
+        eff_roof = "-" if r["efficiency_roofline"] is None else f"{r['efficiency_roofline']:.2f}"
         lines.append(f"| {r['ramps']} | {r['exit_share']:.0%} | {r['batch']} | {r['context']} | {r['policy']} | "
                      f"{r['tok_s']:.1f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['ideal_roofline']:.2f}x | "
-                     f"**{r['efficiency']:.2f}** | {r['efficiency_roofline']:.2f} | {r['mean_depth']:.1f} | {inv} | "
+                     f"{eff} | {eff_roof} | {r['mean_depth']:.1f} | {inv} | "
                      f"{r.get('flushes', 0)} | {r['host_round_trips_per_iteration']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -179,7 +185,7 @@ def plot(res: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     keys = sorted({(tuple(r["ramps"]), r["batch"], r["context"], r["policy"]) for r in res["rows"]
-                   if r["policy"] != "off"})
+                   if r["efficiency"] is not None})
     for ramps, b, c, pol in keys:
         pts = sorted((r["exit_share"], r["efficiency"]) for r in res["rows"]
                      if (tuple(r["ramps"]), r["batch"], r["context"], r["policy"]) == (ramps, b, c, pol))
