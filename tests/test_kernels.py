@@ -10,8 +10,8 @@ import pytest
 
 from drex_jax import Engine, GenerationConfig
 from drex_jax.early_exit import EEConfig
-from drex_jax.kernels import ffi
-from drex_jax.kernels.pallas import paged_attention_pallas
+from drex_jax.model.kernels import ffi
+from drex_jax.model.kernels.pallas import paged_attention_pallas
 from drex_jax.model.paged import decode_step
 from drex_jax.model.params import decode_layout
 from tests.serving import serve_with_arrivals

@@ -152,7 +152,7 @@ def roofline_point(cfg, params, batch: int, context: int, peak: float, bandwidth
 def attention_kernel_seconds(cfg, fx: DecodeFixture, steps: int) -> float:
     """Median seconds of the FFI paged-attention kernel over every layer of the fixture's pool
     (one query per row, nothing else in the program)."""
-    from drex_jax.kernels.ffi import paged_attention
+    from drex_jax.model.kernels.ffi import paged_attention
 
     B = fx.tokens.shape[0]
     q = jax.random.normal(jax.random.key(2), (B, 1, cfg.num_heads, cfg.head_dim), jnp.float32)

@@ -134,13 +134,13 @@ def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end:
     pos = jnp.maximum(positions, 0)
     write_page = jnp.where(valid, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
     if attention == "ffi":
-        from drex_jax.kernels.ffi import paged_attention
+        from drex_jax.model.kernels.ffi import paged_attention
 
         def attend(q, k, v, k_pool, v_pool, layer):  # the kernel also writes this step's K/V
             out, k_pool, v_pool = paged_attention(q, k_pool, v_pool, k, v, block_tables, positions, layer)
             return out.reshape(B, T, -1).astype(q.dtype), k_pool, v_pool
     elif attention == "pallas":
-        from drex_jax.kernels.pallas import paged_attention_pallas
+        from drex_jax.model.kernels.pallas import paged_attention_pallas
 
         def attend(q, k, v, k_pool, v_pool, layer):
             return paged_attention_pallas(q, k_pool[layer], v_pool[layer], block_tables, positions).astype(q.dtype)

@@ -6,7 +6,7 @@
 // softmax (running max m, running sum l, running weighted sum acc). Rows x KV heads are split
 // over XLA's intra-op thread pool.
 //
-// Operands (f32 / s32), shapes as in drex_jax/kernels/ffi.py:
+// Operands (f32 / s32), shapes as in drex_jax/model/kernels/ffi.py:
 //   q            [B, T, NH, D]   queries (RoPE applied)
 //   k_pool       [L, KV, N, PS, D]
 //   v_pool       [L, KV, N, PS, D]
