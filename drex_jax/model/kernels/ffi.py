@@ -1,7 +1,7 @@
 """The C++ paged-attention kernel for XLA:CPU (`paged_attention.cc`), built on first use.
 
 The shared library is compiled with the system C++ compiler against the XLA FFI headers that
-ship with jaxlib, into `$DREX_JAX_CACHE/kernels` (default `~/.cache/drex_jax/model/kernels`), keyed
+ship with jaxlib, into `$DREX_JAX_CACHE/kernels` (default `~/.cache/drex_jax/kernels`), keyed
 by a hash of the source, the jaxlib version and the compiler; later processes load it from
 there. Where no compiler exists or the build fails, `available()` is False, one line says why,
 and the engine keeps the XLA attention path.
