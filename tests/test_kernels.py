@@ -180,3 +180,17 @@ def test_loading_the_kernel_keeps_denormals():
     """The library must not switch the process to flush-to-zero (what -ffast-math's crtfastmath does)."""
     tiny = np.float32(1e-45)  # the smallest float32 subnormal
     assert tiny * np.float32(2.0) > 0  # host (numpy) arithmetic; XLA:CPU flushes inside its own programs
+
+
+def test_check_params_reads_every_layer_of_the_decode_layout(tiny_llama):
+    from drex_jax.model.params import check_params, checkpoint_layout
+
+    cfg, params = tiny_llama
+    dec = decode_layout(params)
+    check_params(cfg, dec)  # the decode layout of good params is good
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), checkpoint_layout(dec), params))
+    bad = {**dec, "layers": dec["layers"][:2] + ({**dec["layers"][2], "wq": dec["layers"][2]["wq"][:, :-1]},)}
+    with pytest.raises(ValueError, match="layer 2"):
+        check_params(cfg, bad)
+    with pytest.raises(ValueError, match="layers/wq"):
+        check_params(cfg, {**dec, "layers": dec["layers"][:2]})  # a layer missing

@@ -34,8 +34,7 @@ def layer_loop(
     kv_depth: jax.Array | None = None,
     missing_kv: str = "copy",
     unroll: bool = True,
-    defer_writes: bool = False,
-    attend_writes: bool = False,
+    writes: str = "per_layer",
 ):
     """Run layers `[start, end)`, writing each token's K/V into the pool first.
 
@@ -50,14 +49,14 @@ def layer_loop(
     stacked per call took 413 ms (it compiles 2x faster). unroll=False (the unbatched reference,
     checkpoint layout only): a `fori_loop`, one compiled layer.
 
-    attend_writes=True: `attend` writes this step's K/V itself and returns (out, k_pool, v_pool)
-    (the FFI kernel: no scatter at all, layers ordered by the pool it hands on).
-
-    defer_writes=True (unrolled only): `attend` does not read this step's K/V from the pool (it
-    gets them as k, v), so every layer's K/V is written after the loop by one scatter per K and
-    V instead of two per layer (fewer ops, and ~5 fewer executable memory mappings per layer:
-    XLA:CPU maps every kernel, and the kernel's limit on mappings caps how many programs a
-    process can hold).
+    writes: how this step's K/V reach the pool.
+    "per_layer": a scatter per K and V before each layer's `attend` (which reads them from the pool);
+    "after" (unrolled only): `attend` gets them as k, v and does not read them from the pool, so
+    every layer's K/V is written after the loop by one scatter per K and V (`write_layers`):
+    fewer ops, and ~5 fewer executable memory mappings per layer (XLA:CPU maps every kernel, and
+    the kernel's limit on mappings caps how many programs a process can hold);
+    "attend": `attend` writes them itself and returns (out, k_pool, v_pool) (the FFI kernel: no
+    scatter at all, layers ordered by the pool it hands on).
 
     kv_depth [B, T] (optional) replays early exits: a token with depth E runs layers < E only;
     its K/V at layers >= E is what the early-exit fill wrote (`missing_kv`): layer E-1's K/V
@@ -66,7 +65,9 @@ def layer_loop(
     B, T = positions.shape
     pos = jnp.maximum(positions, 0)
 
-    written = []  # deferred writes: (layer, k, v)
+    if writes not in ("per_layer", "after", "attend"):
+        raise ValueError(f"writes must be 'per_layer', 'after' or 'attend', got {writes!r}")
+    written = []  # writes="after": each layer's (k, v)
 
     def layer(i, lp, carry):
         xt, k_pool, v_pool, k_last, v_last = carry
@@ -76,10 +77,10 @@ def layer_loop(
             if missing_kv == "copy":
                 k, v = jnp.where(live, k, k_last), jnp.where(live, v, v_last)
             k_last, v_last = k, v
-        if attend_writes:
+        if writes == "attend":
             o, k_pool, v_pool = attend(q, k, v, k_pool, v_pool, i)
         else:
-            if defer_writes:
+            if writes == "after":
                 written.append((k, v))
             else:  # advanced indices split by a slice => value layout [B, T, kv, D]
                 k_pool = k_pool.at[i, :, write_page, write_off].set(k.astype(k_pool.dtype), mode="drop")
@@ -94,8 +95,8 @@ def layer_loop(
     if kv_depth is not None:  # layer 0 is always live, so these zeros are never used
         none = jnp.zeros((B, T, cfg.num_kv_heads, cfg.head_dim), x.dtype)
     carry = (to_stream(x), pool["k"], pool["v"], none, none)
-    if defer_writes and not unroll:
-        raise ValueError("defer_writes needs the unrolled loop")
+    if writes == "after" and not unroll:
+        raise ValueError("writes='after' needs the unrolled loop")
     if unroll:
         for i in range(start, end):
             carry = layer(i, layer_params(params, i), carry)
@@ -104,15 +105,21 @@ def layer_loop(
             raise ValueError("unroll=False indexes stacked layers: pass the checkpoint layout")
         carry = jax.lax.fori_loop(start, end, lambda i, c: layer(i, layer_params(params, i), c), carry)
     xt, k_pool, v_pool, _, _ = carry
-    if written:  # one scatter per K and V for every layer: value layout [layers, kv, B, T, D]
-        ks = jnp.stack([k for k, _ in written]).transpose(0, 3, 1, 2, 4)
-        vs = jnp.stack([v for _, v in written]).transpose(0, 3, 1, 2, 4)
-        # tie the writes to the last layer's output, so they run after every read of the pool
-        # (otherwise XLA copies the whole pool to keep the last reads safe from the in-place write)
-        xt, ks, vs = jax.lax.optimization_barrier((xt, ks, vs))
-        k_pool = k_pool.at[start:end, :, write_page, write_off].set(ks.astype(k_pool.dtype), mode="drop")
-        v_pool = v_pool.at[start:end, :, write_page, write_off].set(vs.astype(v_pool.dtype), mode="drop")
-    return from_stream(xt, B, T), {"k": k_pool, "v": v_pool}
+    pool = {"k": k_pool, "v": v_pool}
+    if written:
+        pool = write_layers(pool, start, [k for k, _ in written], [v for _, v in written], write_page, write_off)
+    return from_stream(xt, B, T), pool
+
+
+def write_layers(pool: dict, start: int, ks: list, vs: list, page: jax.Array, off: jax.Array) -> dict:
+    """Write layers `start, start+1, ...`'s K/V (lists of [B, T, kv, D], or [B, kv, D] with
+    page, off [B]) at (page, off), one scatter per K and V for all of them (page >= num_pages
+    drops the write)."""
+    def put(cache, vals):  # a layer slice and adjacent page/off indices: value [layers, kv, *idx, D]
+        stacked = jnp.moveaxis(jnp.stack(vals), -2, 1).astype(cache.dtype)
+        return cache.at[start:start + len(vals), :, page, off].set(stacked, mode="drop")
+
+    return {"k": put(pool["k"], ks), "v": put(pool["v"], vs)}
 
 
 ATTENTION = ("xla", "ffi", "pallas")
@@ -157,7 +164,7 @@ def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
 
     return layer_loop(params, cfg, pool, x, positions, write_page, pos % page_size, attend, start, end,
-                      attend_writes=attention == "ffi")
+                      writes="attend" if attention == "ffi" else "per_layer")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "do_sample", "missing_kv"), donate_argnames=("pool",))
@@ -195,7 +202,7 @@ def prefill_step(
         return attention_fn(cfg, q, k, v, mask)
 
     x, pool = layer_loop(params, cfg, pool, embed(params, tokens), positions, write_page, write_off, attend,
-                         0, cfg.num_layers, kv_depth, missing_kv, defer_writes=True)
+                         0, cfg.num_layers, kv_depth, missing_kv, writes="after")
     last = x.reshape(R * W, -1)[last_index]
     return next_tokens(params, cfg, last, sampling, do_sample), pool
 

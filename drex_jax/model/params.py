@@ -101,13 +101,7 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
     specs = param_specs(cfg)
     problems = []
     if is_decode_layout(params):
-        if len(params["layers"]) != cfg.num_layers:
-            problems.append(f"{len(params['layers'])} layers, config expects {cfg.num_layers}")
-        params = {**params, "layers": {k: jax.ShapeDtypeStruct((len(params["layers"]),) + (
-            lp_shape[::-1] if k in MATRICES else lp_shape), a.dtype) for k, a in params["layers"][0].items()
-            for lp_shape in [tuple(np.shape(a))]}}
-        if "lm_head" in params:
-            params["lm_head"] = jax.ShapeDtypeStruct(np.shape(params["lm_head"])[::-1], params["lm_head"].dtype)
+        params = _checkpoint_shapes(params, problems)
     flat = flatten(params)
     for path in sorted(set(specs) - set(flat)):
         problems.append(f"missing parameter {path!r} (shape {specs[path].shape})")
@@ -125,6 +119,24 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
 
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def _checkpoint_shapes(params: dict, problems: list) -> dict:
+    """Decode-layout params as checkpoint-layout shapes (what `check_params` compares with the
+    specs); a layer whose shapes differ from layer 0's is added to `problems`."""
+    def shapes(lp):
+        return {k: (np.shape(a)[::-1] if k in MATRICES else np.shape(a)) for k, a in lp.items()}
+
+    layers = params["layers"]
+    first = shapes(layers[0]) if layers else {}
+    for i, lp in enumerate(layers[1:], 1):
+        if shapes(lp) != first:
+            problems.append(f"layer {i} has parameters {shapes(lp)}, layer 0 has {first}")
+    out = {**params, "layers": {k: jax.ShapeDtypeStruct((len(layers),) + tuple(s), layers[0][k].dtype)
+                                for k, s in first.items()}}
+    if "lm_head" in params:
+        out["lm_head"] = jax.ShapeDtypeStruct(np.shape(params["lm_head"])[::-1], params["lm_head"].dtype)
+    return out
 
 
 def is_decode_layout(params: dict) -> bool:

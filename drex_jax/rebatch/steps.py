@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import embed, next_tokens, qkv
 from drex_jax.model.params import layer_params
-from drex_jax.model.paged import paged_layers
+from drex_jax.model.paged import paged_layers, write_layers
 from drex_jax.model.ramps import confidence, ramp_logits, to_token_ids
 from drex_jax.sampling import SamplingParams, sample
 
@@ -58,7 +58,8 @@ def segment_step(
     x = x[:, 0]
     hidden = hidden.at[slot_ids].set(x.astype(hidden.dtype), mode="drop")
     if ramp < 0:
-        return next_tokens(params, cfg, x, sampling, do_sample), jnp.full(x.shape[:1], jnp.inf), pool, hidden
+        final = jnp.full(x.shape[:1], jnp.inf, jnp.float32)  # the last segment: no confidence
+        return next_tokens(params, cfg, x, sampling, do_sample), final, pool, hidden
     logits = ramp_logits(params, cfg, x, heads, ramp, ramp_tokens)
     conf = confidence(logits, measure)
     return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), conf, pool, hidden
@@ -92,8 +93,5 @@ def fill_propagate(params, pool, hidden, slot_ids, block_tables, positions, *, c
     page, off = _write_targets(pool, block_tables, positions)
     ht = hidden[slot_ids].T  # [H, B]
     pos = jnp.maximum(positions, 0)[:, None]
-    for i in range(exit_layer, cfg.num_layers):
-        _, k, v = qkv(layer_params(params, i), cfg, ht, pos)  # [B, 1, kv, D]
-        pool = {"k": pool["k"].at[i, :, page, off].set(k[:, 0].astype(pool["k"].dtype), mode="drop"),
-                "v": pool["v"].at[i, :, page, off].set(v[:, 0].astype(pool["v"].dtype), mode="drop")}
-    return pool
+    kvs = [qkv(layer_params(params, i), cfg, ht, pos)[1:] for i in range(exit_layer, cfg.num_layers)]
+    return write_layers(pool, exit_layer, [k[:, 0] for k, _ in kvs], [v[:, 0] for _, v in kvs], page, off)

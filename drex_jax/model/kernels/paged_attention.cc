@@ -144,14 +144,14 @@ struct Shared {
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, F&& body) {
   auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, &body]() {
+  auto work = [shared, n, &body]() {  // body is only called while the caller waits below
     for (int64_t i; (i = shared->next.fetch_add(1)) < n;) body(i);
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
   for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([shared, n, body_ptr = &body]() {
+    pool.Schedule([shared, work]() {
       shared->active.fetch_add(1);
-      for (int64_t i; (i = shared->next.fetch_add(1)) < n;) (*body_ptr)(i);
+      work();
       if (shared->active.fetch_sub(1) == 1) {
         std::lock_guard<std::mutex> lock(shared->mu);
         shared->cv.notify_all();
