@@ -1,4 +1,5 @@
-"""`drex-jax` command line: convert checkpoints, generate text, train exit heads, plan memory."""
+"""`drex-jax` command line: convert checkpoints, generate text, serve the OpenAI API, train exit heads, plan
+memory, benchmark."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,31 @@ def _generate(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
     )
+    engine, ee_kwargs, mesh = _build_engine(args)
+    label = "early exit" if ee_kwargs else "full depth"
+    encoded = [engine.encode(p, not args.raw) for p in prompts]
+    results, timing = _timed_generate(engine, encoded, cfg, label)
+    runs = [(label, engine, results, timing)]
+    if ee_kwargs and not args.no_compare:  # the same model at full depth: what early exit costs and buys
+        full = Engine.from_params(engine.cfg, engine.params, engine.tokenizer, dtype=args.dtype,
+                                  max_slots=args.max_slots, max_seq_len=args.max_seq_len, mesh=mesh,
+                                  attention=args.attention)
+        runs.append(("full depth", full, *_timed_generate(full, encoded, cfg, "full depth")))
+    if args.json:
+        print(json.dumps([{"prompt": p, **{name: {"text": r[i].text, "token_ids": r[i].token_ids,
+                                                   "exit_layers": r[i].exit_layers, "stats": vars(r[i].stats)}
+                                            for name, _, r, _ in runs}}
+                          for i, p in enumerate(prompts)], indent=2))
+    else:
+        _print_comparison(prompts, encoded, runs, engine, ee_kwargs)
+    return 0
+
+
+def _build_engine(args):
+    """The Engine `generate` and `serve` run: model, dtype, slots, attention, devices, early exit.
+    Returns (engine, early-exit kwargs ({} at full depth), mesh)."""
+    from drex_jax import Engine
+
     mesh = None
     if args.coordinator or args.num_processes:
         from drex_jax.sharding import initialize_distributed
@@ -53,22 +79,26 @@ def _generate(args) -> int:
     ee_kwargs = _early_exit_kwargs(args, mcfg, params, model_dir)
     engine = Engine.from_params(mcfg, params, tok, dtype=args.dtype, max_slots=args.max_slots,
                                 max_seq_len=args.max_seq_len, mesh=mesh, attention=args.attention, **ee_kwargs)
-    label = "early exit" if ee_kwargs else "full depth"
-    encoded = [engine.encode(p, not args.raw) for p in prompts]
-    results, timing = _timed_generate(engine, encoded, cfg, label)
-    runs = [(label, engine, results, timing)]
-    if ee_kwargs and not args.no_compare:  # the same model at full depth: what early exit costs and buys
-        full = Engine.from_params(engine.cfg, engine.params, engine.tokenizer, dtype=args.dtype,
-                                  max_slots=args.max_slots, max_seq_len=args.max_seq_len, mesh=mesh,
-                                  attention=args.attention)
-        runs.append(("full depth", full, *_timed_generate(full, encoded, cfg, "full depth")))
-    if args.json:
-        print(json.dumps([{"prompt": p, **{name: {"text": r[i].text, "token_ids": r[i].token_ids,
-                                                   "exit_layers": r[i].exit_layers, "stats": vars(r[i].stats)}
-                                            for name, _, r, _ in runs}}
-                          for i, p in enumerate(prompts)], indent=2))
-    else:
-        _print_comparison(prompts, encoded, runs, engine, ee_kwargs)
+    return engine, ee_kwargs, mesh
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from drex_jax.default_model import default_model_path
+    from drex_jax.serve.app import build_app
+
+    engine, ee_kwargs, _ = _build_engine(args)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model or default_model_path()))
+    if args.warmup:
+        _note("compiling every batch and prompt bucket before serving (--warmup)")
+        engine.warmup(progress=True)
+    depth = "early exit (" + ee_kwargs["policy"] + ")" if ee_kwargs else "full depth"
+    _note(f"serving {name!r} ({depth}, {engine.max_slots} slots, context {engine.max_seq_len}) on "
+          f"http://{args.host}:{args.port}/v1  (first requests of each batch size compile)")
+    app = build_app(engine, name, max_waiting=args.max_waiting)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout)
     return 0
 
 
@@ -278,6 +308,39 @@ def _bench(args) -> int:
     return 0
 
 
+def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
+    """Model, engine and early-exit options shared by `generate` and `serve`."""
+    g.add_argument("--model", default=None, help="converted checkpoint dir (default: bundled SmolLM2)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--max-slots", type=int, default=32)
+    g.add_argument("--attention", default="auto", choices=["auto", "xla", "ffi", "pallas"],
+                   help="decode attention over the paged KV pool (auto: Pallas on a GPU, the C++ kernel on a CPU)")
+    g.add_argument("--max-seq-len", type=int, default=1024)
+    m = g.add_argument_group("devices")
+    m.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices; splits heads and MLP)")
+    m.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port (jax.distributed)")
+    m.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    m.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    e = g.add_argument_group("early exit")
+    e.add_argument("--early-exit", action="store_true", help="exit easy tokens at ramps (DREX rebatching)")
+    e.add_argument("--exit-layers", type=int, nargs="+", default=None,
+                   help="default: the trained heads' ramps (8 15 22 for the bundled heads)")
+    e.add_argument("--threshold", "--thresholds", type=float, nargs="+", default=None,
+                   help="one per ramp, or one for all; default: the thresholds the heads were calibrated for "
+                        "(0.9 with the shared head)")
+    e.add_argument("--policy", default="rebatching",
+                   choices=list(policies))
+    e.add_argument("--confidence", default="top1_minus_top2", choices=["top1_minus_top2", "max_prob", "neg_entropy"])
+    e.add_argument("--missing-kv", default=None, choices=["copy", "propagate"],
+                   help="default: what the heads were calibrated with (propagate: measured better than copy on "
+                        "SmolLM2, BENCHMARKS.md)")
+    e.add_argument("--head", default=None, choices=["shared", "trained"],
+                   help="default: trained when heads fit the model (MODEL/exit_heads or the bundled ones), else shared")
+    e.add_argument("--ramp-vocab", type=int, default=None,
+                   help="ramps score only this many candidate tokens (the most frequent outputs, ranked by "
+                        "train-exits); 0 = whole vocabulary; default: what the heads were calibrated with")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from drex_jax.rebatch.policies import POLICIES
 
@@ -291,7 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_convert)
 
     g = sub.add_parser("generate", help="generate text (default: bundled SmolLM2, chat template)")
-    g.add_argument("--model", default=None, help="converted checkpoint dir (default: bundled SmolLM2)")
     g.add_argument("--prompt", action="append", help="prompt (repeatable)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -299,38 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--max-slots", type=int, default=32)
-    g.add_argument("--attention", default="auto", choices=["auto", "xla", "ffi", "pallas"],
-                   help="decode attention over the paged KV pool (auto: Pallas on a GPU, the C++ kernel on a CPU)")
-    g.add_argument("--max-seq-len", type=int, default=1024)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print results as JSON")
-    m = g.add_argument_group("devices")
-    m.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices; splits heads and MLP)")
-    m.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port (jax.distributed)")
-    m.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
-    m.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
-    e = g.add_argument_group("early exit")
-    e.add_argument("--early-exit", action="store_true", help="exit easy tokens at ramps (DREX rebatching)")
-    e.add_argument("--exit-layers", type=int, nargs="+", default=None,
-                   help="default: the trained heads' ramps (8 15 22 for the bundled heads)")
-    e.add_argument("--threshold", type=float, nargs="+", default=None,
-                   help="one per ramp, or one for all; default: the thresholds the heads were calibrated for "
-                        "(0.9 with the shared head)")
-    e.add_argument("--policy", default="rebatching",
-                   choices=list(POLICIES))
-    e.add_argument("--confidence", default="top1_minus_top2", choices=["top1_minus_top2", "max_prob", "neg_entropy"])
-    e.add_argument("--missing-kv", default=None, choices=["copy", "propagate"],
-                   help="default: what the heads were calibrated with (propagate: measured better than copy on "
-                        "SmolLM2, BENCHMARKS.md)")
-    e.add_argument("--head", default=None, choices=["shared", "trained"],
-                   help="default: trained when heads fit the model (MODEL/exit_heads or the bundled ones), else shared")
-    e.add_argument("--ramp-vocab", type=int, default=None,
-                   help="ramps score only this many candidate tokens (the most frequent outputs, ranked by "
-                        "train-exits); 0 = whole vocabulary; default: what the heads were calibrated with")
-    e.add_argument("--no-compare", action="store_true", help="skip the full-depth run beside the early-exit one")
+    _add_engine_args(g, POLICIES)
+    g.add_argument("--no-compare", action="store_true", help="skip the full-depth run beside the early-exit one")
     g.set_defaults(fn=_generate)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                                      "/v1/models, /health, /metrics)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the model dir's name)")
+    sv.add_argument("--max-waiting", type=int, default=256,
+                    help="requests queued beyond the decode slots; more get 429 with Retry-After")
+    sv.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="on Ctrl-C / SIGTERM: seconds in-flight requests may finish before they are cancelled")
+    sv.add_argument("--warmup", action="store_true", help="compile every bucket before accepting requests")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_engine_args(sv, POLICIES)
+    sv.set_defaults(fn=_serve)
 
     from drex_jax.train_exits import TrainExitsConfig
 

@@ -245,9 +245,7 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer; pass prompts as lists of token ids")
             if chat:
-                return list(self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
-                    return_dict=False))
+                return self.encode_chat([{"role": "user", "content": prompt}])
             return list(self.tokenizer(prompt).input_ids)
         ids = list(prompt)
         if not ids:
@@ -256,6 +254,16 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token ids must be ints in [0, {self.cfg.vocab_size}), got {bad[:5]}")
         return [int(t) for t in ids]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation (`[{"role": ..., "content": ...}, ...]`) through the model's chat
+        template, ending with the assistant's turn."""
+        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
+        if not messages:
+            raise ValueError("messages is empty; give at least one message")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
 
     def submit(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False) -> int:
         """Queue one request; returns its id. Raises ValueError (queue untouched) on bad input."""
@@ -286,6 +294,16 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a decode slot."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued (new, or preempted and waiting to be recomputed)."""
+        return len(self._waiting)
 
     @property
     def num_free_pages(self) -> int:
