@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -97,8 +98,15 @@ def _serve(args) -> int:
     _note(f"serving {name!r} ({depth}, {engine.max_slots} slots, context {engine.max_seq_len}) on "
           f"http://{args.host}:{args.port}/v1  (first requests of each batch size compile)")
     app = build_app(engine, name, max_waiting=args.max_waiting)
+    # uvicorn drains on Ctrl-C / SIGTERM, then re-raises the signal to the handler it found; this
+    # one makes that a normal exit (status 0) instead of death by signal
+    stopped_by = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stopped_by.append(signal.Signals(signum).name))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.drain_timeout)
+    if stopped_by:
+        _note(f"stopped by {stopped_by[0]}: in-flight requests drained (or cancelled after --drain-timeout)")
     return 0
 
 
@@ -252,7 +260,9 @@ def _bench(args) -> int:
     from drex_jax.bench.suite import BenchConfig, run_scale, run_suite
 
     t0 = time.perf_counter()
-    if args.roofline:
+    if args.url:
+        md = _load_test(args)
+    elif args.roofline:
         from drex_jax.bench import roofline
 
         res = roofline.run_roofline(args.model, quick=args.quick, steps=args.steps, hf=not args.no_hf,
@@ -341,6 +351,31 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
                         "train-exits); 0 = whole vocabulary; default: what the heads were calibrated with")
 
 
+def _load_test(args) -> str:
+    """`bench --url`: load-test a running server; the offline greedy reference runs here, on the
+    model given by --model (default: the bundled one) at the server's context limit."""
+    import httpx
+
+    from drex_jax.bench import load
+
+    cfg = load.LoadConfig(num_requests=args.requests, concurrency=args.concurrency, rate=args.rate,
+                          disconnect_fraction=args.disconnect_fraction, max_tokens=args.max_tokens)
+    reference = None
+    if not args.no_reference:
+        from drex_jax import Engine
+
+        card = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=10).json()["data"][0]
+        reference = Engine(args.model, max_slots=args.concurrency, max_seq_len=card["max_model_len"])
+    res = load.run_load(args.url, cfg, reference)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "load.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    md = load.markdown(res)
+    with open(os.path.join(args.out, "load.md"), "w") as f:
+        f.write(md)
+    return md
+
+
 def build_parser() -> argparse.ArgumentParser:
     from drex_jax.rebatch.policies import POLICIES
 
@@ -426,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--thresholds", type=float, nargs="+", default=list(bd.thresholds),
                    help="exit thresholds to sweep; the last is used for online and batch runs")
     b.add_argument("--batch-sizes", type=int, nargs="*", default=list(bd.batch_sizes))
-    b.add_argument("--rate", type=float, default=bd.online_rate, help="online arrivals per second (Poisson)")
+    b.add_argument("--rate", type=float, default=bd.online_rate, help="arrivals per second (Poisson) of online runs and of --url")
     b.add_argument("--sla-ttft-ms", type=float, default=bd.sla_ttft_ms)
     b.add_argument("--sla-tpot-ms", type=float, default=bd.sla_tpot_ms)
     b.add_argument("--missing-kv", default=bd.missing_kv, choices=["copy", "propagate"])
@@ -447,6 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "rebatching with and without ART: measured vs ideal speed-up; writes OUT/ee_efficiency.*; "
                          "--quick for one point pair")
     ef.add_argument("--ee-new-tokens", type=int, default=24, help="ee-efficiency: new tokens per request")
+    lt = b.add_argument_group("load test of a running `drex-jax serve`")
+    lt.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000: run the load test "
+                                                "(writes OUT/load.json, load.md)")
+    lt.add_argument("--requests", type=int, default=200)
+    lt.add_argument("--concurrency", type=int, default=16)
+    lt.add_argument("--disconnect-fraction", type=float, default=0.1,
+                    help="share of clients that close their stream mid-way")
+    lt.add_argument("--max-tokens", type=int, default=32)
+    lt.add_argument("--no-reference", action="store_true",
+                    help="skip the offline greedy check (it loads --model here)")
     b.add_argument("--out", default=bd.out_dir, help="output dir: results.json, results.md, PNG plots")
     s = b.add_argument_group("GPU scale mode")
     s.add_argument("--scale", default=None, help="preset shape with random weights, e.g. llama2-7b, llama2-13b")
