@@ -364,8 +364,14 @@ def _load_test(args) -> str:
     if not args.no_reference:
         from drex_jax import Engine
 
+        from drex_jax.early_exit import EEConfig
+
         card = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=10).json()["data"][0]
-        reference = Engine(args.model, max_slots=args.concurrency, max_seq_len=card["max_model_len"])
+        ee = card.get("drex", {}).get("early_exit")  # an early-exit server is checked against the same setup
+        kw = {} if not ee else {"ee": EEConfig(**{k: v for k, v in ee.items() if k not in ("policy", "art")}),
+                                "policy": ee["policy"], "art": ee["art"]}
+        _note(f"offline reference: {args.model or 'bundled model'}, {'early exit ' + ee['policy'] if ee else 'full depth'}")
+        reference = Engine(args.model, max_slots=args.concurrency, max_seq_len=card["max_model_len"], **kw)
     res = load.run_load(args.url, cfg, reference)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "load.json"), "w") as f:

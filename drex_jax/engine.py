@@ -234,6 +234,13 @@ class Engine:
                          ramp_tokens)
 
     @property
+    def early_exit(self) -> dict | None:
+        """The early-exit setup (EEConfig fields, policy, ART) or None at full depth."""
+        if self._ee is None:
+            return None
+        return {**dataclasses.asdict(self._ee.ee), "policy": self._ee.policy, "art": self._ee.use_art}
+
+    @property
     def ee_stats(self):
         """Early-exit counters (EEStats) or None without early exit."""
         return None if self._ee is None else self._ee.stats

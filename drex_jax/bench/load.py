@@ -171,6 +171,10 @@ def run_load(url: str, cfg: LoadConfig = LoadConfig(), reference=None, progress:
         "cancelled": delta('drex_requests_total{outcome="cancelled"}'),
         "completed": delta('drex_requests_total{outcome="stop"}') + delta('drex_requests_total{outcome="length"}'),
     }
+    exits = {k.split('"')[1]: delta(k) for k in after if k.startswith("drex_exits_total{")}
+    res["server"]["exits_per_layer"] = {k: v for k, v in sorted(exits.items(), key=lambda kv: int(kv[0])) if v}
+    n = sum(res["server"]["exits_per_layer"].values())
+    res["server"]["mean_exit_depth"] = sum(int(k) * v for k, v in exits.items()) / n if n else float("nan")
     res["no_leak"] = (res["server"]["slots_used"] == 0 and res["server"]["kv_pages_used"] == 0
                       and res["server"]["running"] == 0 and res["server"]["waiting"] == 0)
     if reference is not None:
@@ -204,6 +208,8 @@ def markdown(res: dict) -> str:
         f"After the run (/metrics): running {s['running']:.0f}, waiting {s['waiting']:.0f}, slots used "
         f"{s['slots_used']:.0f}, KV pages used {s['kv_pages_used']:.0f}; server counted {s['cancelled']:.0f} cancelled "
         f"and {s['completed']:.0f} completed: **{'no leak' if res['no_leak'] else 'LEAK'}**.",
+        f"Tokens by exit depth (layers run: count) {{{', '.join(f'{k}: {v:.0f}' for k, v in s['exits_per_layer'].items())}}}, "
+        f"mean depth {s['mean_exit_depth']:.2f}.",
     ]
     if "greedy_checked" in res:
         lines.append(f"Greedy outputs equal to offline `Engine.generate`: "
