@@ -248,6 +248,23 @@ def _plan(args) -> int:
     from drex_jax.plan import format_plan, load_model_config, plan
 
     cfg = load_model_config(args.model or default_model_path())
+    if args.validate:
+        from drex_jax import projection
+
+        res = projection.validate(projection.load_json(args.validate),
+                                  projection.load_json(args.ee) if args.ee else None, cfg, itemsize=4)
+        print(json.dumps(res, indent=2) if args.json else projection.format_validation(res))
+        return 0
+    if args.project:
+        from drex_jax import projection
+        from drex_jax.sched.cost_model import CARDS
+
+        cal = projection.calibration_from_file(args.calibration) if args.calibration else projection.GPU_ASSUMPTION
+        res = projection.project(cfg, CARDS[args.project], cal, args.batches, args.contexts, args.ramps,
+                                 args.exit_shares, itemsize=2 if args.dtype == "bfloat16" else 4,
+                                 ramp_vocab=args.ramp_vocab or None)
+        print(json.dumps(res, indent=2) if args.json else projection.format_projection(res, cfg))
+        return 0
     mem = int(args.memory_gib * 2**30) if args.memory_gib else None
     p = plan(cfg, tp=args.tp, max_batch=args.max_batch, max_len=args.max_len, dtype=args.dtype,
              memory_bytes=mem, page_size=args.page_size, reserve_fraction=args.reserve)
@@ -451,6 +468,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--page-size", type=int, default=16)
     pl.add_argument("--reserve", type=float, default=0.1, help="fraction kept for activations and XLA workspace")
     pl.add_argument("--json", action="store_true")
+    pj = pl.add_argument_group("speed projection (a cost model, not a measurement)")
+    pj.add_argument("--project", choices=["h100", "h200"], default=None,
+                    help="project decode step times and early-exit speed-ups onto this card")
+    pj.add_argument("--calibration", default=None,
+                    help="roofline.json (`drex-jax bench --roofline`) measured on the card to fit the efficiencies; "
+                         "default: stated assumptions")
+    pj.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    pj.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    pj.add_argument("--ramps", type=int, nargs="+", default=[8, 15, 22])
+    pj.add_argument("--exit-shares", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    pj.add_argument("--ramp-vocab", type=int, default=1024)
+    pj.add_argument("--validate", default=None, metavar="ROOFLINE_JSON",
+                    help="check the cost model here: fit on half of this roofline result's grid, predict the other "
+                         "half (and, with --ee, the replayed-trace early-exit speed-ups)")
+    pj.add_argument("--ee", default=None, metavar="EE_EFFICIENCY_JSON", help="with --validate")
     pl.set_defaults(fn=_plan)
 
     from drex_jax.bench.suite import BenchConfig

@@ -127,7 +127,7 @@ class Engine:
     def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
                num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024,
                ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
-               ramp_tokens=None, attention="auto"):
+               ramp_tokens=None, attention="auto", gate=None):
         for name, v, lo in (("max_slots", max_slots, 1), ("page_size", page_size, 1),
                             ("max_prefill_tokens_per_step", max_prefill_tokens_per_step, 1)):
             if not isinstance(v, int) or v < lo:
@@ -186,9 +186,9 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._eos |= {int(tokenizer.eos_token_id)}
         compile_counter.install()
-        self._ee = self._make_ee_decoder(ee, policy, exit_heads, flush, art, exit_trace, ramp_tokens)
+        self._ee = self._make_ee_decoder(ee, policy, exit_heads, flush, art, exit_trace, ramp_tokens, gate)
 
-    def _make_ee_decoder(self, ee, policy, exit_heads, flush, art, exit_trace=None, ramp_tokens=None):
+    def _make_ee_decoder(self, ee, policy, exit_heads, flush, art, exit_trace=None, ramp_tokens=None, gate=None):
         from drex_jax.rebatch.policies import POLICIES
         from drex_jax.sched.ee_decoder import EEDecoder
         from drex_jax.sched.flush import FlushConfig
@@ -231,7 +231,7 @@ class Engine:
             if not isinstance(exit_trace, ExitTrace) or len(exit_trace.fractions) != len(ramps) + 1:
                 raise ValueError(f"exit_trace must be an ExitTrace with {len(ramps) + 1} fractions (ramps + full depth)")
         return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art, exit_trace,
-                         ramp_tokens)
+                         ramp_tokens, gate)
 
     @property
     def early_exit(self) -> dict | None:

@@ -7,6 +7,7 @@ import pytest
 from drex_jax import Engine, GenerationConfig
 from drex_jax.early_exit import EEConfig
 from drex_jax.reference import reference_generate
+from drex_jax.sched.ramp_gate import GateConfig
 from drex_jax.sched.flush import FlushConfig
 from tests.serving import serve_with_arrivals
 
@@ -77,7 +78,7 @@ def test_art_profiles_per_shape_without_compile_time(tiny4):
     against the fused full step of the same shape; timings exclude compilation."""
     cfg, params = tiny4
     eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=EEConfig(EE_LAYERS, EE_THR),
-                             policy="rebatching", art=True)
+                             policy="rebatching", art=True, gate=GateConfig(enabled=False))  # ART alone
     from drex_jax import compile_counter
 
     eng.generate(_prompts(8, seed=2), GenerationConfig(max_new_tokens=12))
@@ -105,7 +106,8 @@ def test_art_profiles_per_shape_without_compile_time(tiny4):
 def test_art_stays_are_counted(tiny4):
     cfg, params = tiny4
     ee = EEConfig(EE_LAYERS, EE_THR)
-    eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=True)
+    eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=True,
+                             gate=GateConfig(enabled=False))
     eng.generate(_prompts(6, seed=1), GenerationConfig(max_new_tokens=10))  # time the segments
     # make splitting look unprofitable: a fused full step far cheaper than its segments
     eng._ee.art.record_full = lambda bucket, seconds: eng._ee.art.full_s.__setitem__(bucket, 1e-9)

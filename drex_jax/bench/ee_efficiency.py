@@ -96,9 +96,12 @@ def measure(cfg, params, heads_dir: str | None, policy: str, art: bool, ramps, f
                "compiled_in_timed_round": compile_counter.count() - compiles}
         if stats1 is not None:
             d = {k: stats1[k] - stats0[k] for k in ("tokens", "layers_run", "segment_calls", "involuntary_exits",
-                                                   "involuntary_stays", "art_declined")}
+                                                   "involuntary_stays", "art_declined", "round_trips",
+                                                   "fused_iterations", "gate_probes")}
             out.update(mean_depth=d["layers_run"] / max(d["tokens"], 1), host_round_trips_per_iteration=
-                       d["segment_calls"] / max(steps, 1), involuntary_exits=d["involuntary_exits"],
+                       d["round_trips"] / max(steps, 1), segment_calls_per_iteration=d["segment_calls"] / max(steps, 1),
+                       fused_iterations=d["fused_iterations"], gate_probes=d["gate_probes"],
+                       involuntary_exits=d["involuntary_exits"],
                        involuntary_stays=d["involuntary_stays"], art_declined=d["art_declined"],
                        flushes=sum(stats1["flushes"].values()) - sum(stats0["flushes"].values()))
         else:
@@ -112,7 +115,8 @@ def _stats(eng) -> dict | None:
         return None
     return {"tokens": st.tokens, "layers_run": st.layers_run, "segment_calls": st.segment_calls,
             "involuntary_exits": st.involuntary_exits, "involuntary_stays": st.involuntary_stays,
-            "art_declined": st.art_declined, "flushes": dict(st.flushes)}
+            "art_declined": st.art_declined, "flushes": dict(st.flushes), "round_trips": st.round_trips,
+            "fused_iterations": st.fused_iterations, "gate_probes": st.gate_probes}
 
 
 def run_ee_efficiency(model: str | None = None, quick: bool = False, new_tokens: int = 24,
@@ -162,10 +166,11 @@ def markdown(res: dict) -> str:
              f"{res['new_tokens']} new tokens per request, ramp vocabulary {res['ramp_vocab']}, decode tok/s with "
              "prefill excluded (second of two identical rounds); `off` = the fused full-depth step, same run.", "",
              "| ramps | exit share | batch | context | policy | tok/s | speed-up vs off | ideal L/depth | ideal roofline | "
-             "efficiency | efficiency (roofline) | mean depth | invol. exits / stays | flushes | round trips/iter |",
+             "efficiency | efficiency (roofline) | mean depth | invol. exits / stays | flushes | round trips/iter | "
+             "fused iters (gate) |",
              # eager ignores the thresholds (every token leaves at the first ramp: involuntary exits), so
              # its speed-up is not comparable with the trace's ideal
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         inv = f"{r.get('involuntary_exits', 0)} / {r.get('involuntary_stays', 0)}"
         eff = "-" if r["efficiency"] is None else f"**{r['efficiency']:.2f}**"
@@ -173,7 +178,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['ramps']} | {r['exit_share']:.0%} | {r['batch']} | {r['context']} | {r['policy']} | "
                      f"{r['tok_s']:.1f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['ideal_roofline']:.2f}x | "
                      f"{eff} | {eff_roof} | {r['mean_depth']:.1f} | {inv} | "
-                     f"{r.get('flushes', 0)} | {r['host_round_trips_per_iteration']:.1f} |")
+                     f"{r.get('flushes', 0)} | {r['host_round_trips_per_iteration']:.1f} | "
+                     f"{r.get('fused_iterations', 0)} / {r['iterations']} |")
     return "\n".join(lines) + "\n"
 
 

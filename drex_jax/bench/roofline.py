@@ -10,7 +10,6 @@ of the compiled step. Prefill is excluded: the pool is filled with random K/V fo
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 import sys
 import time
@@ -22,9 +21,10 @@ import numpy as np
 from drex_jax.kv.pool import bucket, init_pool, pages_needed
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.paged import decode_step
-from drex_jax.model.params import decode_layout, param_specs
+from drex_jax.model.params import decode_layout
 from drex_jax.rebatch.steps import segment_step
 from drex_jax.sampling import SamplingParams
+from drex_jax.sched.cost_model import segment_cost
 
 FULL_GRID = {"batches": (1, 8, 32, 64), "contexts": (128, 512, 2048), "hf_batches": (1, 8, 32)}
 QUICK_GRID = {"batches": (1, 8, 32), "contexts": (128, 512), "hf_batches": (1, 8)}
@@ -56,21 +56,10 @@ def measure_read_bandwidth(dtype=jnp.float32, nbytes: int = 512 * 2**20, repeats
 
 def decode_cost(cfg: ModelConfig, params: dict, batch: int, context: int, start: int = 0,
                 end: int | None = None, head_columns: int | None = None) -> tuple[float, float]:
-    """Analytic (bytes read, FLOPs) of layers [start, end) for `batch` rows at `context` cached
-    positions, plus the LM head (or a ramp scoring `head_columns` tokens) when given."""
-    end = cfg.num_layers if end is None else end
+    """Analytic (bytes read, FLOPs) of layers [start, end) at the params' dtype (see
+    `sched.cost_model.segment_cost`)."""
     itemsize = jnp.dtype(params["final_norm"].dtype).itemsize
-    specs = param_specs(cfg)  # sizes from the specs: the same for either params layout
-    per_layer = sum(math.prod(s.shape) for k, s in specs.items() if k.startswith("layers/")) / cfg.num_layers
-    matmul_per_layer = sum(math.prod(s.shape) for k, s in specs.items() if k.startswith("layers/w")) / cfg.num_layers
-    n = end - start
-    kv = 2 * n * cfg.num_kv_heads * cfg.head_dim * context * batch
-    head = 0 if head_columns is None else cfg.hidden_size * (head_columns + 1)  # + the final norm
-    # the first segment reads `batch` embedding rows (part of the LM head's matrix when tied)
-    embed_rows = cfg.hidden_size * batch if start == 0 and not (cfg.tie_word_embeddings and head) else 0
-    bytes_read = itemsize * (n * per_layer + head + embed_rows + kv)
-    flops = 2 * batch * (n * matmul_per_layer + (0 if head_columns is None else cfg.hidden_size * head_columns)) + 4 * n * cfg.num_heads * cfg.head_dim * context * batch
-    return float(bytes_read), float(flops)
+    return segment_cost(cfg, itemsize, batch, context, start, end, head_columns)
 
 
 @dataclasses.dataclass
@@ -220,7 +209,8 @@ def segment_pair(cfg, params, batch: int, context: int, exit_layer: int, ramp_vo
         sec, _ = _time_steps(step, fx, steps)
         cols = cfg.vocab_size if ramp == -1 or ramp_vocab is None else ramp_vocab
         nbytes, flops = decode_cost(cfg, params, batch, context, start, end, head_columns=cols)
-        out[name] = {"ms": sec * 1e3, "roofline_ms": 1e3 * max(nbytes / bandwidth, flops / peak)}
+        out[name] = {"ms": sec * 1e3, "roofline_ms": 1e3 * max(nbytes / bandwidth, flops / peak), "bytes": nbytes,
+                     "flops": flops, "start": start, "end": end}
     return out
 
 
@@ -238,6 +228,9 @@ def hf_tok_s(batches, new_tokens: int = 32) -> dict[int, float]:
         _, sec = gen(prompts, True, new_tokens)
         res[b] = b * new_tokens / sec
     return res
+
+
+CALIBRATION_EXIT_LAYER = 8
 
 
 def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, exit_layer: int = 15,
@@ -262,6 +255,10 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
     rows = []
     for b, c in tqdm(points, desc="roofline", disable=not progress, file=sys.stderr):
         row = roofline_point(cfg, params, b, c, peak, bandwidth, steps, attention, compare)
+        # an unequal segment pair at every point: calls of 8 and 22 layers beside the full step let
+        # the cost model (`drex-jax plan --project`) tell a call's fixed cost from its weight reads
+        row["segment_calls"] = segment_pair(cfg, params, b, c, min(CALIBRATION_EXIT_LAYER, cfg.num_layers // 2),
+                                            ramp_vocab, peak, bandwidth, steps, attention)
         if c == grid["contexts"][0]:  # the engine around the step, where prefilling every row is cheap
             row["engine_ms_per_step"] = engine_step_ms(cfg, params, b, c, steps)
         rows.append(row)

@@ -16,7 +16,7 @@ import numpy as np
 
 from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
-from drex_jax.kv.pool import block_table_array
+from drex_jax.kv.pool import block_table_array, bucket, pages_needed, segment_bucket, segment_buckets_upto
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
 from drex_jax.model.ramps import check_ramp_tokens
 from drex_jax.rebatch.steps import fill_copy, fill_propagate, segment_step
@@ -24,6 +24,7 @@ from drex_jax.sampling import SamplingParams
 from drex_jax.sched.art import ARTProfiler
 from drex_jax.sched.batch import DecodeBatch, decode_batch
 from drex_jax.sched.flush import FlushConfig, flush_reason
+from drex_jax.sched.ramp_gate import EE, FUSED, GateConfig, RampGate
 
 
 @dataclasses.dataclass
@@ -41,6 +42,9 @@ class EEStats:
     device_s: float = 0.0  # time inside synchronous device calls
     host_gap_s: float = 0.0  # time between one device result and the next dispatch
     segment_calls: int = 0
+    round_trips: int = 0  # synchronous device calls (the host waits for a result; fills are not waited on)
+    fused_iterations: int = 0  # rebatching iterations the ramp gate ran fused (early exit did not pay)
+    gate_probes: int = 0  # windows that re-measured the mode the gate was not using
 
     def mean_depth(self) -> float:
         return self.layers_run / max(self.tokens, 1)
@@ -48,7 +52,7 @@ class EEStats:
 
 class EEDecoder:
     def __init__(self, engine, ee: EEConfig, policy: str, heads: dict | None, flush: FlushConfig,
-                 art: bool = True, exit_trace=None, ramp_tokens=None):
+                 art: bool = True, exit_trace=None, ramp_tokens=None, gate: GateConfig | None = None):
         cfg = engine.cfg
         ee.validate(cfg.num_layers, cfg.vocab_size)
         self.ramp_tokens = check_ramp_tokens(ee, cfg, ramp_tokens)  # [K] candidate ids or None
@@ -75,6 +79,9 @@ class EEDecoder:
             if self.ramp_tokens is not None:
                 self.ramp_tokens = jax.device_put(self.ramp_tokens, replicated(engine.mesh))
         self.art = ARTProfiler(self.num_segments)
+        # the ramp gate adapts to measured cost like ART, so it is on where ART is (art=False keeps
+        # every wanted exit: what the equality-with-the-reference tests run)
+        self.gate = RampGate(gate or GateConfig(enabled=policy == "rebatching" and art))
         self.exit_trace = exit_trace  # ExitTrace: replayed exit decisions (scale benchmarks) or None
         self.reset_stats()
         self.iteration = 0
@@ -85,17 +92,21 @@ class EEDecoder:
 
     # ------------------------------------------------------------------ device calls
     def _call(self, fn, *args, **kw):
-        """Run a jitted call synchronously, accounting device time and the host gap before it."""
+        """Run a jitted call synchronously (its results decide what runs next), accounting device
+        time and the host gap before it."""
         t0 = time.perf_counter()
         if self._last_ready is not None:
             self.stats.host_gap_s += t0 - self._last_ready
         out = jax.block_until_ready(fn(*args, **kw))
         self._last_ready = time.perf_counter()
         self.stats.device_s += self._last_ready - t0
+        self.stats.round_trips += 1
         return out, self._last_ready - t0
 
     def _batch_arrays(self, reqs) -> DecodeBatch:
-        return decode_batch(reqs, self.eng.page_size, self.eng.max_slots, self.eng.table_width)
+        # rebatching's segment calls take fine row buckets: rows that exit shrink the deeper matmuls
+        rows = segment_bucket if self.policy == "rebatching" else bucket
+        return decode_batch(reqs, self.eng.page_size, self.eng.max_slots, self.eng.table_width, rows)
 
     def _run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
         """segment_step on batch `arrays`; returns (tokens, confidences, seconds or None when the
@@ -157,11 +168,11 @@ class EEDecoder:
         from drex_jax.engine import _pow2_upto
 
         shapes = []
-        for b in _pow2_upto(max_batch):
+        for b in (segment_buckets_upto(max_batch) if self.policy == "rebatching" else _pow2_upto(max_batch)):
             for w in widths:
                 shapes += [("segment", s, b, w) for s in range(self.num_segments)]
-                if self.policy == "off" or (self.use_art and self.policy == "rebatching"):
-                    shapes.append(("full", -1, b, w))  # ART profiles the fused step per shape
+                if self.policy in ("off", "rebatching"):
+                    shapes.append(("full", -1, b, w))  # ART and the ramp gate run the fused step
                 if self.policy not in ("off", "latency-only"):
                     shapes += [("fill", s, b, w) for s in range(self.num_segments - 1)]
         return shapes
@@ -190,10 +201,10 @@ class EEDecoder:
         keep[rows] = positions[rows]
         eng = self.eng
         if self.ee.missing_kv == "copy":
-            eng.pool, _ = self._call(fill_copy, eng.pool, bt, keep, exit_layer=exit_layer)
+            eng.pool = fill_copy(eng.pool, bt, keep, exit_layer=exit_layer)
         else:
-            eng.pool, _ = self._call(fill_propagate, eng.params, eng.pool, self.hidden, slot_ids, bt, keep,
-                                     cfg=eng.cfg, exit_layer=exit_layer)
+            eng.pool = fill_propagate(eng.params, eng.pool, self.hidden, slot_ids, bt, keep, cfg=eng.cfg,
+                                      exit_layer=exit_layer)
 
     def _wants_exit(self, s: int, conf: np.ndarray, reqs: list) -> np.ndarray:
         """[n] bool: rows whose confidence passes ramp s's threshold (or the exit trace's draw)."""
@@ -223,70 +234,108 @@ class EEDecoder:
         self._last_ready = None  # host gaps are measured between this iteration's device calls
         running = [self.eng._running[s] for s in sorted(self.eng._running)]
         ready = [r for r in running if r.stage == 0]
+        now = time.perf_counter()
         for r in ready:
             if r.buffered_iter < 0:
-                r.token_start = time.perf_counter()
+                r.token_start = now
         if self.policy != "rebatching":
             if ready:
                 self._run_grouped(ready, events)
             return
-        ran = False
+        width = self.eng.table_width or bucket(pages_needed(max(r.cache_len for r in running) + 1, self.eng.page_size))
+        shape = (bucket(len(running)), width)
+        mode = self.gate.mode(shape)
+        t0, tokens0, compiles = now, self.stats.tokens, compile_counter.count()
+        if mode == FUSED and len(ready) == len(running):
+            self._run_fused(ready, events)
+        else:  # early exit; or leaving it: buffered rows finish their token first (a drain)
+            self._run_pipeline(ready, events, drain=mode == FUSED)
+        ran = FUSED if mode == FUSED and len(ready) == len(running) else EE
+        steady = compile_counter.count() == compiles and ran == mode
+        self.gate.record(shape, ran, time.perf_counter() - t0, self.stats.tokens - tokens0, count=steady)
+        self.stats.fused_iterations, self.stats.gate_probes = self.gate.fused_iterations, self.gate.probes
+
+    def _run_fused(self, reqs: list, events) -> None:
+        """All rows through every layer in one fused call, no ramp evaluated (the gate found early
+        exit slower than this for the shape): rows that would have exited stay."""
+        arrays = self._batch_arrays(reqs)
+        tok, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1,
+                                      any(r.config.temperature > 0 for r in reqs))
+        if dt is not None:
+            self.art.record_full(self._art_key(arrays), dt)
+        last = self.num_segments - 1
+        for i, r in enumerate(reqs):
+            r.first_want = -1  # no ramp was asked
+            r.buffered_iter = -1
+            self._finalize(r, int(tok[i]), last, events)
+
+    def _run_pipeline(self, ready: list, events, drain: bool = False) -> None:
+        """DREX rebatching, shallow segments first so rows merge: ready rows run segment 0; at each
+        ramp the exiting rows leave and the rest join that ramp's buffer, merging with rows that
+        waited there from earlier iterations; a buffer runs on when the flush policy says so
+        (`drain`: always). A group that nobody left (no exit, or ART declined the split) runs on
+        at once."""
+        carried: set[int] = set()  # slots of rows that continue in this iteration unconditionally
+        if ready:
+            rows, split = self._run_segment(0, ready, events)
+            carried |= set() if split else {r.slot for r in rows}
         now = time.perf_counter()
-        for s in range(self.num_segments - 1, 0, -1):  # deeper buffers first
-            buf = [r for r in running if r.stage == s]
+        n_running = len(self.eng._running)
+        for s in range(1, self.num_segments):
+            buf = [r for _, r in sorted(self.eng._running.items()) if r.stage == s]
             if not buf:
                 continue
-            oldest = min(buf, key=lambda r: r.buffered_iter)
-            sla = oldest.config.deadline_ms or self.flush.tpot_sla_ms
-            used = (now - oldest.token_start) * 1e3 / sla if sla else 0.0
-            reason = flush_reason(self.flush, len(buf), len(running), len(ready),
-                                  self.iteration - oldest.buffered_iter, used)
-            if reason:
+            if not drain and not any(r.slot in carried for r in buf):
+                oldest = min(buf, key=lambda r: r.buffered_iter)
+                sla = oldest.config.deadline_ms or self.flush.tpot_sla_ms
+                used = (now - oldest.token_start) * 1e3 / sla if sla else 0.0
+                # layer 0 ran this iteration unless nothing was ready: then only buffers can run
+                reason = flush_reason(self.flush, len(buf), n_running, len(ready),
+                                      self.iteration - oldest.buffered_iter, used)
+                if reason is None:
+                    continue
                 self.stats.flushes[reason] = self.stats.flushes.get(reason, 0) + 1
-                self._run_rebatching(s, buf, events)
-                ran = True
-        if ready:
-            self._run_rebatching(0, ready, events)
-            ran = True
-        if not ran:  # cannot happen while requests run: an idle layer 0 flushes a buffer
-            raise AssertionError("early-exit scheduler made no progress")
+            elif drain:
+                self.stats.flushes["drain"] = self.stats.flushes.get("drain", 0) + 1
+            rows, split = self._run_segment(s, buf, events)
+            carried = set() if split else {r.slot for r in rows}
 
-    def _run_rebatching(self, s: int, reqs: list, events) -> None:
-        """Run `reqs` from segment s; at each ramp, exiting rows leave and the rest wait in the
-        ramp's buffer, unless ART declines the split (then the whole batch runs on)."""
+    def _run_segment(self, s: int, reqs: list, events) -> tuple[list, bool]:
+        """Run `reqs` through segment s. Rows whose confidence passes ramp s exit (their missing
+        K/V filled), unless ART declines the split; the others move to stage s + 1. Returns (the
+        rows that continue, whether the batch was split)."""
         do_sample = any(r.config.temperature > 0 for r in reqs)
-        while True:
-            arrays = self._batch_arrays(reqs)
-            key = self._art_key(arrays)
-            # refresh a known shape's fused-step time now and then; an unknown shape is not profiled
-            # here (that would compile a full-depth program mid-serving): ART splits and measures
-            # its segments until `profile_art()` (warmup does it) times the fused step
-            if self.use_art and key in self.art.full_s and self.art.needs_full_profile(key):
-                self._profile_full(key, do_sample)
-            tok, conf = self._segment(s, arrays, do_sample)
-            n = len(reqs)
-            if s == self.num_segments - 1:
-                for i, r in enumerate(reqs):
-                    r.buffered_iter = -1
-                    self._finalize(r, int(tok[i]), s, events)
-                return
-            wants = self._wants_exit(s, conf, reqs)
-            split = wants.any() and (not self.use_art or self.art.decide(s, key, int(wants.sum()), n))
-            if not split:
-                self.stats.involuntary_stays += int(wants.sum())
-                self.stats.art_declined += int(wants.any())
-                s += 1
-                continue
-            rows = list(np.flatnonzero(wants))
-            self._fill(self.bounds[s + 1], rows, arrays)
+        arrays = self._batch_arrays(reqs)
+        key = self._art_key(arrays)
+        # refresh a known shape's fused-step time now and then; an unknown shape is not profiled
+        # here (that would compile a full-depth program mid-serving): ART splits and measures
+        # its segments until `profile_art()` (warmup does it) times the fused step
+        if self.use_art and key in self.art.full_s and self.art.needs_full_profile(key):
+            self._profile_full(key, do_sample)
+        tok, conf = self._segment(s, arrays, do_sample)
+        if s == self.num_segments - 1:
             for i, r in enumerate(reqs):
-                if wants[i]:
-                    r.buffered_iter = -1
-                    self._finalize(r, int(tok[i]), s, events)
-                else:
-                    r.stage = s + 1
-                    r.buffered_iter = self.iteration
-            return
+                r.buffered_iter = -1
+                self._finalize(r, int(tok[i]), s, events)
+            return [], True
+        wants = self._wants_exit(s, conf, reqs)
+        split = bool(wants.any()) and (not self.use_art or self.art.decide(s, key, int(wants.sum()), len(reqs)))
+        if not split:
+            self.stats.involuntary_stays += int(wants.sum())
+            self.stats.art_declined += int(wants.any())
+            for r in reqs:
+                r.stage = s + 1
+            return reqs, False
+        self._fill(self.bounds[s + 1], list(np.flatnonzero(wants)), arrays)
+        rest = []
+        for i, r in enumerate(reqs):
+            if wants[i]:
+                r.buffered_iter = -1
+                self._finalize(r, int(tok[i]), s, events)
+            else:
+                r.stage, r.buffered_iter = s + 1, self.iteration
+                rest.append(r)
+        return rest, True
 
     def _run_grouped(self, reqs: list, events) -> None:
         """Policies where the batch moves as one: off, eager, lazy, average, median, latency-only."""
