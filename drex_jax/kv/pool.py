@@ -77,26 +77,6 @@ def row_bucket(n: int) -> int:
     return b * 3 // 4 if b >= 4 and n <= b * 3 // 4 else b
 
 
-def segment_bucket(n: int) -> int:
-    """Rows of an early-exit segment call: powers of two up to 8, then multiples of an eighth of
-    the next power of two (10, 12, 14, 16, 20, 24, 28, 32, 40, ...): <= 12.5 % padding, so the
-    rows that exit at a ramp shrink the deeper segments' matmuls."""
-    b = bucket(n)
-    if b <= 8:
-        return b
-    step = b // 8
-    return -(-int(n) // step) * step
-
-
-def segment_buckets_upto(n: int) -> list[int]:
-    out = []
-    for k in range(1, n + 1):
-        b = segment_bucket(k)
-        if not out or out[-1] != b:
-            out.append(b)
-    return out
-
-
 def row_buckets_upto(n: int) -> list[int]:
     out, k = [], 1
     while True:

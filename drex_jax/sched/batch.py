@@ -17,13 +17,11 @@ class DecodeBatch(NamedTuple):
     sampling: SamplingParams
 
 
-def decode_batch(reqs: list, page_size: int, num_slots: int, width: int | None = None,
-                 rows_bucket=bucket) -> DecodeBatch:
+def decode_batch(reqs: list, page_size: int, num_slots: int, width: int | None = None) -> DecodeBatch:
     """One row per running request (`slot`, `generated`, `cache_len`, `pages`, `sampling_row()`),
-    padded to `rows_bucket(len(reqs))` rows (a power of two by default); the block-table width is
-    bucketed to a power of two, or fixed at `width` (attention kernels whose cost follows each
-    row's length, not the width)."""
-    B = rows_bucket(len(reqs))
+    padded to a power-of-two row bucket; the block-table width is bucketed the same way, or
+    fixed at `width` (attention kernels whose cost follows each row's length, not the width)."""
+    B = bucket(len(reqs))
     needed = max(pages_needed(r.cache_len + 1, page_size) for r in reqs)
     if width is not None and width < needed:
         raise ValueError(f"block-table width {width} < {needed} pages needed")

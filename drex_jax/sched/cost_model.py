@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from drex_jax.kv.pool import segment_bucket
+from drex_jax.kv.pool import bucket
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import param_specs
 
@@ -114,7 +114,7 @@ def early_exit_speedup(cfg: ModelConfig, itemsize: int, batch: int, context: int
     for s in range(len(bounds) - 1):
         last = s == len(bounds) - 2
         if reach > 1e-9:
-            rows = min(batch, segment_bucket(max(1, math.ceil(batch * reach - 1e-9))))
+            rows = min(batch, bucket(max(1, math.ceil(batch * reach - 1e-9))))
             cols = cfg.vocab_size if last else (ramp_vocab or cfg.vocab_size)
             ee += call_time(cfg, itemsize, rows, context, peak_flops, bandwidth, cal, bounds[s], bounds[s + 1], cols)
         reach -= fractions[s] if not last else 0

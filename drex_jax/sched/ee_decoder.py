@@ -16,7 +16,7 @@ import numpy as np
 
 from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
-from drex_jax.kv.pool import block_table_array, bucket, pages_needed, segment_bucket, segment_buckets_upto
+from drex_jax.kv.pool import block_table_array, bucket, pages_needed
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
 from drex_jax.model.ramps import check_ramp_tokens
 from drex_jax.rebatch.steps import fill_copy, fill_propagate, segment_step
@@ -104,9 +104,9 @@ class EEDecoder:
         return out, self._last_ready - t0
 
     def _batch_arrays(self, reqs) -> DecodeBatch:
-        # rebatching's segment calls take fine row buckets: rows that exit shrink the deeper matmuls
-        rows = segment_bucket if self.policy == "rebatching" else bucket
-        return decode_batch(reqs, self.eng.page_size, self.eng.max_slots, self.eng.table_width, rows)
+        # power-of-two row buckets: XLA:CPU's dots cost as much at 24 rows as at 32, and more at 28
+        # (BENCHMARKS.md, issue 16), so finer buckets would only add programs
+        return decode_batch(reqs, self.eng.page_size, self.eng.max_slots, self.eng.table_width)
 
     def _run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
         """segment_step on batch `arrays`; returns (tokens, confidences, seconds or None when the
@@ -168,7 +168,7 @@ class EEDecoder:
         from drex_jax.engine import _pow2_upto
 
         shapes = []
-        for b in (segment_buckets_upto(max_batch) if self.policy == "rebatching" else _pow2_upto(max_batch)):
+        for b in _pow2_upto(max_batch):
             for w in widths:
                 shapes += [("segment", s, b, w) for s in range(self.num_segments)]
                 if self.policy in ("off", "rebatching"):
