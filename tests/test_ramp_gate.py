@@ -74,3 +74,21 @@ def test_engine_goes_fused_where_nothing_exits_and_matches_full_depth(tiny4):
     st = eng.ee_stats
     assert st.fused_iterations > 10 and st.mean_depth() == cfg.num_layers
     assert st.gate_probes >= 1
+
+
+def test_switching_modes_drains_buffers_and_loses_no_token(tiny4):
+    """A gate that flips between early exit and fused every iteration: rows still in a ramp
+    buffer finish their token before a fused iteration (a drain), nobody exits involuntarily,
+    and every request gets all its tokens."""
+    cfg, params = tiny4
+    ee = EEConfig((1, 2), 0.5)
+    eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=False,
+                             exit_trace=ExitTrace.for_ramps((0.3, 0.3, 0.4), 2, 1))
+    flips = iter(range(10**6))
+    eng._ee.gate.config = GateConfig(enabled=True)
+    eng._ee.gate.mode = lambda shape: FUSED if next(flips) % 2 else EE
+    got = eng.generate([[1 + i, 2, 3] for i in range(6)], GenerationConfig(max_new_tokens=20))
+    assert all(len(r.token_ids) == 20 for r in got)
+    st = eng.ee_stats
+    assert st.flushes.get("drain", 0) > 0 and st.involuntary_exits == 0
+    assert sum(st.exits_per_ramp) == st.tokens and st.exits_per_ramp[0] > 0
