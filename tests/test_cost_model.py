@@ -1,6 +1,7 @@
 """The cost model behind `drex-jax plan --project`: calibration recovers a known machine, the
 early-exit schedule against hand-computed cases, validation and projection end to end."""
 import json
+import math
 
 import pytest
 
@@ -56,10 +57,13 @@ def test_early_exit_schedule_hand_computed():
     allout = cm.early_exit_speedup(cfg, 4, 8, 256, (2, 5), (1.0, 0.0, 0.0), PEAK, BW, free, ramp_vocab=100)
     seg = cm.call_time(cfg, 4, 8, 256, PEAK, BW, free, 0, 2, 100)
     assert allout["early_exit_s"] == pytest.approx(seg) and allout["ideal"] == 4.0
-    # half exit at ramp 1 of batch 8: the deep segment runs 4 rows
+    # each of 8 tokens exits at ramp 1 with probability 1/2: the deep call runs the k that stayed,
+    # padded to 1, 2, 4, 4, 8, 8, 8, 8 rows, with probability C(8, k) / 256 (none if k = 0)
     half = cm.early_exit_speedup(cfg, 4, 8, 256, (2,), (0.5, 0.5), PEAK, BW, free, ramp_vocab=100)
-    want = seg + cm.call_time(cfg, 4, 4, 256, PEAK, BW, free, 2, 8, cfg.vocab_size)
-    assert half["early_exit_s"] == pytest.approx(want)
+    pad = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+    deep = sum(math.comb(8, k) / 256 * cm.call_time(cfg, 4, pad[k], 256, PEAK, BW, free, 2, 8, cfg.vocab_size)
+               for k in range(1, 9))
+    assert half["early_exit_s"] == pytest.approx(seg + deep)
 
 
 def test_validation_on_a_model_machine_predicts_exactly():

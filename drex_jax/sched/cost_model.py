@@ -103,22 +103,33 @@ def early_exit_speedup(cfg: ModelConfig, itemsize: int, batch: int, context: int
                        fractions: tuple[float, ...], peak_flops: float, bandwidth: float, cal: Calibration,
                        ramp_vocab: int | None = None) -> dict:
     """The fused full-depth step vs the rebatching schedule for one round of `batch` tokens: segment
-    s is one call for the rows that reached it (rounded up to its row bucket), ending in its ramp
-    head; `fractions` = share of tokens exiting at each ramp, then at full depth. Returns both
-    times, the projected speed-up (the ramp gate keeps the fused step where early exit is
-    slower: `gated`), and the ideal L / mean depth."""
+    s is one call for the rows that reached it (padded to the power-of-two row bucket; no call if
+    none did), ending in its ramp head. Tokens exit independently: `fractions` = share exiting at
+    each ramp, then at full depth, so the rows reaching a segment are binomial and its cost is the
+    expectation over them. Returns both times, the projected speed-up (the ramp gate keeps the
+    fused step where early exit is slower: `gated`), and the ideal L / mean depth."""
     L = cfg.num_layers
     bounds = (0,) + tuple(ramps) + (L,)
     fused = call_time(cfg, itemsize, batch, context, peak_flops, bandwidth, cal, head_columns=cfg.vocab_size)
     reach, ee = 1.0, 0.0
     for s in range(len(bounds) - 1):
         last = s == len(bounds) - 2
-        if reach > 1e-9:
-            rows = min(batch, bucket(max(1, math.ceil(batch * reach - 1e-9))))
-            cols = cfg.vocab_size if last else (ramp_vocab or cfg.vocab_size)
-            ee += call_time(cfg, itemsize, rows, context, peak_flops, bandwidth, cal, bounds[s], bounds[s + 1], cols)
+        cols = cfg.vocab_size if last else (ramp_vocab or cfg.vocab_size)
+        for k, p in _binomial(batch, min(max(reach, 0.0), 1.0)):
+            if k:
+                ee += p * call_time(cfg, itemsize, min(batch, bucket(k)), context, peak_flops, bandwidth, cal,
+                                    bounds[s], bounds[s + 1], cols)
         reach -= fractions[s] if not last else 0
     depth = sum(f * e for f, e in zip(fractions, tuple(ramps) + (L,)))
     speedup = fused / ee
     return {"fused_s": fused, "early_exit_s": ee, "speedup": speedup, "gated": max(speedup, 1.0),
             "ideal": L / depth}
+
+
+def _binomial(n: int, p: float) -> list[tuple[int, float]]:
+    """(k, P[k]) for k ~ Binomial(n, p), terms above 1e-12."""
+    if p <= 0 or p >= 1:
+        return [(0 if p <= 0 else n, 1.0)]
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
+            + (n - k) * math.log1p(-p) for k in range(n + 1)]
+    return [(k, math.exp(v)) for k, v in enumerate(logs) if v > -27.6]
