@@ -214,6 +214,7 @@ def run_scale(preset: str, trace_path: str, batch: int = 32, prompt_len: int = 1
 
     from drex_jax import Engine, GenerationConfig
     from drex_jax.early_exit import EEConfig
+    from drex_jax.sched.ramp_gate import GateConfig
     from drex_jax.model.config import config_from_hf
     from drex_jax.model.params import init_params, param_specs
     from drex_jax.plan import PRESETS
@@ -250,8 +251,10 @@ def run_scale(preset: str, trace_path: str, batch: int = 32, prompt_len: int = 1
     for policy in policies:
         ee = None if policy == "off" else EEConfig(layers, 0.5, head="shared")
         trace_obj = None if ee is None else ExitTrace.for_ramps(trace["fractions"], len(layers))
+        # the ramp gate off: scale mode measures the rebatching machinery on the trace's exits, not
+        # the fused step the gate would fall back to (the ee-efficiency benchmark measures both)
         eng = Engine.from_params(cfg, params, dtype=dtype, max_slots=batch, max_seq_len=prompt_len + new_tokens,
-                                 ee=ee, policy=policy, exit_trace=trace_obj)
+                                 ee=ee, policy=policy, exit_trace=trace_obj, gate=GateConfig(enabled=False))
         run_engine(eng, prompts, gc, label=policy, workload=f"scale:{preset}", policy=policy, threshold=None)
         r = run_engine(eng, prompts, gc, label=policy, workload=f"scale:{preset}", policy=policy, threshold=None)
         results.append(r)
