@@ -284,25 +284,15 @@ def _bench(args) -> int:
 
         res = roofline.run_roofline(args.model, quick=args.quick, steps=args.steps, hf=not args.no_hf,
                                     attention=args.attention)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "roofline.json"), "w") as f:
-            json.dump(res, f, indent=2)
-        md = roofline.markdown(res)
-        with open(os.path.join(args.out, "roofline.md"), "w") as f:
-            f.write(md)
+        md = _write_report(args.out, "roofline", res, roofline.markdown(res))
         roofline.plot(res, os.path.join(args.out, "roofline.png"))
     elif args.ee_efficiency:
         from drex_jax.bench import ee_efficiency
 
         res = ee_efficiency.run_ee_efficiency(args.model, quick=args.quick, new_tokens=args.ee_new_tokens)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "ee_efficiency.json"), "w") as f:
-            json.dump(res, f, indent=2)
-        md = ee_efficiency.markdown(res) + "\n" + ee_efficiency.summary(res) + "\n"
-        with open(os.path.join(args.out, "ee_efficiency.md"), "w") as f:
-            f.write(md)
+        md = _write_report(args.out, "ee_efficiency", res,
+                           ee_efficiency.markdown(res) + "\n" + ee_efficiency.summary(res) + "\n")
         ee_efficiency.plot(res, os.path.join(args.out, "ee_efficiency.png"))
-        print(md)
     elif args.scale:
         trace = args.trace or os.path.join(args.out, "exit_trace.json")
         results, meta = run_scale(args.scale, trace, batch=args.scale_batch, prompt_len=args.scale_prompt_len,
@@ -390,11 +380,15 @@ def _load_test(args) -> str:
         _note(f"offline reference: {args.model or 'bundled model'}, {'early exit ' + ee['policy'] if ee else 'full depth'}")
         reference = Engine(args.model, max_slots=args.concurrency, max_seq_len=card["max_model_len"], **kw)
     res = load.run_load(args.url, cfg, reference)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "load.json"), "w") as f:
+    return _write_report(args.out, "load", res, load.markdown(res))
+
+
+def _write_report(out: str, name: str, res: dict, md: str) -> str:
+    """OUT/NAME.json (the raw results) and OUT/NAME.md; returns the markdown."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name + ".json"), "w") as f:
         json.dump(res, f, indent=2)
-    md = load.markdown(res)
-    with open(os.path.join(args.out, "load.md"), "w") as f:
+    with open(os.path.join(out, name + ".md"), "w") as f:
         f.write(md)
     return md
 

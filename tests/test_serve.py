@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from drex_jax import Engine, GenerationConfig
-from drex_jax.bench.load import LoadConfig, parse_metrics, run_load
+from drex_jax.bench.load import LoadConfig, parse_metrics, run_load, settled_metrics
 from drex_jax.serve.app import build_app
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write one word about the sea."]
@@ -45,12 +45,7 @@ class ServerThread:
         return parse_metrics(httpx.get(self.url + "/metrics").text)
 
     def settled_metrics(self) -> dict:
-        deadline = time.time() + 20
-        while True:
-            m = self.metrics()
-            if (m["drex_requests_running"] == 0 and m["drex_requests_waiting"] == 0) or time.time() > deadline:
-                return m
-            time.sleep(0.05)
+        return settled_metrics(self.url, timeout_s=20)
 
     def stop(self):
         self.server.should_exit = True

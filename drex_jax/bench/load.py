@@ -118,7 +118,7 @@ async def _run(url: str, prompts: list[str], cfg: LoadConfig) -> tuple[list[Outc
         return outcomes, time.perf_counter() - t0, model
 
 
-def _settled_metrics(url: str, timeout_s: float = 30.0) -> dict[str, float]:
+def settled_metrics(url: str, timeout_s: float = 30.0) -> dict[str, float]:
     """/metrics once no request is running or waiting (a cancelled stream frees its slot on the
     engine thread's next turn)."""
     import httpx
@@ -143,9 +143,9 @@ def run_load(url: str, cfg: LoadConfig = LoadConfig(), reference=None, progress:
     if progress:
         print(f"[drex_jax] load test: {cfg.num_requests} requests, {cfg.concurrency} concurrent, "
               f"{cfg.rate}/s Poisson, {cfg.disconnect_fraction:.0%} disconnect -> {url}", flush=True)
-    before = _settled_metrics(url)
+    before = settled_metrics(url)
     outcomes, wall, model = asyncio.run(_run(url, prompts, cfg))
-    after = _settled_metrics(url)
+    after = settled_metrics(url)
     ok = [o for o in outcomes if o.status == "ok"]
     errors = [o for o in outcomes if o.status == "error"]
     disconnected = [o for o in outcomes if o.status == "disconnected"]

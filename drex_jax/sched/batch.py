@@ -17,15 +17,21 @@ class DecodeBatch(NamedTuple):
     sampling: SamplingParams
 
 
+def table_width(reqs: list, page_size: int, width: int | None = None) -> int:
+    """Block-table columns for these requests' next token: the power-of-two bucket of the most
+    pages any row needs, or the fixed `width` (checked to be enough)."""
+    needed = max(pages_needed(r.cache_len + 1, page_size) for r in reqs)
+    if width is not None and width < needed:
+        raise ValueError(f"block-table width {width} < {needed} pages needed")
+    return bucket(needed) if width is None else width
+
+
 def decode_batch(reqs: list, page_size: int, num_slots: int, width: int | None = None) -> DecodeBatch:
     """One row per running request (`slot`, `generated`, `cache_len`, `pages`, `sampling_row()`),
     padded to a power-of-two row bucket; the block-table width is bucketed the same way, or
     fixed at `width` (attention kernels whose cost follows each row's length, not the width)."""
     B = bucket(len(reqs))
-    needed = max(pages_needed(r.cache_len + 1, page_size) for r in reqs)
-    if width is not None and width < needed:
-        raise ValueError(f"block-table width {width} < {needed} pages needed")
-    width = bucket(needed) if width is None else width
+    width = table_width(reqs, page_size, width)
     slot_ids = np.full(B, num_slots, np.int32)
     tokens = np.zeros(B, np.int32)
     positions = np.full(B, -1, np.int32)

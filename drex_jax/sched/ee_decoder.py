@@ -16,13 +16,13 @@ import numpy as np
 
 from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
-from drex_jax.kv.pool import block_table_array, bucket, pages_needed
+from drex_jax.kv.pool import block_table_array, bucket
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
 from drex_jax.model.ramps import check_ramp_tokens
 from drex_jax.rebatch.steps import fill_copy, fill_propagate, segment_step
 from drex_jax.sampling import SamplingParams
 from drex_jax.sched.art import ARTProfiler
-from drex_jax.sched.batch import DecodeBatch, decode_batch
+from drex_jax.sched.batch import DecodeBatch, decode_batch, table_width
 from drex_jax.sched.flush import FlushConfig, flush_reason
 from drex_jax.sched.ramp_gate import EE, FUSED, GateConfig, RampGate
 
@@ -242,18 +242,20 @@ class EEDecoder:
             if ready:
                 self._run_grouped(ready, events)
             return
-        width = self.eng.table_width or bucket(pages_needed(max(r.cache_len for r in running) + 1, self.eng.page_size))
-        shape = (bucket(len(running)), width)
+        shape = (bucket(len(running)), table_width(running, self.eng.page_size, self.eng.table_width))
+        probes = self.gate.probes
         mode = self.gate.mode(shape)
+        self.stats.gate_probes += self.gate.probes - probes
         t0, tokens0, compiles = now, self.stats.tokens, compile_counter.count()
-        if mode == FUSED and len(ready) == len(running):
-            self._run_fused(ready, events)
-        else:  # early exit; or leaving it: buffered rows finish their token first (a drain)
-            self._run_pipeline(ready, events, drain=mode == FUSED)
+        # fused only once no row is mid-token; until then buffered rows finish theirs (a drain)
         ran = FUSED if mode == FUSED and len(ready) == len(running) else EE
+        if ran == FUSED:
+            self._run_fused(ready, events)
+            self.stats.fused_iterations += 1
+        else:
+            self._run_pipeline(ready, events, drain=mode == FUSED)
         steady = compile_counter.count() == compiles and ran == mode
         self.gate.record(shape, ran, time.perf_counter() - t0, self.stats.tokens - tokens0, count=steady)
-        self.stats.fused_iterations, self.stats.gate_probes = self.gate.fused_iterations, self.gate.probes
 
     def _run_fused(self, reqs: list, events) -> None:
         """All rows through every layer in one fused call, no ramp evaluated (the gate found early
@@ -278,7 +280,7 @@ class EEDecoder:
         carried: set[int] = set()  # slots of rows that continue in this iteration unconditionally
         if ready:
             rows, split = self._run_segment(0, ready, events)
-            carried |= set() if split else {r.slot for r in rows}
+            carried = set() if split else {r.slot for r in rows}
         now = time.perf_counter()
         n_running = len(self.eng._running)
         for s in range(1, self.num_segments):
