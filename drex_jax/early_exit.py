@@ -7,6 +7,7 @@ import math
 CONFIDENCE_MEASURES = ("top1_minus_top2", "max_prob", "neg_entropy")
 MISSING_KV_METHODS = ("copy", "propagate", "recompute")
 RAMP_HEADS = ("shared", "trained")
+MAX_DRAFT = 63  # positions a row may hold pending (+ its current token: a 64-slot hidden ring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +18,15 @@ class EEConfig:
     `thresholds` is one float per ramp (or a single float for all).
     `ramp_vocab`: score only this many candidate tokens at the ramps (the most frequent
     outputs, ranked when the exit heads were trained); None = the whole vocabulary.
+
+    `missing_kv="recompute"`: an exited token keeps its exit hidden state, and the next deep
+    pass of its row runs it through the layers it skipped together with the row's current token,
+    so every layer's K/V ends up exactly the full model's. At most `max_draft` positions of a row
+    wait for that pass: a token that would exit beyond the cap runs deeper instead (a stay).
+    `verify=True` (needs recompute): exited tokens are drafts, not output. The deep pass that
+    recomputes their K/V also gives the full model's token at each drafted position; the row keeps
+    the agreeing prefix plus the full model's token and drops the rest, so greedy output equals
+    full-depth decoding (self-speculative decoding, batched).
     """
 
     exit_layers: tuple[int, ...]
@@ -25,6 +35,8 @@ class EEConfig:
     missing_kv: str = "copy"
     head: str = "shared"
     ramp_vocab: int | None = None
+    verify: bool = False
+    max_draft: int = 8
 
     def __post_init__(self):
         layers = self.exit_layers
@@ -55,6 +67,14 @@ class EEConfig:
             raise ValueError(f"unknown missing-KV method {self.missing_kv!r}; choose one of {MISSING_KV_METHODS}")
         if self.head not in RAMP_HEADS:
             raise ValueError(f"unknown ramp head {self.head!r}; choose one of {RAMP_HEADS}")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"verify must be True or False, got {self.verify!r}")
+        if self.verify and self.missing_kv != "recompute":
+            raise ValueError(f"verify=True needs missing_kv='recompute' (the deep pass that verifies drafts "
+                             f"recomputes their K/V), got missing_kv={self.missing_kv!r}")
+        md = self.max_draft
+        if isinstance(md, bool) or not isinstance(md, int) or not 1 <= md <= MAX_DRAFT:
+            raise ValueError(f"max_draft must be an integer in [1, {MAX_DRAFT}], got {md!r}")
         rv = self.ramp_vocab
         if rv is not None:
             top = vocab_size if vocab_size is not None else "vocab_size"

@@ -59,6 +59,12 @@ class _Request:
     admit_seq: int = -1  # order of first admission: preemption takes the highest first
     first_want: int = -1  # early exit: first ramp the current token's confidence passed
     preemptions: int = 0
+    # missing_kv="recompute": decode positions whose deep K/V is still missing -> layers run so far
+    # (their hidden states wait in the decoder's ring); verify mode: the drafted tokens not yet
+    # verified (inputs at the positions after the last verified token), never emitted
+    pending: dict[int, int] = dataclasses.field(default_factory=dict)
+    drafts: list[int] = dataclasses.field(default_factory=list)
+    draft_depths: list[int] = dataclasses.field(default_factory=list)  # the ramp depth each draft exited at
 
     @property
     def context_ids(self) -> list[int]:
@@ -67,8 +73,14 @@ class _Request:
 
     @property
     def cache_len(self) -> int:
-        """Positions with K/V in the pool (the newest generated token is not yet written)."""
-        return len(self.prompt_ids) + len(self.generated) - 1
+        """Positions with K/V in the pool (the newest token is not yet written): the position of
+        the next decode step's input, `last_token`."""
+        return len(self.prompt_ids) + len(self.generated) + len(self.drafts) - 1
+
+    @property
+    def last_token(self) -> int:
+        """The next decode step's input: the newest draft (verify mode) or generated token."""
+        return self.drafts[-1] if self.drafts else self.generated[-1]
 
     def sampling_row(self) -> tuple:
         c = self.config
@@ -291,6 +303,10 @@ class Engine:
                 f"request needs {need} KV pages but the pool only has {self.allocator.capacity}; "
                 "raise num_pages / kv_memory_bytes or lower max_new_tokens"
             )
+        if self._ee is not None and self._ee.verify and config.temperature > 0:
+            raise ValueError(f"temperature={config.temperature} but this engine runs EEConfig(verify=True), which "
+                             "verifies drafts greedily (speculative sampling is not implemented): use temperature=0 "
+                             "or an engine without verify")
         req = _Request(self._next_id, ids, config, self._eos if not config.ignore_eos else frozenset(),
                        time.perf_counter())
         req.stop_ids = req.stop_ids | frozenset(config.stop_token_ids)
@@ -371,10 +387,20 @@ class Engine:
         self.allocator.free(req.pages)
         self._free_slots.append(req.slot)
         req.pages, req.slot, req.stage, req.buffered_iter, req.first_want = [], -1, 0, -1, -1
+        # prefill recomputes the context at full depth: nothing stays pending, and unverified
+        # drafts are dropped (decoding resumes from the last verified token)
+        req.pending, req.drafts, req.draft_depths = {}, [], []
         req.preemptions += 1
         self.num_preemptions += 1
         # victims go newest first, so the oldest ends up first in the queue
         self._waiting.appendleft(req)
+
+    def _trim_pages(self, req: _Request) -> None:
+        """Return the pages past a request's next token (after verify mode drops rejected drafts)."""
+        keep = pages_needed(req.cache_len + 1, self.page_size)
+        if len(req.pages) > keep:
+            self.allocator.free(req.pages[keep:])
+            req.pages = req.pages[:keep]
 
     def _note_pages(self) -> None:
         self.peak_pages_used = max(self.peak_pages_used, self.allocator.capacity - self.allocator.num_free)

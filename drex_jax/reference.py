@@ -9,7 +9,8 @@ by the configured method:
   propagate  each skipped layer computes its own K/V from the exit hidden state (norm,
              K/V projections and RoPE only);
   recompute  the exit hidden state is kept; the next token that runs layer E takes the
-             missed positions along (a causal chunk) through the deep layers.
+             missed positions along (a causal chunk) through the deep layers. At most
+             `ee.max_draft` positions wait: past that a token does not exit.
 The cache is contiguous per request (a one-page pool), so no paging logic is involved.
 """
 from __future__ import annotations
@@ -152,7 +153,9 @@ def reference_generate(
             if r < len(ee.exit_layers):
                 tok, conf = _ramp(params, heads, h, r, ramp_tokens, cfg=cfg, measure=ee.confidence)
                 confs.append(float(conf))
-                if E == L or float(conf) > ee.thresholds[r]:
+                # recompute: a row holds at most max_draft pending positions (the engine's cap)
+                room = ee.missing_kv != "recompute" or len(pending) < ee.max_draft
+                if E == L or (float(conf) > ee.thresholds[r] and room):
                     token, exit_at = int(tok), E
                     break
         if token is None:

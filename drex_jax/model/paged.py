@@ -35,6 +35,7 @@ def layer_loop(
     missing_kv: str = "copy",
     unroll: bool = True,
     writes: str = "per_layer",
+    join_depth: jax.Array | None = None,
 ):
     """Run layers `[start, end)`, writing each token's K/V into the pool first.
 
@@ -61,6 +62,11 @@ def layer_loop(
     kv_depth [B, T] (optional) replays early exits: a token with depth E runs layers < E only;
     its K/V at layers >= E is what the early-exit fill wrote (`missing_kv`): layer E-1's K/V
     (copy) or each layer's projection of the frozen exit hidden state (propagate).
+
+    join_depth [B, T] (optional) runs a chunk of positions that are at different depths (the
+    recompute of skipped layers): a token joins at layer join_depth and runs the layers from there;
+    below it the token's K/V is already in the pool, so the layer uses (and rewrites) the pool's
+    K/V at its position and its hidden state waits unchanged.
     """
     B, T = positions.shape
     pos = jnp.maximum(positions, 0)
@@ -72,6 +78,10 @@ def layer_loop(
     def layer(i, lp, carry):
         xt, k_pool, v_pool, k_last, v_last = carry
         q, k, v = qkv(lp, cfg, xt, pos)
+        if join_depth is not None:
+            joined = (join_depth <= i)[..., None, None]  # [B, T, 1, 1]
+            k = jnp.where(joined, k, _pool_rows(k_pool, i, write_page, write_off).astype(k.dtype))
+            v = jnp.where(joined, v, _pool_rows(v_pool, i, write_page, write_off).astype(v.dtype))
         if kv_depth is not None:
             live = (i < kv_depth)[..., None, None]  # [B, T, 1, 1]
             if missing_kv == "copy":
@@ -89,6 +99,8 @@ def layer_loop(
         y = finish_layer(lp, cfg, xt, o)
         if kv_depth is not None:  # exited tokens keep their exit hidden state
             y = jnp.where(live.reshape(1, B * T), y, xt)
+        if join_depth is not None:  # tokens not yet joined wait at their depth
+            y = jnp.where(joined.reshape(1, B * T), y, xt)
         return y, k_pool, v_pool, k_last, v_last
 
     none = None
@@ -111,6 +123,12 @@ def layer_loop(
     return from_stream(xt, B, T), pool
 
 
+def _pool_rows(cache: jax.Array, layer: int, page: jax.Array, off: jax.Array) -> jax.Array:
+    """Layer `layer`'s cached K or V at (page, off) [B, T] -> [B, T, kv, D] (out-of-range pages
+    clamp: those are padding tokens, whose values are never used)."""
+    return jnp.moveaxis(cache[layer][:, page, off], 0, -2)
+
+
 def write_layers(pool: dict, start: int, ks: list, vs: list, page: jax.Array, off: jax.Array) -> dict:
     """Write layers `start, start+1, ...`'s K/V (lists of [B, T, kv, D], or [B, kv, D] with
     page, off [B]) at (page, off), one scatter per K and V for all of them (page >= num_pages
@@ -125,14 +143,16 @@ def write_layers(pool: dict, start: int, ks: list, vs: list, page: jax.Array, of
 ATTENTION = ("xla", "ffi", "pallas")
 
 
-def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end: int, attention: str = "xla"):
+def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end: int, attention: str = "xla",
+                 join_depth: jax.Array | None = None):
     """Layers `[start, end)` for rows attending through their pages (decode, deep segments).
 
     x: [B, T, H]; positions: [B, T] (-1 = padding); block_tables: [B, P]. Returns (x, pool).
     `attention` picks how a layer reads its keys and values (each gives the same result):
     "xla" gathers every row's pages into a dense [B, S, kv, D] copy (any backend, any dtype);
     "ffi" streams each live page once through the C++ kernel (CPU, fp32; `kernels.ffi`);
-    "pallas" runs jax's Pallas GPU paged-attention kernel (one query token per row).
+    "pallas" runs jax's Pallas GPU paged-attention kernel (one query token per row; a chunk of
+    several positions per row takes the "xla" path). `join_depth` [B, T]: see `layer_loop`.
     """
     B, T, _ = x.shape
     _, _, num_pages, page_size, _ = pool["k"].shape
@@ -140,6 +160,8 @@ def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end:
     valid = positions >= 0
     pos = jnp.maximum(positions, 0)
     write_page = jnp.where(valid, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
+    if attention == "pallas" and T > 1:
+        attention = "xla"
     if attention == "ffi":
         from drex_jax.model.kernels.ffi import paged_attention
 
@@ -164,7 +186,7 @@ def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
 
     return layer_loop(params, cfg, pool, x, positions, write_page, pos % page_size, attend, start, end,
-                      writes="attend" if attention == "ffi" else "per_layer")
+                      writes="attend" if attention == "ffi" else "per_layer", join_depth=join_depth)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "do_sample", "missing_kv"), donate_argnames=("pool",))

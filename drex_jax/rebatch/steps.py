@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import embed, next_tokens, qkv
+from drex_jax.model.decoder import embed, greedy_tokens, next_tokens, qkv
 from drex_jax.model.params import layer_params
 from drex_jax.model.paged import paged_layers, write_layers
 from drex_jax.model.ramps import confidence, ramp_logits, to_token_ids
@@ -95,3 +95,60 @@ def fill_propagate(params, pool, hidden, slot_ids, block_tables, positions, *, c
     pos = jnp.maximum(positions, 0)[:, None]
     kvs = [qkv(layer_params(params, i), cfg, ht, pos)[1:] for i in range(exit_layer, cfg.num_layers)]
     return write_layers(pool, exit_layer, [k[:, 0] for k, _ in kvs], [v[:, 0] for _, v in kvs], page, off)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "start", "end", "ramp", "measure", "do_sample", "attention", "every_position"),
+    donate_argnames=("pool", "ring"),
+)
+def chunk_step(
+    params: dict,
+    heads: dict | None,
+    pool: dict,
+    ring: jax.Array,
+    slot_ids: jax.Array,
+    tokens: jax.Array,
+    positions: jax.Array,
+    depths: jax.Array,
+    block_tables: jax.Array,
+    sampling: SamplingParams,
+    ramp_tokens: jax.Array | None = None,
+    *,
+    cfg: ModelConfig,
+    start: int,
+    end: int,
+    ramp: int,
+    measure: str,
+    do_sample: bool,
+    attention: str = "xla",
+    every_position: bool = False,
+):
+    """Layers [start, end) for a chunk of consecutive positions per row (`missing_kv="recompute"`).
+
+    Each row's chunk is its pending positions (exited earlier; their K/V of the layers they skipped
+    is missing) followed by its current token, the last valid entry. tokens, positions (-1 =
+    padding, at the end), depths: [B, T]; a position joins at layer `depths` (the layers it has
+    run), and its hidden state lives in `ring [slots, R, H]` at (slot, position % R); a depth-0
+    position is embedded from `tokens`. Afterwards every chunk position that ran is written back
+    to the ring. Returns (token [B], confidence [B], pool, ring) for the current token, after the
+    ramp `ramp` (or the LM head if -1, confidence +inf). every_position (LM head only): greedy
+    tokens [B, T] at every chunk position, which verify mode compares with the drafts.
+    """
+    R = ring.shape[1]
+    valid = positions >= 0
+    at = jnp.where(valid, positions % R, R)  # out of range: padding reads clamp and writes drop
+    x = ring[slot_ids[:, None], at]  # [B, T, H]
+    if start == 0:
+        x = jnp.where((depths == 0)[..., None], embed(params, tokens).astype(x.dtype), x)
+    x, pool = paged_layers(params, cfg, pool, x, positions, block_tables, start, end, attention, join_depth=depths)
+    ring = ring.at[slot_ids[:, None], at].set(x.astype(ring.dtype), mode="drop")
+    current = jnp.maximum(valid.sum(axis=1) - 1, 0)  # [B] index of each row's current token
+    xc = jnp.take_along_axis(x, current[:, None, None], axis=1)[:, 0]  # [B, H]
+    if ramp < 0:
+        final = jnp.full(xc.shape[:1], jnp.inf, jnp.float32)
+        if every_position:
+            B, T, H = x.shape
+            return greedy_tokens(params, cfg, x.reshape(B * T, H)).reshape(B, T), final, pool, ring
+        return next_tokens(params, cfg, xc, sampling, do_sample), final, pool, ring
+    logits = ramp_logits(params, cfg, xc, heads, ramp, ramp_tokens)
+    return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), confidence(logits, measure), pool, ring

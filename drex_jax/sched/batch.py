@@ -27,7 +27,7 @@ def table_width(reqs: list, page_size: int, width: int | None = None) -> int:
 
 
 def decode_batch(reqs: list, page_size: int, num_slots: int, width: int | None = None) -> DecodeBatch:
-    """One row per running request (`slot`, `generated`, `cache_len`, `pages`, `sampling_row()`),
+    """One row per running request (`slot`, `last_token`, `cache_len`, `pages`, `sampling_row()`),
     padded to a power-of-two row bucket; the block-table width is bucketed the same way, or
     fixed at `width` (attention kernels whose cost follows each row's length, not the width)."""
     B = bucket(len(reqs))
@@ -36,6 +36,38 @@ def decode_batch(reqs: list, page_size: int, num_slots: int, width: int | None =
     tokens = np.zeros(B, np.int32)
     positions = np.full(B, -1, np.int32)
     for i, r in enumerate(reqs):
-        slot_ids[i], tokens[i], positions[i] = r.slot, r.generated[-1], r.cache_len
+        slot_ids[i], tokens[i], positions[i] = r.slot, r.last_token, r.cache_len
     bt = block_table_array([r.pages for r in reqs] + [[]] * (B - len(reqs)), width)
     return DecodeBatch(slot_ids, tokens, positions, bt, SamplingParams.build([r.sampling_row() for r in reqs], B))
+
+
+class ChunkBatch(NamedTuple):
+    """A decode batch whose rows carry their pending positions (`missing_kv="recompute"`)."""
+    slot_ids: np.ndarray  # [B] int32
+    tokens: np.ndarray  # [B, T] int32 input token at each chunk position (used at depth 0 only)
+    positions: np.ndarray  # [B, T] int32 consecutive per row, -1 = padding (at the end)
+    block_tables: np.ndarray  # [B, width] int32
+    sampling: SamplingParams
+    depths: np.ndarray  # [B, T] int32 layers each position has run (it joins the step there)
+
+
+def chunk_batch(reqs: list, start: int, end: int, page_size: int, num_slots: int, width: int | None = None
+                ) -> ChunkBatch:
+    """Rows for layers [start, end): each request's current token (at depth `start`) preceded by its
+    pending positions (`pending`: position -> depth) from the oldest one that joins within
+    [start, end) on; positions between that join later keep their depth (they only supply K/V).
+    T is the power-of-two bucket of the longest chunk."""
+    plain = decode_batch(reqs, page_size, num_slots, width)
+    B = len(plain.slot_ids)
+    firsts = [min([q for q, d in r.pending.items() if d < end], default=r.cache_len) for r in reqs]
+    T = bucket(max([r.cache_len - f + 1 for r, f in zip(reqs, firsts)], default=1))
+    tokens = np.zeros((B, T), np.int32)
+    positions = np.full((B, T), -1, np.int32)
+    depths = np.full((B, T), end, np.int32)  # padding: never joins
+    for i, (r, first) in enumerate(zip(reqs, firsts)):
+        n = r.cache_len - first + 1
+        positions[i, :n] = np.arange(first, r.cache_len + 1)
+        depths[i, :n - 1] = [r.pending[q] for q in range(first, r.cache_len)]
+        depths[i, n - 1] = start
+        tokens[i, n - 1] = r.last_token
+    return ChunkBatch(plain.slot_ids, tokens, positions, plain.block_tables, plain.sampling, depths)

@@ -19,10 +19,10 @@ from drex_jax.early_exit import EEConfig
 from drex_jax.kv.pool import block_table_array, bucket
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
 from drex_jax.model.ramps import check_ramp_tokens
-from drex_jax.rebatch.steps import fill_copy, fill_propagate, segment_step
+from drex_jax.rebatch.steps import chunk_step, fill_copy, fill_propagate, segment_step
 from drex_jax.sampling import SamplingParams
 from drex_jax.sched.art import ARTProfiler
-from drex_jax.sched.batch import DecodeBatch, decode_batch, table_width
+from drex_jax.sched.batch import ChunkBatch, DecodeBatch, chunk_batch, decode_batch, table_width
 from drex_jax.sched.flush import FlushConfig, flush_reason
 from drex_jax.sched.ramp_gate import EE, FUSED, GateConfig, RampGate
 
@@ -45,9 +45,26 @@ class EEStats:
     round_trips: int = 0  # synchronous device calls (the host waits for a result; fills are not waited on)
     fused_iterations: int = 0  # rebatching iterations the ramp gate ran fused (early exit did not pay)
     gate_probes: int = 0  # windows that re-measured the mode the gate was not using
+    # missing_kv="recompute": wanted exits refused because the row already held max_draft pending
+    # positions (verify mode: also near max_new_tokens or after a drafted stop token)
+    draft_cap_stays: int = 0
+    # verify mode: drafted tokens, how many the full model confirmed, per ramp, and deep passes
+    drafts_per_ramp: list[int] = dataclasses.field(default_factory=list)
+    accepted_per_ramp: list[int] = dataclasses.field(default_factory=list)
+    verify_passes: int = 0
 
     def mean_depth(self) -> float:
+        """Layers run per finalized token (with recompute: the deep layers run later for exited
+        positions included, and in verify mode those of rejected drafts too)."""
         return self.layers_run / max(self.tokens, 1)
+
+    def acceptance_rate(self) -> float:
+        """Verify mode: the fraction of drafts the full model confirmed."""
+        return sum(self.accepted_per_ramp) / max(sum(self.drafts_per_ramp), 1)
+
+    def mean_accepted(self) -> float:
+        """Verify mode: tokens emitted per verifying deep pass (accepted drafts + the full model's)."""
+        return (sum(self.accepted_per_ramp) + self.verify_passes) / max(self.verify_passes, 1)
 
 
 class EEDecoder:
@@ -58,20 +75,27 @@ class EEDecoder:
         self.ramp_tokens = check_ramp_tokens(ee, cfg, ramp_tokens)  # [K] candidate ids or None
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
-        if ee.missing_kv == "recompute" and policy != "off":
-            raise ValueError("missing_kv='recompute' is available in reference_generate only; the engine "
-                             "supports 'copy' and 'propagate'")
+        self.recompute, self.verify = ee.missing_kv == "recompute", ee.verify
+        if self.recompute and policy not in ("off", "rebatching"):
+            raise ValueError(f"missing_kv='recompute' runs with policy 'rebatching' (or 'off'), got {policy!r}: a "
+                             "grouped policy moves the batch as one and has no per-row deep pass to recompute in")
         if ee.head == "trained" and heads is None:
             raise ValueError("EEConfig.head == 'trained' needs exit heads (Engine(exit_heads=...))")
         if not isinstance(flush, FlushConfig):
             raise ValueError(f"flush must be a FlushConfig, got {type(flush).__name__}")
-        self.eng, self.ee, self.policy, self.flush, self.use_art = engine, ee, policy, flush, art
+        # ART prices a split by single-position segment times; with recompute a deep segment also
+        # carries its rows' pending positions, so the ramp gate (measured cost per token) decides
+        self.eng, self.ee, self.policy, self.flush, self.use_art = engine, ee, policy, flush, art and not self.recompute
         self.heads = heads if ee.head == "trained" else None
         ramps = [e for e in ee.exit_layers if e < cfg.num_layers]
         self.thresholds = list(ee.thresholds[: len(ramps)])
         self.bounds = [0] + ramps + [cfg.num_layers]
         self.num_segments = len(self.bounds) - 1
-        self.hidden = jnp.zeros((engine.max_slots, cfg.hidden_size), engine.dtype)  # [slots, hidden]
+        # [slots, hidden]; recompute: a ring [slots, R, hidden] holding each row's pending positions
+        # and current token at position % R (a row's pending positions and current token are
+        # consecutive, at most max_draft + 1 of them)
+        ring = (bucket(ee.max_draft + 1),) if self.recompute else ()
+        self.hidden = jnp.zeros((engine.max_slots,) + ring + (cfg.hidden_size,), engine.dtype)
         if engine.mesh is not None:
             from drex_jax.sharding import replicated
 
@@ -88,7 +112,9 @@ class EEDecoder:
         self._last_ready: float | None = None
 
     def reset_stats(self) -> None:
-        self.stats = EEStats(exits_per_ramp=[0] * self.num_segments, wanted_per_ramp=[0] * self.num_segments)
+        n = self.num_segments
+        self.stats = EEStats(exits_per_ramp=[0] * n, wanted_per_ramp=[0] * n, drafts_per_ramp=[0] * (n - 1),
+                             accepted_per_ramp=[0] * (n - 1))
 
     # ------------------------------------------------------------------ device calls
     def _call(self, fn, *args, **kw):
@@ -103,39 +129,69 @@ class EEDecoder:
         self.stats.round_trips += 1
         return out, self._last_ready - t0
 
-    def _batch_arrays(self, reqs) -> DecodeBatch:
+    def _batch_arrays(self, reqs, start: int = 0, end: int | None = None) -> DecodeBatch | ChunkBatch:
+        """The rows for layers [start, end) (recompute: with their pending positions)."""
         # power-of-two row buckets: XLA:CPU's dots cost as much at 24 rows as at 32, and more at 28
         # (BENCHMARKS.md, issue 16), so finer buckets would only add programs
-        return decode_batch(reqs, self.eng.page_size, self.eng.max_slots, self.eng.table_width)
+        eng = self.eng
+        if self.recompute:
+            end = eng.cfg.num_layers if end is None else end
+            return chunk_batch(reqs, start, end, eng.page_size, eng.max_slots, eng.table_width)
+        return decode_batch(reqs, eng.page_size, eng.max_slots, eng.table_width)
 
     def _run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
         """segment_step on batch `arrays`; returns (tokens, confidences, seconds or None when the
         call compiled)."""
-        slot_ids, tokens, positions, bt, sp = arrays
         eng = self.eng
         compiles = compile_counter.count()
-        (tok, conf, eng.pool, self.hidden), dt = self._call(
-            segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, tokens, positions, bt, sp,
-            self.ramp_tokens,
-            cfg=eng.cfg, start=start, end=end, ramp=ramp, measure=self.ee.confidence, do_sample=do_sample,
-            attention=eng.attention)
+        static = dict(cfg=eng.cfg, start=start, end=end, ramp=ramp, measure=self.ee.confidence, do_sample=do_sample,
+                      attention=eng.attention)
+        if isinstance(arrays, ChunkBatch):
+            (tok, conf, eng.pool, self.hidden), dt = self._call(
+                chunk_step, eng.params, self.heads, eng.pool, self.hidden, arrays.slot_ids, arrays.tokens,
+                arrays.positions, arrays.depths, arrays.block_tables, arrays.sampling, self.ramp_tokens,
+                every_position=self.verify and ramp < 0, **static)
+        else:
+            slot_ids, tokens, positions, bt, sp = arrays
+            (tok, conf, eng.pool, self.hidden), dt = self._call(
+                segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, tokens, positions, bt, sp,
+                self.ramp_tokens, **static)
         if compile_counter.count() != compiles:  # a first call's time is mostly compilation: not a timing
             dt = None
         return np.asarray(tok), np.asarray(conf), dt
 
-    def _segment(self, s: int, arrays, do_sample: bool):
+    def _segment(self, s: int, arrays, do_sample: bool, reqs: list):
         last = s == self.num_segments - 1
         tok, conf, dt = self._run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
         if dt is not None:
             self.art.record_segment(s, self._art_key(arrays), dt)
         self.stats.segment_calls += 1
+        self._progress(reqs, self.bounds[s + 1])
         return tok, conf
 
-    def _padding_batch(self, B: int, width: int) -> DecodeBatch:
-        """B padding rows at page width `width`: runs a program's shape, writes no KV or hidden row."""
+    def _progress(self, reqs: list, end: int) -> None:
+        """Recompute: the pending positions a call over layers [.., end) took along have run to `end`
+        (pending positions join where their depth is, which is below `end` only for those taken)."""
+        if not self.recompute:
+            return
+        for r in reqs:
+            for q, d in list(r.pending.items()):
+                if d < end:
+                    self.stats.layers_run += end - d
+                    if end >= self.eng.cfg.num_layers:
+                        del r.pending[q]
+                    else:
+                        r.pending[q] = end
+
+    def _padding_batch(self, B: int, width: int, T: int = 1) -> DecodeBatch | ChunkBatch:
+        """B padding rows at page width `width` (recompute: chunks of T positions): runs a program's
+        shape, writes no KV or hidden row."""
         pad = np.full(B, -1, np.int32)
-        return DecodeBatch(np.full(B, self.eng.max_slots, np.int32), pad, pad, block_table_array([[]] * B, width),
-                           SamplingParams.build([], B))
+        slots, bt, sp = np.full(B, self.eng.max_slots, np.int32), block_table_array([[]] * B, width), SamplingParams.build([], B)
+        if self.recompute:
+            chunk = np.full((B, T), -1, np.int32)
+            return ChunkBatch(slots, np.zeros((B, T), np.int32), chunk, bt, sp, np.zeros((B, T), np.int32))
+        return DecodeBatch(slots, pad, pad, bt, sp)
 
     @staticmethod
     def _art_key(arrays) -> tuple[int, int]:
@@ -168,19 +224,23 @@ class EEDecoder:
         from drex_jax.engine import _pow2_upto
 
         shapes = []
+        # recompute: segments past the first (and the fused step) carry chunks of up to R positions
+        chunks = _pow2_upto(self.hidden.shape[1]) if self.recompute else [1]
         for b in _pow2_upto(max_batch):
             for w in widths:
-                shapes += [("segment", s, b, w) for s in range(self.num_segments)]
+                shapes += [("segment", s, b, w, T) for s in range(self.num_segments) for T in chunks[:1 if s == 0 else None]]
                 if self.policy in ("off", "rebatching"):
-                    shapes.append(("full", -1, b, w))  # ART and the ramp gate run the fused step
-                if self.policy not in ("off", "latency-only"):
-                    shapes += [("fill", s, b, w) for s in range(self.num_segments - 1)]
+                    shapes += [("full", -1, b, w, T) for T in chunks]  # ART and the ramp gate run the fused step
+                if self.policy not in ("off", "latency-only") and not self.recompute:
+                    shapes += [("fill", s, b, w, 1) for s in range(self.num_segments - 1)]
         return shapes
 
-    def warmup_one(self, kind: str, s: int, B: int, width: int, do_sample: bool) -> None:
+    def warmup_one(self, kind: str, s: int, B: int, width: int, T: int, do_sample: bool) -> None:
         """Run one shape on an all-padding batch: no KV or hidden-state row is written."""
         eng = self.eng
-        arrays = self._padding_batch(B, width)
+        if do_sample and self.verify:  # verify mode decodes greedily
+            return
+        arrays = self._padding_batch(B, width, T)
         if kind == "segment":
             last = s == self.num_segments - 1
             self._run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
@@ -194,8 +254,8 @@ class EEDecoder:
 
     def _fill(self, exit_layer: int, rows: list, arrays) -> None:
         """Missing KV of layers >= exit_layer for the given batch rows (indices into arrays)."""
-        if exit_layer >= self.eng.cfg.num_layers or not rows:
-            return
+        if exit_layer >= self.eng.cfg.num_layers or not rows or self.recompute:
+            return  # recompute: the next deep pass of the row computes it
         slot_ids, _, positions, bt, _ = arrays
         keep = np.full(len(positions), -1, np.int32)
         keep[rows] = positions[rows]
@@ -213,12 +273,31 @@ class EEDecoder:
         for i in np.flatnonzero(wants):
             if reqs[i].first_want < 0:
                 reqs[i].first_want = s
+            if self.recompute and not self._may_exit(reqs[i]):
+                wants[i] = False
+                self.stats.draft_cap_stays += 1
         return wants
+
+    def _may_exit(self, req) -> bool:
+        """Recompute: a row holds at most max_draft pending positions. Verify mode: a draft must leave
+        room for the full model's token within max_new_tokens, and a drafted stop token is
+        verified before anything is drafted after it."""
+        if len(req.pending) >= self.ee.max_draft:
+            return False
+        if self.verify:
+            return (len(req.generated) + len(req.drafts) + 1 < req.config.max_new_tokens
+                    and not (req.drafts and req.drafts[-1] in req.stop_ids))
+        return True
 
     def _finalize(self, req, token: int, segment: int, events, kv_depth: int | None = None) -> None:
         """Emit `token` for `req`, exited after `segment`; `kv_depth`: depth of the K/V its step
         wrote, when not the exit depth (latency-only keeps computing)."""
         depth = self.bounds[segment + 1]
+        if self.verify and depth < self.eng.cfg.num_layers:
+            return self._draft(req, token, segment)
+        if self.recompute and depth < self.eng.cfg.num_layers:  # computed by the row's next deep pass
+            req.pending[req.cache_len] = depth
+            kv_depth = self.eng.cfg.num_layers
         self.stats.tokens += 1
         self.stats.layers_run += depth
         self.stats.exits_per_ramp[segment] += 1
@@ -226,6 +305,45 @@ class EEDecoder:
         req.stage, req.first_want = 0, -1
         req.exit_layers.append(depth)
         self.eng._append_token(req, token, events, kv_depth=kv_depth or depth)
+
+    def _draft(self, req, token: int, segment: int) -> None:
+        """Verify mode: `token` exited at ramp `segment`: a draft, the row's next input, not output."""
+        depth = self.bounds[segment + 1]
+        req.pending[req.cache_len] = depth
+        req.drafts.append(token)
+        req.draft_depths.append(depth)
+        req.stage, req.first_want = 0, -1
+        self.stats.layers_run += depth
+        self.stats.drafts_per_ramp[segment] += 1
+
+    def _verify(self, req, full_tokens: np.ndarray, events) -> None:
+        """Verify mode, after a deep pass over the row's chunk (its drafted positions, then its current
+        token): `full_tokens` [T] are the full model's tokens at those positions. Keep the drafts that
+        agree, then the full model's token at the first disagreement (or after the last draft); the
+        rejected drafts' pages go back (their K/V past the kept tokens is never read)."""
+        L = self.eng.cfg.num_layers
+        n = len(req.drafts)
+        accepted = 0
+        while accepted < n and req.drafts[accepted] == int(full_tokens[accepted]):
+            accepted += 1
+        emit = req.drafts[:accepted] + [int(full_tokens[accepted])]
+        depths = req.draft_depths[:accepted] + [L]
+        for d in req.draft_depths[:accepted]:
+            self.stats.accepted_per_ramp[self.bounds.index(d) - 1] += 1
+        self.stats.verify_passes += 1
+        self.stats.layers_run += L
+        req.drafts, req.draft_depths, req.pending = [], [], {}
+        req.stage, req.first_want, req.buffered_iter = 0, -1, -1
+        for token, depth in zip(emit, depths):
+            self.stats.tokens += 1
+            seg = self.bounds.index(depth) - 1
+            self.stats.exits_per_ramp[seg] += 1
+            self.stats.wanted_per_ramp[seg] += 1
+            req.exit_layers.append(depth)
+            self.eng._append_token(req, token, events, kv_depth=L)
+            if req.slot < 0:  # finished: the rest is dropped
+                return
+        self.eng._trim_pages(req)
 
     # ------------------------------------------------------------------ scheduling
     def step(self, events) -> None:
@@ -265,11 +383,19 @@ class EEDecoder:
                                       any(r.config.temperature > 0 for r in reqs))
         if dt is not None:
             self.art.record_full(self._art_key(arrays), dt)
+        self._progress(reqs, self.eng.cfg.num_layers)
+        self._finalize_all(reqs, tok, events)
+
+    def _finalize_all(self, reqs: list, tok: np.ndarray, events) -> None:
+        """Rows that ran the last layer: emit the LM head's token (verify mode: check the drafts)."""
         last = self.num_segments - 1
         for i, r in enumerate(reqs):
             r.first_want = -1  # no ramp was asked
             r.buffered_iter = -1
-            self._finalize(r, int(tok[i]), last, events)
+            if self.verify:
+                self._verify(r, tok[i], events)
+            else:
+                self._finalize(r, int(tok[i]), last, events)
 
     def _run_pipeline(self, ready: list, events, drain: bool = False) -> None:
         """DREX rebatching, shallow segments first so rows merge: ready rows run segment 0; at each
@@ -307,18 +433,16 @@ class EEDecoder:
         K/V filled), unless ART declines the split; the others move to stage s + 1. Returns (the
         rows that continue, whether the batch was split)."""
         do_sample = any(r.config.temperature > 0 for r in reqs)
-        arrays = self._batch_arrays(reqs)
+        arrays = self._batch_arrays(reqs, self.bounds[s], self.bounds[s + 1])
         key = self._art_key(arrays)
         # refresh a known shape's fused-step time now and then; an unknown shape is not profiled
         # here (that would compile a full-depth program mid-serving): ART splits and measures
         # its segments until `profile_art()` (warmup does it) times the fused step
         if self.use_art and key in self.art.full_s and self.art.needs_full_profile(key):
             self._profile_full(key, do_sample)
-        tok, conf = self._segment(s, arrays, do_sample)
+        tok, conf = self._segment(s, arrays, do_sample, reqs)
         if s == self.num_segments - 1:
-            for i, r in enumerate(reqs):
-                r.buffered_iter = -1
-                self._finalize(r, int(tok[i]), s, events)
+            self._finalize_all(reqs, tok, events)
             return [], True
         wants = self._wants_exit(s, conf, reqs)
         split = bool(wants.any()) and (not self.use_art or self.art.decide(s, key, int(wants.sum()), len(reqs)))
@@ -346,12 +470,11 @@ class EEDecoder:
         n = len(reqs)
         if self.policy == "off":
             tok, _, _ = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
-            for i, r in enumerate(reqs):
-                self._finalize(r, int(tok[i]), self.num_segments - 1, events)
+            self._finalize_all(reqs, tok, events)
             return
         released = np.zeros(n, bool)  # latency-only: token already emitted
         for s in range(self.num_segments):
-            tok, conf = self._segment(s, arrays, do_sample)
+            tok, conf = self._segment(s, arrays, do_sample, reqs)
             if s == self.num_segments - 1:
                 for i, r in enumerate(reqs):
                     if not released[i]:
