@@ -293,6 +293,13 @@ def _bench(args) -> int:
         md = _write_report(args.out, "ee_efficiency", res,
                            ee_efficiency.markdown(res) + "\n" + ee_efficiency.summary(res) + "\n")
         ee_efficiency.plot(res, os.path.join(args.out, "ee_efficiency.png"))
+    elif args.verify:
+        from drex_jax.bench import verify
+
+        res = verify.run_verify(args.model, quick=args.quick, new_tokens=args.verify_new_tokens,
+                                thresholds=tuple(args.verify_thresholds), batches=tuple(args.verify_batches),
+                                max_draft=args.max_draft, gate=not args.no_gate)
+        md = _write_report(args.out, "verify", res, verify.markdown(res))
     elif args.scale:
         trace = args.trace or os.path.join(args.out, "exit_trace.json")
         results, meta = run_scale(args.scale, trace, batch=args.scale_batch, prompt_len=args.scale_prompt_len,
@@ -514,6 +521,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "rebatching with and without ART: measured vs ideal speed-up; writes OUT/ee_efficiency.*; "
                          "--quick for one point pair")
     ef.add_argument("--ee-new-tokens", type=int, default=24, help="ee-efficiency: new tokens per request")
+    from drex_jax.bench import verify as verify_bench
+
+    vf = b.add_argument_group("verify mode (lossless early exit)")
+    vf.add_argument("--verify", action="store_true",
+                    help="verify mode (drafts at the trained ramps, checked by the deep pass) vs full depth over batch "
+                         "sizes x thresholds, same run: tok/s, identical output, acceptance; writes OUT/verify.*; "
+                         "--quick: threshold 0.5, batches 1 and 8")
+    vf.add_argument("--verify-thresholds", type=float, nargs="+", default=list(verify_bench.THRESHOLDS))
+    vf.add_argument("--verify-batches", type=int, nargs="+", default=list(verify_bench.BATCHES))
+    vf.add_argument("--verify-new-tokens", type=int, default=32, help="verify: greedy tokens per request")
+    vf.add_argument("--max-draft", type=int, default=8, help="verify: drafts a row may hold before a deep pass")
+    vf.add_argument("--no-gate", action="store_true",
+                    help="verify: never fall back to plain decoding (the ramp gate off)")
     lt = b.add_argument_group("load test of a running `drex-jax serve`")
     lt.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000: run the load test "
                                                 "(writes OUT/load.json, load.md)")

@@ -155,8 +155,8 @@ def test_bad_policy_and_flush_settings(tiny4):
         Engine.from_params(cfg, params, ee=ee, policy="fastest")
     with pytest.raises(ValueError, match="needs an early-exit config"):
         Engine.from_params(cfg, params, policy="rebatching")
-    with pytest.raises(ValueError, match="recompute"):
-        Engine.from_params(cfg, params, ee=EEConfig(EE_LAYERS, EE_THR, missing_kv="recompute"))
+    with pytest.raises(ValueError, match="missing_kv='recompute' runs with policy 'rebatching'"):
+        Engine.from_params(cfg, params, ee=EEConfig(EE_LAYERS, EE_THR, missing_kv="recompute"), policy="eager")
     with pytest.raises(ValueError, match="trained"):
         Engine.from_params(cfg, params, ee=EEConfig(EE_LAYERS, EE_THR, head="trained"))
     with pytest.raises(ValueError, match=r"min_fill must be in \(0, 1\]"):

@@ -1,0 +1,155 @@
+"""`drex-jax bench --verify`: lossless early exit (verify mode) against full-depth decoding.
+
+Per batch size, full-depth decoding (`off`: the engine's fused decode step) and verify mode at each
+threshold of a sweep decode the same real prompts (chat prompts, then HumanEval problems) greedily,
+in the same run: decode tokens/s with prefill excluded, the speed-up over `off`, whether every
+output equals `off` token for token, the drafts' acceptance rate per ramp, the mean tokens emitted
+per verifying deep pass, and how many iterations the ramp gate ran as plain decoding because
+drafting did not pay. Each engine runs the workload once untimed (compiling, and letting the ramp
+gate measure both modes) and then once timed.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+BATCHES = (1, 8, 32)
+RAMPS = (8, 15, 22)
+
+
+def workload(tokenizer, n: int) -> list[list[int]]:
+    """`n` chat-templated prompts: the 20 chat prompts, then HumanEval problems."""
+    from drex_jax.data.texts import PROMPTS, humaneval_prompts
+
+    texts = (list(PROMPTS) + humaneval_prompts())[:n]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for t in texts]
+
+
+def _decode(eng, prompts: list[list[int]], batch: int, gc) -> tuple[float, int, dict]:
+    """Run the prompts in waves of `batch`; returns (decode seconds, decode tokens, outputs by index).
+    Each wave's first step (admission, prefill of every prompt, one decode step) is not timed."""
+    seconds, tokens, outputs = 0.0, 0, {}
+    for w in range(0, len(prompts), batch):
+        ids = {eng.submit(p, gc): w + j for j, p in enumerate(prompts[w:w + batch])}
+        events = eng.step()
+        t0 = time.perf_counter()
+        while eng.has_work:
+            step = eng.step()
+            tokens += len(step)
+            events += step
+        seconds += time.perf_counter() - t0
+        for ev in events:
+            if ev.finished:
+                outputs[ids[ev.request_id]] = ev.result.token_ids
+    return seconds, tokens, outputs
+
+
+def _stats(eng) -> dict:
+    st = eng.ee_stats
+    return {"drafts": list(st.drafts_per_ramp), "accepted": list(st.accepted_per_ramp),
+            "verify_passes": st.verify_passes, "fused_iterations": st.fused_iterations,
+            "draft_cap_stays": st.draft_cap_stays, "tokens": st.tokens}
+
+
+def measure(heads_dir, cfg, params, tok, prompts, batch: int, threshold: float | None, new_tokens: int,
+            max_draft: int, gate: bool) -> dict:
+    """One engine (threshold None = `off`): an untimed round, then a timed one."""
+    from drex_jax import Engine, GenerationConfig, compile_counter
+    from drex_jax.early_exit import EEConfig
+
+    kw = dict(max_slots=batch, max_seq_len=max(len(p) for p in prompts) + new_tokens + 8,
+              max_prefill_tokens_per_step=batch * 1024)
+    if threshold is None:
+        eng = Engine.from_params(cfg, params, tok, **kw)
+    else:
+        ee = EEConfig(RAMPS, threshold, missing_kv="recompute", verify=True, max_draft=max_draft, head="trained",
+                      ramp_vocab=1024)
+        eng = Engine.from_params(cfg, params, tok, ee=ee, policy="rebatching", art=gate, exit_heads=heads_dir, **kw)
+    gc = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    _decode(eng, prompts, batch, gc)
+    before = _stats(eng) if eng.ee_stats is not None else None
+    compiles = compile_counter.count()
+    seconds, tokens, outputs = _decode(eng, prompts, batch, gc)
+    row = {"batch": batch, "threshold": threshold, "tok_s": tokens / seconds, "seconds": seconds,
+           "decode_tokens": tokens, "compiled_in_timed_round": compile_counter.count() - compiles,
+           "outputs": [outputs[i] for i in range(len(prompts))]}
+    if before is not None:
+        after = _stats(eng)
+        d = {k: (np.subtract(after[k], before[k]).tolist()) for k in after}
+        drafted, accepted = sum(d["drafts"]), sum(d["accepted"])
+        row.update(drafts_per_ramp=d["drafts"], accepted_per_ramp=d["accepted"], verify_passes=d["verify_passes"],
+                   fused_iterations=d["fused_iterations"], draft_cap_stays=d["draft_cap_stays"],
+                   acceptance=accepted / max(drafted, 1),
+                   acceptance_per_ramp=[a / dr if dr else None for a, dr in zip(d["accepted"], d["drafts"])],
+                   mean_accepted=(accepted + d["verify_passes"]) / max(d["verify_passes"], 1))
+    return row
+
+
+def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 32, thresholds=THRESHOLDS,
+               batches=BATCHES, max_draft: int = 8, gate: bool = True, progress: bool = True) -> dict:
+    from convert.checkpoint import load_checkpoint
+    from drex_jax import compile_counter
+    from drex_jax.bench.roofline import machine
+    from drex_jax.default_model import default_model_path
+    from drex_jax.exit_heads import find_heads
+
+    path = model or default_model_path()
+    cfg, params, tok = load_checkpoint(path)
+    heads_dir = find_heads(path, cfg, params)
+    if heads_dir is None:
+        raise ValueError(f"verify benchmark needs trained exit heads for {path!r} (drex-jax train-exits)")
+    if quick:
+        thresholds, batches, new_tokens = (0.5,), (1, 8), min(new_tokens, 24)
+    compile_counter.install()
+    rows = []
+    for batch in batches:
+        prompts = workload(tok, max(batch, 4))
+        base = None
+        for thr in (None,) + tuple(thresholds):
+            if progress:
+                label = "off" if thr is None else f"verify thr {thr}"
+                print(f"[verify] batch {batch}: {label}", file=sys.stderr, flush=True)
+            row = measure(heads_dir, cfg, params, tok, prompts, batch, thr, new_tokens, max_draft, gate)
+            if thr is None:
+                base = row
+            row["speedup"] = row["tok_s"] / base["tok_s"]
+            row["identical"] = row["outputs"] == base["outputs"]
+            rows.append(row)
+    for r in rows:
+        del r["outputs"]
+    best = {}
+    for b in batches:
+        ver = [r for r in rows if r["batch"] == b and r["threshold"] is not None]
+        best[b] = max(ver, key=lambda r: r["speedup"])["threshold"]
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "model": path,
+            "ramps": list(RAMPS), "ramp_vocab": 1024, "new_tokens": new_tokens, "max_draft": max_draft,
+            "gate": gate, "rows": rows, "best_threshold": best}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Verify mode (lossless early exit) vs full depth, {res['machine']}, {res['date']}: ramps "
+             f"{res['ramps']} (trained heads, ramp vocabulary {res['ramp_vocab']}), max_draft {res['max_draft']}, "
+             f"ramp gate {'on' if res['gate'] else 'off'}, {res['new_tokens']} greedy tokens per request, decode tok/s "
+             "with prefill excluded (second of two identical rounds); `off` = the fused full-depth decode step, "
+             "same run.", "",
+             "| batch | threshold | tok/s | vs off | identical to off | acceptance | per ramp | mean accepted | "
+             "deep passes | fused iters (gate) | cap stays | compiles in timed round |",
+             "|---:|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        if r["threshold"] is None:
+            lines.append(f"| {r['batch']} | off | {r['tok_s']:.1f} | 1.00x | - | - | - | - | - | - | - | "
+                         f"{r['compiled_in_timed_round']} |")
+            continue
+        per = " / ".join("-" if a is None else f"{a:.0%}" for a in r["acceptance_per_ramp"])
+        drafts = " / ".join(str(d) for d in r["drafts_per_ramp"])
+        lines.append(f"| {r['batch']} | {r['threshold']} | {r['tok_s']:.1f} | **{r['speedup']:.2f}x** | "
+                     f"{'yes' if r['identical'] else 'NO'} | {r['acceptance']:.0%} | {per} (of {drafts}) | "
+                     f"{r['mean_accepted']:.2f} | {r['verify_passes']} | {r['fused_iterations']} | "
+                     f"{r['draft_cap_stays']} | {r['compiled_in_timed_round']} |")
+    lines.append("")
+    lines.append("Best threshold per batch: " + ", ".join(f"batch {b}: {t}" for b, t in res["best_threshold"].items()))
+    return "\n".join(lines) + "\n"
