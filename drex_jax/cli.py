@@ -219,8 +219,12 @@ def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
     else:
         thr = 0.9
     ramp_vocab = args.ramp_vocab if args.ramp_vocab is not None else meta.get("ramp_vocab")
-    ee = EEConfig(layers, thr, confidence=args.confidence, missing_kv=args.missing_kv or meta.get("missing_kv", "propagate"),
-                  head="trained" if heads_dir else "shared", ramp_vocab=ramp_vocab or None)
+    missing_kv = "recompute" if args.verify else args.missing_kv or meta.get("missing_kv", "propagate")
+    if args.verify and args.missing_kv not in (None, "recompute"):
+        raise ValueError(f"--verify recomputes the skipped layers' K/V; it cannot run with --missing-kv {args.missing_kv}")
+    ee = EEConfig(layers, thr, confidence=args.confidence, missing_kv=missing_kv,
+                  head="trained" if heads_dir else "shared", ramp_vocab=ramp_vocab or None, verify=args.verify,
+                  max_draft=args.max_draft)
     return {"ee": ee, "policy": args.policy, "exit_heads": heads_dir}
 
 
@@ -355,9 +359,14 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
     e.add_argument("--policy", default="rebatching",
                    choices=list(policies))
     e.add_argument("--confidence", default="top1_minus_top2", choices=["top1_minus_top2", "max_prob", "neg_entropy"])
-    e.add_argument("--missing-kv", default=None, choices=["copy", "propagate"],
+    e.add_argument("--missing-kv", default=None, choices=["copy", "propagate", "recompute"],
                    help="default: what the heads were calibrated with (propagate: measured better than copy on "
-                        "SmolLM2, BENCHMARKS.md)")
+                        "SmolLM2, BENCHMARKS.md); recompute: the skipped layers' K/V exactly, in the row's next "
+                        "deep pass (--verify implies it)")
+    e.add_argument("--verify", action="store_true",
+                   help="lossless early exit: exited tokens are drafts that the deep pass verifies; greedy output "
+                        "equals full depth (needs recompute and temperature 0)")
+    e.add_argument("--max-draft", type=int, default=8, help="recompute/verify: pending positions a row may hold")
     e.add_argument("--head", default=None, choices=["shared", "trained"],
                    help="default: trained when heads fit the model (MODEL/exit_heads or the bundled ones), else shared")
     e.add_argument("--ramp-vocab", type=int, default=None,

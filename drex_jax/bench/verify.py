@@ -17,7 +17,7 @@ import numpy as np
 
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
 BATCHES = (1, 8, 32)
-RAMPS = (8, 15, 22)
+RAMP_SETS = ((22,), (15, 22), (8, 15, 22))  # subsets of the shipped heads' ramps
 
 
 def workload(tokenizer, n: int) -> list[list[int]]:
@@ -55,8 +55,8 @@ def _stats(eng) -> dict:
             "draft_cap_stays": st.draft_cap_stays, "tokens": st.tokens}
 
 
-def measure(heads_dir, cfg, params, tok, prompts, batch: int, threshold: float | None, new_tokens: int,
-            max_draft: int, gate: bool) -> dict:
+def measure(heads_dir, cfg, params, tok, prompts, batch: int, ramps: tuple[int, ...], threshold: float | None,
+            new_tokens: int, max_draft: int, gate: bool) -> dict:
     """One engine (threshold None = `off`): an untimed round, then a timed one."""
     from drex_jax import Engine, GenerationConfig, compile_counter
     from drex_jax.early_exit import EEConfig
@@ -66,7 +66,7 @@ def measure(heads_dir, cfg, params, tok, prompts, batch: int, threshold: float |
     if threshold is None:
         eng = Engine.from_params(cfg, params, tok, **kw)
     else:
-        ee = EEConfig(RAMPS, threshold, missing_kv="recompute", verify=True, max_draft=max_draft, head="trained",
+        ee = EEConfig(ramps, threshold, missing_kv="recompute", verify=True, max_draft=max_draft, head="trained",
                       ramp_vocab=1024)
         eng = Engine.from_params(cfg, params, tok, ee=ee, policy="rebatching", art=gate, exit_heads=heads_dir, **kw)
     gc = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
@@ -74,7 +74,7 @@ def measure(heads_dir, cfg, params, tok, prompts, batch: int, threshold: float |
     before = _stats(eng) if eng.ee_stats is not None else None
     compiles = compile_counter.count()
     seconds, tokens, outputs = _decode(eng, prompts, batch, gc)
-    row = {"batch": batch, "threshold": threshold, "tok_s": tokens / seconds, "seconds": seconds,
+    row = {"batch": batch, "ramps": list(ramps) if threshold is not None else None, "threshold": threshold, "tok_s": tokens / seconds, "seconds": seconds,
            "decode_tokens": tokens, "compiled_in_timed_round": compile_counter.count() - compiles,
            "outputs": [outputs[i] for i in range(len(prompts))]}
     if before is not None:
@@ -90,7 +90,9 @@ def measure(heads_dir, cfg, params, tok, prompts, batch: int, threshold: float |
 
 
 def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 32, thresholds=THRESHOLDS,
-               batches=BATCHES, max_draft: int = 8, gate: bool = True, progress: bool = True) -> dict:
+               batches=BATCHES, ramp_sets=RAMP_SETS, max_draft: int = 8, gate: bool = True,
+               progress: bool = True) -> dict:
+    """Every batch size x (ramp set x threshold), each beside `off` at the same batch size."""
     from convert.checkpoint import load_checkpoint
     from drex_jax import compile_counter
     from drex_jax.bench.roofline import machine
@@ -103,17 +105,18 @@ def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 
     if heads_dir is None:
         raise ValueError(f"verify benchmark needs trained exit heads for {path!r} (drex-jax train-exits)")
     if quick:
-        thresholds, batches, new_tokens = (0.5,), (1, 8), min(new_tokens, 24)
+        thresholds, batches, ramp_sets, new_tokens = (0.5,), (1, 8), ramp_sets[:1], min(new_tokens, 24)
     compile_counter.install()
+    settings = [(None, None)] + [(tuple(r), t) for r in ramp_sets for t in thresholds]
     rows = []
     for batch in batches:
         prompts = workload(tok, max(batch, 4))
         base = None
-        for thr in (None,) + tuple(thresholds):
+        for ramps, thr in settings:
             if progress:
-                label = "off" if thr is None else f"verify thr {thr}"
+                label = "off" if thr is None else f"verify ramps {list(ramps)} threshold {thr}"
                 print(f"[verify] batch {batch}: {label}", file=sys.stderr, flush=True)
-            row = measure(heads_dir, cfg, params, tok, prompts, batch, thr, new_tokens, max_draft, gate)
+            row = measure(heads_dir, cfg, params, tok, prompts, batch, ramps, thr, new_tokens, max_draft, gate)
             if thr is None:
                 base = row
             row["speedup"] = row["tok_s"] / base["tok_s"]
@@ -123,33 +126,34 @@ def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 
         del r["outputs"]
     best = {}
     for b in batches:
-        ver = [r for r in rows if r["batch"] == b and r["threshold"] is not None]
-        best[b] = max(ver, key=lambda r: r["speedup"])["threshold"]
+        top = max((r for r in rows if r["batch"] == b and r["threshold"] is not None), key=lambda r: r["speedup"])
+        best[b] = {"ramps": top["ramps"], "threshold": top["threshold"], "speedup": top["speedup"]}
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "model": path,
-            "ramps": list(RAMPS), "ramp_vocab": 1024, "new_tokens": new_tokens, "max_draft": max_draft,
-            "gate": gate, "rows": rows, "best_threshold": best}
+            "ramp_vocab": 1024, "new_tokens": new_tokens, "max_draft": max_draft, "gate": gate, "rows": rows,
+            "best": best}
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Verify mode (lossless early exit) vs full depth, {res['machine']}, {res['date']}: ramps "
-             f"{res['ramps']} (trained heads, ramp vocabulary {res['ramp_vocab']}), max_draft {res['max_draft']}, "
+    lines = [f"Verify mode (lossless early exit) vs full depth, {res['machine']}, {res['date']}: trained ramp "
+             f"heads (ramp vocabulary {res['ramp_vocab']}), max_draft {res['max_draft']}, "
              f"ramp gate {'on' if res['gate'] else 'off'}, {res['new_tokens']} greedy tokens per request, decode tok/s "
              "with prefill excluded (second of two identical rounds); `off` = the fused full-depth decode step, "
              "same run.", "",
-             "| batch | threshold | tok/s | vs off | identical to off | acceptance | per ramp | mean accepted | "
+             "| batch | ramps | threshold | tok/s | vs off | identical to off | acceptance | per ramp | mean accepted | "
              "deep passes | fused iters (gate) | cap stays | compiles in timed round |",
-             "|---:|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+             "|---:|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         if r["threshold"] is None:
-            lines.append(f"| {r['batch']} | off | {r['tok_s']:.1f} | 1.00x | - | - | - | - | - | - | - | "
+            lines.append(f"| {r['batch']} | - | off | {r['tok_s']:.1f} | 1.00x | - | - | - | - | - | - | - | "
                          f"{r['compiled_in_timed_round']} |")
             continue
         per = " / ".join("-" if a is None else f"{a:.0%}" for a in r["acceptance_per_ramp"])
         drafts = " / ".join(str(d) for d in r["drafts_per_ramp"])
-        lines.append(f"| {r['batch']} | {r['threshold']} | {r['tok_s']:.1f} | **{r['speedup']:.2f}x** | "
+        lines.append(f"| {r['batch']} | {r['ramps']} | {r['threshold']} | {r['tok_s']:.1f} | **{r['speedup']:.2f}x** | "
                      f"{'yes' if r['identical'] else 'NO'} | {r['acceptance']:.0%} | {per} (of {drafts}) | "
                      f"{r['mean_accepted']:.2f} | {r['verify_passes']} | {r['fused_iterations']} | "
                      f"{r['draft_cap_stays']} | {r['compiled_in_timed_round']} |")
     lines.append("")
-    lines.append("Best threshold per batch: " + ", ".join(f"batch {b}: {t}" for b, t in res["best_threshold"].items()))
+    lines.append("Best setting per batch: " + ", ".join(
+        f"batch {b}: ramps {t['ramps']} threshold {t['threshold']} ({t['speedup']:.2f}x)" for b, t in res["best"].items()))
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ from drex_jax.early_exit import EEConfig
 from drex_jax.kv.pool import block_table_array, bucket
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
 from drex_jax.model.ramps import check_ramp_tokens
+from drex_jax.model.paged import decode_step
 from drex_jax.rebatch.steps import chunk_step, fill_copy, fill_propagate, segment_step
 from drex_jax.sampling import SamplingParams
 from drex_jax.sched.art import ARTProfiler
@@ -378,9 +379,17 @@ class EEDecoder:
     def _run_fused(self, reqs: list, events) -> None:
         """All rows through every layer in one fused call, no ramp evaluated (the gate found early
         exit slower than this for the shape): rows that would have exited stay."""
+        do_sample = any(r.config.temperature > 0 for r in reqs)
+        if self.recompute and not any(r.pending for r in reqs):
+            # nothing to recompute: the engine's own decode step, plain decoding exactly
+            eng = self.eng
+            b = decode_batch(reqs, eng.page_size, eng.max_slots, eng.table_width)
+            (tok, eng.pool), _ = self._call(decode_step, eng.params, eng.pool, b.tokens, b.positions, b.block_tables,
+                                            b.sampling, cfg=eng.cfg, do_sample=do_sample, attention=eng.attention)
+            self.stats.segment_calls += 1
+            return self._finalize_all(reqs, np.asarray(tok)[:, None], events)
         arrays = self._batch_arrays(reqs)
-        tok, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1,
-                                      any(r.config.temperature > 0 for r in reqs))
+        tok, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
         if dt is not None:
             self.art.record_full(self._art_key(arrays), dt)
         self._progress(reqs, self.eng.cfg.num_layers)
@@ -395,7 +404,7 @@ class EEDecoder:
             if self.verify:
                 self._verify(r, tok[i], events)
             else:
-                self._finalize(r, int(tok[i]), last, events)
+                self._finalize(r, int(np.ravel(tok[i])[-1]), last, events)
 
     def _run_pipeline(self, ready: list, events, drain: bool = False) -> None:
         """DREX rebatching, shallow segments first so rows merge: ready rows run segment 0; at each
