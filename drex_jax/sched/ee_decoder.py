@@ -380,6 +380,8 @@ class EEDecoder:
         """All rows through every layer in one fused call, no ramp evaluated (the gate found early
         exit slower than this for the shape): rows that would have exited stay."""
         do_sample = any(r.config.temperature > 0 for r in reqs)
+        for r in reqs:
+            r.first_want = -1  # no ramp was asked
         if self.recompute and not any(r.pending for r in reqs):
             # nothing to recompute: the engine's own decode step, plain decoding exactly
             eng = self.eng
@@ -399,7 +401,6 @@ class EEDecoder:
         """Rows that ran the last layer: emit the LM head's token (verify mode: check the drafts)."""
         last = self.num_segments - 1
         for i, r in enumerate(reqs):
-            r.first_want = -1  # no ramp was asked
             r.buffered_iter = -1
             if self.verify:
                 self._verify(r, tok[i], events)
