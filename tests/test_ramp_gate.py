@@ -27,6 +27,19 @@ def test_gate_measures_both_then_runs_the_cheaper_and_probes():
     assert modes[19:] == [FUSED] * 10 and g.fused_iterations == 3 + 10 + 10
 
 
+def test_gate_probes_less_while_probes_confirm_the_choice():
+    g = RampGate(GateConfig(probe_every=10, probe_iters=2, margin=0.05, max_backoff=4))
+    modes = drive(g, "s", {EE: 2.0, FUSED: 1.0}, 124)
+    probes = [i for i in range(4, len(modes)) if modes[i] == EE]
+    # fused runs of 10, 20, 40, then 40 (the cap) between 2-iteration probes of early exit
+    assert probes == [14, 15, 36, 37, 78, 79, 120, 121]
+    # early exit became cheaper: the next probe (after the 38 fused iterations left) changes the
+    # choice, which starts again from probe_every, then doubles as probes confirm it
+    modes = drive(g, "s", {EE: 0.5, FUSED: 1.0}, 72)
+    assert modes[:38] == [FUSED] * 38 and modes[38:50] == [EE] * 12
+    assert modes[50:52] == [FUSED] * 2 and modes[52:72] == [EE] * 20
+
+
 def test_gate_keeps_early_exit_when_it_pays_by_the_margin():
     g = RampGate(GateConfig(probe_every=10, probe_iters=3, margin=0.05))
     assert drive(g, "s", {EE: 0.8, FUSED: 1.0}, 16)[6:] == [EE] * 10
@@ -56,6 +69,8 @@ def test_gate_ignores_transition_iterations_and_can_be_off():
         GateConfig(probe_iters=1)
     with pytest.raises(ValueError, match="margin"):
         GateConfig(margin=1.5)
+    with pytest.raises(ValueError, match="max_backoff"):
+        GateConfig(max_backoff=0)
 
 
 def test_engine_goes_fused_where_nothing_exits_and_matches_full_depth(tiny4):
