@@ -570,8 +570,9 @@ class Engine:
             # first-fit rows are more than half full, except the last
             for R in row_buckets_upto(min(self.max_slots, 2 * -(-budget // W))):
                 shapes += [("prefill", q, W, R) for q in _pow2_upto(max_rows) if q >= R]
-        if self._ee is not None:  # early exit decodes through segments, not decode_step
-            shapes = [s for s in shapes if s[0] != "decode"] + [
+        if self._ee is not None:  # early exit decodes through segments (recompute: the fused fallback
+            # with nothing pending is decode_step itself)
+            shapes = [s for s in shapes if s[0] != "decode" or self._ee.recompute] + [
                 ("ee",) + x for x in self._ee.warmup_shapes(max_rows, self.page_widths)]
         drop = self.allocator.num_pages
         variants = (False, True) if sampling else (False,)

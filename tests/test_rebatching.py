@@ -224,13 +224,15 @@ def test_off_and_latency_only_run_full_depth(tiny4):
 
 
 @pytest.mark.slow  # run by .ci/run in its second (slow) pass
-def test_warmup_covers_early_exit_programs(tiny4):
-    """After warmup() a rebatching engine (ART on) serves a steady stream without compiling."""
+@pytest.mark.parametrize("extra", [{}, dict(missing_kv="recompute", verify=True, max_draft=3)])
+def test_warmup_covers_early_exit_programs(tiny4, extra):
+    """After warmup() a rebatching engine (ART on; verify mode: the gate on) serves a steady stream
+    without compiling."""
     from drex_jax import compile_counter
 
     cfg, params = tiny4
-    eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=32, ee=EEConfig(EE_LAYERS, EE_THR),
-                             policy="rebatching")
+    eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=32,
+                             ee=EEConfig(EE_LAYERS, EE_THR, **extra), policy="rebatching")
     eng.warmup(sampling=False)  # greedy serving needs the greedy programs only
     before = compile_counter.count()
     for seed in range(3):
