@@ -21,6 +21,10 @@ GPU_ASSUMPTION = cm.Calibration(bandwidth_efficiency=0.7, compute_efficiency=0.5
                                        "(JAX dispatch + host round trip); not measured on a GPU")
 
 
+VERIFY_SHARES = (0.3, 0.5, 0.7)
+VERIFY_ACCEPTANCE = (0.6, 0.8, 0.95)
+
+
 def calibration_points(roofline: dict) -> list[dict]:
     """Every timed call of a roofline result: the fused step per point and, where recorded, its
     unequal segment pair (calls of fewer layers separate a call's fixed cost from weight reads)."""
@@ -89,8 +93,17 @@ def project(cfg: ModelConfig, card: cm.Card, cal: cm.Calibration, batches, conte
                                           cal, ramp_vocab)
                 ee.append({"batch": b, "context": c, "exit_share": share, "ideal": r["ideal"],
                            "speedup": r["speedup"], "gated": r["gated"]})
+    verify = []  # verify mode at each ramp, first context, over a grid of draft share x acceptance
+    for b in batches:
+        for ramp in ramps:
+            for share in VERIFY_SHARES:
+                for acc in VERIFY_ACCEPTANCE:
+                    r = cm.verify_speedup(cfg, itemsize, b, contexts[0], ramp, share, acc, card.peak_flops,
+                                          card.bandwidth, cal, ramp_vocab)
+                    verify.append({"batch": b, "context": contexts[0], "ramp": ramp, "draft_share": share,
+                                   "acceptance": acc, "speedup": r["speedup"]})
     return {"card": dataclasses.asdict(card), "calibration": dataclasses.asdict(cal), "itemsize": itemsize,
-            "ramps": list(ramps), "steps": steps, "early_exit": ee}
+            "ramps": list(ramps), "steps": steps, "early_exit": ee, "verify": verify}
 
 
 def format_projection(res: dict, cfg: ModelConfig) -> str:
@@ -112,6 +125,16 @@ def format_projection(res: dict, cfg: ModelConfig) -> str:
     for e in res["early_exit"]:
         lines.append(f"| {e['batch']} | {e['context']} | {e['exit_share']:.0%} | {e['ideal']:.2f}x | "
                      f"{e['speedup']:.2f}x | {e['gated']:.2f}x |")
+    if res.get("verify"):
+        lines += ["", "verify mode (one ramp; rows in phase: the best case), speed-up over the fused step by the share "
+                  "of emitted tokens that are accepted drafts (f) and the drafts' acceptance (a):", "",
+                  "| batch | context | ramp | " + " | ".join(f"f {f:.0%} a {a:.0%}" for f in VERIFY_SHARES
+                                                             for a in VERIFY_ACCEPTANCE) + " |",
+                  "|---:|---:|---:|" + "---:|" * (len(VERIFY_SHARES) * len(VERIFY_ACCEPTANCE))]
+        keys = dict.fromkeys((v["batch"], v["context"], v["ramp"]) for v in res["verify"])
+        for b, c, ramp in keys:
+            cells = [f"{v['speedup']:.2f}x" for v in res["verify"] if (v["batch"], v["context"], v["ramp"]) == (b, c, ramp)]
+            lines.append(f"| {b} | {c} | {ramp} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

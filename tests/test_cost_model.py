@@ -108,3 +108,26 @@ def test_plan_project_and_validate_cli(tmp_path, capsys):
     assert main(["plan", "--model", "llama2-7b", "--validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "half of the roofline grid (4 points)" in out and "max |error| 0%" in out
+
+
+def test_verify_speedup_hand_computed():
+    """One accepted draft per deep pass (f = 50 %) at acceptance 1: per two emitted tokens, two
+    draft calls and one deep call over two positions (weights read once, FLOPs twice)."""
+    cfg = _cfg()
+    cal = TRUE
+    t = lambda nb, fl: nb / (cal.bandwidth_efficiency * BW) + fl / (cal.compute_efficiency * PEAK)  # noqa: E731
+    fused = t(*cm.segment_cost(cfg, 4, 2, 256, head_columns=cfg.vocab_size)) + cal.call_overhead_s
+    draft = t(*cm.segment_cost(cfg, 4, 2, 256, 0, 3, 100)) + cal.call_overhead_s
+    nb, fl = cm.segment_cost(cfg, 4, 2, 256, 3, 8, cfg.vocab_size)
+    deep = nb / (cal.bandwidth_efficiency * BW) + 2 * fl / (cal.compute_efficiency * PEAK) + cal.call_overhead_s
+    r = cm.verify_speedup(cfg, 4, 2, 256, 3, 0.5, 1.0, PEAK, BW, cal, ramp_vocab=100)
+    assert r["accepted_per_pass"] == pytest.approx(1.0)
+    assert r["verify_s_per_token"] == pytest.approx((2 * draft + deep) / 2)
+    assert r["speedup"] == pytest.approx(fused / ((2 * draft + deep) / 2))
+    # no drafts: every token pays a draft call and a deep call, slower than the fused step
+    assert cm.verify_speedup(cfg, 4, 2, 256, 3, 0.0, 1.0, PEAK, BW, cal, 100)["speedup"] < 1
+    # rejected drafts cost their draft calls: lower acceptance, lower speed-up at the same share
+    lo = cm.verify_speedup(cfg, 4, 2, 256, 3, 0.5, 0.5, PEAK, BW, cal, 100)["speedup"]
+    assert lo < r["speedup"]
+    with pytest.raises(ValueError, match="draft_share"):
+        cm.verify_speedup(cfg, 4, 2, 256, 3, 1.0, 1.0, PEAK, BW, cal)

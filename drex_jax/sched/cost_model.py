@@ -126,6 +126,32 @@ def early_exit_speedup(cfg: ModelConfig, itemsize: int, batch: int, context: int
             "ideal": L / depth}
 
 
+def verify_speedup(cfg: ModelConfig, itemsize: int, batch: int, context: int, ramp: int, draft_share: float,
+                   acceptance: float, peak_flops: float, bandwidth: float, cal: Calibration,
+                   ramp_vocab: int | None = None) -> dict:
+    """Verify mode with one ramp at layer `ramp`, rows in phase (every call serves all `batch` rows:
+    the best case; rows on their own schedules add deep calls). `draft_share` = share of emitted
+    tokens that are accepted drafts, `acceptance` = accepted / drafted. Per verifying deep pass a
+    row emits n + 1 tokens (n = draft_share / (1 - draft_share) accepted drafts) and runs the draft
+    segment (layers 0..ramp + its head) n / acceptance + 1 times, then one deep call of layers
+    ramp..L + the LM head over its n / acceptance + 1 positions. Returns both times per emitted
+    token and the speed-up over the fused step."""
+    if not 0 <= draft_share < 1 or not 0 < acceptance <= 1:
+        raise ValueError(f"draft_share must be in [0, 1) and acceptance in (0, 1], got {draft_share}, {acceptance}")
+    L = cfg.num_layers
+    fused = call_time(cfg, itemsize, batch, context, peak_flops, bandwidth, cal, head_columns=cfg.vocab_size)
+    n = draft_share / (1 - draft_share)
+    chunk = n / acceptance + 1  # positions per row in the deep call
+    draft = call_time(cfg, itemsize, batch, context, peak_flops, bandwidth, cal, 0, ramp, ramp_vocab or cfg.vocab_size)
+    nbytes, flops = segment_cost(cfg, itemsize, batch, context, ramp, L, cfg.vocab_size)
+    # the deep call reads its weights once for every position of the chunk; its FLOPs scale with them
+    deep = nbytes / (cal.bandwidth_efficiency * bandwidth) + chunk * flops / (cal.compute_efficiency * peak_flops) \
+        + cal.call_overhead_s
+    per_token = (chunk * draft + deep) / (n + 1)
+    return {"fused_s": fused, "verify_s_per_token": per_token, "speedup": fused / per_token,
+            "gated": max(fused / per_token, 1.0), "accepted_per_pass": n}
+
+
 def _binomial(n: int, p: float) -> list[tuple[int, float]]:
     """(k, P[k]) for k ~ Binomial(n, p), terms above 1e-12."""
     if p <= 0 or p >= 1:
