@@ -302,7 +302,7 @@ def _bench(args) -> int:
 
         res = verify.run_verify(args.model, quick=args.quick, new_tokens=args.verify_new_tokens,
                                 thresholds=tuple(args.verify_thresholds), batches=tuple(args.verify_batches),
-                                max_draft=args.max_draft, gate=not args.no_gate)
+                                max_draft=args.max_draft, gate=not args.no_gate, heads=args.exit_heads)
         md = _write_report(args.out, "verify", res, verify.markdown(res))
     elif args.scale:
         trace = args.trace or os.path.join(args.out, "exit_trace.json")
@@ -541,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--verify-batches", type=int, nargs="+", default=list(verify_bench.BATCHES))
     vf.add_argument("--verify-new-tokens", type=int, default=32, help="verify: greedy tokens per request")
     vf.add_argument("--max-draft", type=int, default=8, help="verify: drafts a row may hold before a deep pass")
+    vf.add_argument("--exit-heads", default=None, help="verify: trained heads dir (default: MODEL/exit_heads or bundled)")
     vf.add_argument("--no-gate", action="store_true",
                     help="verify: never fall back to plain decoding (the ramp gate off)")
     lt = b.add_argument_group("load test of a running `drex-jax serve`")

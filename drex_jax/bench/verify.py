@@ -1,7 +1,7 @@
 """`drex-jax bench --verify`: lossless early exit (verify mode) against full-depth decoding.
 
 Per batch size, full-depth decoding (`off`: the engine's fused decode step) and verify mode at each
-threshold of a sweep decode the same real prompts (chat prompts, then HumanEval problems) greedily,
+threshold of a sweep decode the same real prompts (held-out chat prompts, then HumanEval problems) greedily,
 in the same run: decode tokens/s with prefill excluded, the speed-up over `off`, whether every
 output equals `off` token for token, the drafts' acceptance rate per ramp, the mean tokens emitted
 per verifying deep pass, and how many iterations the ramp gate ran as plain decoding because
@@ -22,10 +22,13 @@ RAMP_SETS = ((22,), (15, 22), (8, 15, 22))  # subsets of the shipped heads' ramp
 
 
 def workload(tokenizer, n: int) -> list[list[int]]:
-    """`n` chat-templated prompts: the 20 chat prompts, then HumanEval problems."""
+    """`n` chat-templated prompts, all held out from exit-head training and calibration: the 20 chat
+    prompts of `drex_jax.data.texts.PROMPTS`, then HumanEval problems 64-83."""
     from drex_jax.data.texts import PROMPTS, humaneval_prompts
 
-    texts = (list(PROMPTS) + humaneval_prompts())[:n]
+    texts = (list(PROMPTS) + humaneval_prompts()[64:84])[:n]
+    if len(texts) < n:
+        raise ValueError(f"the held-out workload has {len(texts)} prompts; a batch of {n} needs more")
     return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                           tokenize=True, return_dict=False) for t in texts]
 
@@ -97,7 +100,7 @@ def measure(heads_dir, cfg, params, tok, prompts, batch: int, ramps: tuple[int, 
 
 def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 32, thresholds=THRESHOLDS,
                batches=BATCHES, ramp_sets=RAMP_SETS, max_draft: int = 8, gate: bool = True,
-               progress: bool = True) -> dict:
+               heads: str | None = None, progress: bool = True) -> dict:
     """Every batch size x (ramp set x threshold), each beside `off` at the same batch size."""
     from convert.checkpoint import load_checkpoint
     from drex_jax import compile_counter
@@ -107,7 +110,7 @@ def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 
 
     path = model or default_model_path()
     cfg, params, tok = load_checkpoint(path)
-    heads_dir = find_heads(path, cfg, params)
+    heads_dir = heads or find_heads(path, cfg, params)
     if heads_dir is None:
         raise ValueError(f"verify benchmark needs trained exit heads for {path!r} (drex-jax train-exits)")
     if quick:
@@ -134,14 +137,14 @@ def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 
     for b in batches:
         top = max((r for r in rows if r["batch"] == b and r["threshold"] is not None), key=lambda r: r["speedup"])
         best[b] = {"ramps": top["ramps"], "threshold": top["threshold"], "speedup": top["speedup"]}
-    return {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "model": path,
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "model": path, "heads": heads_dir,
             "ramp_vocab": 1024, "new_tokens": new_tokens, "max_draft": max_draft, "gate": gate, "rows": rows,
             "best": best}
 
 
 def markdown(res: dict) -> str:
     lines = [f"Verify mode (lossless early exit) vs full depth, {res['machine']}, {res['date']}: trained ramp "
-             f"heads (ramp vocabulary {res['ramp_vocab']}), max_draft {res['max_draft']}, "
+             f"heads `{res['heads']}` (ramp vocabulary {res['ramp_vocab']}), max_draft {res['max_draft']}, "
              f"ramp gate {'on' if res['gate'] else 'off'}, {res['new_tokens']} greedy tokens per request, decode tok/s "
              "with prefill excluded (the last of 2-4 identical rounds: the first that compiled nothing, or the 4th); `off` = the fused full-depth decode step, "
              "same run.", "",
