@@ -277,3 +277,26 @@ def test_sigterm_drains_in_flight_stream_and_exits(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_verify_server_defaults_to_greedy_and_refuses_sampling(tiny_llama):
+    """A lossless-early-exit server: a request without temperature (the OpenAI default is 1.0) decodes
+    greedily instead of failing; an explicit temperature > 0 is a 400 naming `temperature`; the card
+    says verify."""
+    from drex_jax.early_exit import EEConfig
+
+    cfg, params = tiny_llama
+    ee = EEConfig((1, 2), (0.05, 0.04), missing_kv="recompute", verify=True)
+    eng = Engine.from_params(cfg, params, max_slots=2, max_seq_len=64, ee=ee, policy="rebatching")
+    srv = ServerThread(build_app(eng, "tiny"))
+    try:
+        client = srv.client()
+        out = client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=12)
+        assert out.usage.completion_tokens == 12
+        assert client.models.list().data[0].model_extra["drex"]["early_exit"]["verify"] is True
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=4, temperature=0.8)
+        assert e.value.body["param"] == "temperature" and "greedily" in e.value.body["message"]
+    finally:
+        srv.stop()
+    assert sum(eng.ee_stats.drafts_per_ramp) > 0 and eng.ee_stats.verify_passes > 0

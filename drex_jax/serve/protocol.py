@@ -68,11 +68,14 @@ class _Common(BaseModel):
             raise ValueError("logprobs are not supported by this server")
         return v
 
-    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
+    def generation_config(self, max_new_tokens: int, default_temperature: float = 1.0) -> GenerationConfig:
         """The engine's per-request config. An unseeded sampled request draws a fresh seed (two
-        identical unseeded requests should not sample the same text)."""
+        identical unseeded requests should not sample the same text). A request that sends no
+        temperature gets `default_temperature` (the OpenAI default 1.0; 0 on a server that decodes
+        greedily only, such as verify mode)."""
         seed = self.seed if self.seed is not None else secrets.randbelow(2**32)
-        return GenerationConfig(max_new_tokens=max_new_tokens, temperature=float(self.temperature),
+        temperature = self.temperature if "temperature" in self.model_fields_set else default_temperature
+        return GenerationConfig(max_new_tokens=max_new_tokens, temperature=float(temperature),
                                 top_p=float(self.top_p), stop=tuple(self.stop or ()), seed=seed)
 
     @property
