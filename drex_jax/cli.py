@@ -366,7 +366,7 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
     e.add_argument("--verify", action="store_true",
                    help="lossless early exit: exited tokens are drafts that the deep pass verifies; greedy output "
                         "equals full depth (needs recompute and temperature 0)")
-    e.add_argument("--max-draft", type=int, default=8, help="recompute/verify: pending positions a row may hold")
+    e.add_argument("--max-draft", type=int, default=7, help="recompute/verify: pending positions a row may hold")
     e.add_argument("--head", default=None, choices=["shared", "trained"],
                    help="default: trained when heads fit the model (MODEL/exit_heads or the bundled ones), else shared")
     e.add_argument("--ramp-vocab", type=int, default=None,
@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--verify-thresholds", type=float, nargs="+", default=list(verify_bench.THRESHOLDS))
     vf.add_argument("--verify-batches", type=int, nargs="+", default=list(verify_bench.BATCHES))
     vf.add_argument("--verify-new-tokens", type=int, default=32, help="verify: greedy tokens per request")
-    vf.add_argument("--max-draft", type=int, default=8, help="verify: drafts a row may hold before a deep pass")
+    vf.add_argument("--max-draft", type=int, default=7, help="verify: drafts a row may hold before a deep pass")
     vf.add_argument("--exit-heads", default=None, help="verify: trained heads dir (default: MODEL/exit_heads or bundled)")
     vf.add_argument("--no-gate", action="store_true",
                     help="verify: never fall back to plain decoding (the ramp gate off)")

@@ -36,7 +36,7 @@ class EEConfig:
     head: str = "shared"
     ramp_vocab: int | None = None
     verify: bool = False
-    max_draft: int = 8
+    max_draft: int = 7  # + the current token: chunks of up to 8 positions, a power-of-two bucket
 
     def __post_init__(self):
         layers = self.exit_layers

@@ -575,10 +575,11 @@ class Engine:
             shapes = [s for s in shapes if s[0] != "decode" or self._ee.recompute] + [
                 ("ee",) + x for x in self._ee.warmup_shapes(max_rows, self.page_widths)]
         drop = self.allocator.num_pages
-        variants = (False, True) if sampling else (False,)
+        greedy_only = self._ee is not None and self._ee.verify  # verify mode refuses sampling
+        variants = (False, True) if sampling and not greedy_only else (False,)
         for shape in tqdm(shapes, desc="compiling", disable=not progress, file=sys.stderr):
             for do_sample in variants:
-                if shape[0] == "ee":  # (kind, segment, batch, width)
+                if shape[0] == "ee":  # (kind, segment, batch, width, chunk length)
                     self._ee.warmup_one(*shape[1:], do_sample)
                     continue
                 kind, b, n, rows = shape

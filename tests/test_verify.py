@@ -52,9 +52,10 @@ def test_recompute_matches_reference(tiny4, max_draft):
 
 
 def test_chunk_rows_hand_computed():
-    """A row at position 7 with position 5 pending at depth 8 and 6 at depth 15: the call of layers
-    [8, 15) takes positions 5..7, position 6 joining at 15 (never, in this call); the call of
-    layers [15, 22) starts at 6 (5 must have reached 15 by then)."""
+    """A row at position 7 with position 5 pending at depth 8 and 6 at depth 15 (a state the engine
+    does not reach, since later tokens carry earlier ones along, but chunk_batch must not assume
+    it): the call of layers [8, 15) takes positions 5..7, position 6 joining at 15 (never, in this
+    call); once 5 has reached 15 too, the call of layers [15, 22) takes 5..7, all joining."""
     from types import SimpleNamespace
 
     from drex_jax.sched.batch import chunk_batch

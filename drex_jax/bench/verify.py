@@ -54,7 +54,8 @@ def _decode(eng, prompts: list[list[int]], batch: int, gc) -> tuple[float, int, 
 
 def _stats(eng) -> dict:
     st = eng.ee_stats
-    return {"drafts": list(st.drafts_per_ramp), "accepted": list(st.accepted_per_ramp),
+    return {"drafts": list(st.drafts_per_ramp), "checked": list(st.checked_per_ramp),
+            "accepted": list(st.accepted_per_ramp),
             "verify_passes": st.verify_passes, "fused_iterations": st.fused_iterations,
             "draft_cap_stays": st.draft_cap_stays, "tokens": st.tokens}
 
@@ -89,17 +90,17 @@ def measure(heads_dir, cfg, params, tok, prompts, batch: int, ramps: tuple[int, 
     if before is not None:
         after = _stats(eng)
         d = {k: (np.subtract(after[k], before[k]).tolist()) for k in after}
-        drafted, accepted = sum(d["drafts"]), sum(d["accepted"])
+        drafted, accepted = sum(d["checked"]), sum(d["accepted"])
         row.update(drafts_per_ramp=d["drafts"], accepted_per_ramp=d["accepted"], verify_passes=d["verify_passes"],
                    fused_iterations=d["fused_iterations"], draft_cap_stays=d["draft_cap_stays"],
                    acceptance=accepted / max(drafted, 1),
-                   acceptance_per_ramp=[a / dr if dr else None for a, dr in zip(d["accepted"], d["drafts"])],
+                   acceptance_per_ramp=[a / dr if dr else None for a, dr in zip(d["accepted"], d["checked"])],
                    mean_accepted=(accepted + d["verify_passes"]) / max(d["verify_passes"], 1))
     return row
 
 
 def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 32, thresholds=THRESHOLDS,
-               batches=BATCHES, ramp_sets=RAMP_SETS, max_draft: int = 8, gate: bool = True,
+               batches=BATCHES, ramp_sets=RAMP_SETS, max_draft: int = 7, gate: bool = True,
                heads: str | None = None, progress: bool = True) -> dict:
     """Every batch size x (ramp set x threshold), each beside `off` at the same batch size."""
     from convert.checkpoint import load_checkpoint

@@ -140,7 +140,9 @@ def chunk_step(
     x = ring[slot_ids[:, None], at]  # [B, T, H]
     if start == 0:
         x = jnp.where((depths == 0)[..., None], embed(params, tokens).astype(x.dtype), x)
-    x, pool = paged_layers(params, cfg, pool, x, positions, block_tables, start, end, attention, join_depth=depths)
+    # one position per row is the current token alone, at depth `start`: nothing waits to join
+    joins = depths if positions.shape[1] > 1 else None
+    x, pool = paged_layers(params, cfg, pool, x, positions, block_tables, start, end, attention, join_depth=joins)
     ring = ring.at[slot_ids[:, None], at].set(x.astype(ring.dtype), mode="drop")
     current = jnp.maximum(valid.sum(axis=1) - 1, 0)  # [B] index of each row's current token
     xc = jnp.take_along_axis(x, current[:, None, None], axis=1)[:, 0]  # [B, H]

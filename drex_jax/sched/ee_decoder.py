@@ -51,6 +51,7 @@ class EEStats:
     draft_cap_stays: int = 0
     # verify mode: drafted tokens, how many the full model confirmed, per ramp, and deep passes
     drafts_per_ramp: list[int] = dataclasses.field(default_factory=list)
+    checked_per_ramp: list[int] = dataclasses.field(default_factory=list)  # drafts that reached a deep pass
     accepted_per_ramp: list[int] = dataclasses.field(default_factory=list)
     verify_passes: int = 0
 
@@ -60,8 +61,9 @@ class EEStats:
         return self.layers_run / max(self.tokens, 1)
 
     def acceptance_rate(self) -> float:
-        """Verify mode: the fraction of drafts the full model confirmed."""
-        return sum(self.accepted_per_ramp) / max(sum(self.drafts_per_ramp), 1)
+        """Verify mode: the fraction of checked drafts the full model confirmed (drafts dropped by a
+        preemption or cancellation were never checked)."""
+        return sum(self.accepted_per_ramp) / max(sum(self.checked_per_ramp), 1)
 
     def mean_accepted(self) -> float:
         """Verify mode: tokens emitted per verifying deep pass (accepted drafts + the full model's)."""
@@ -115,7 +117,7 @@ class EEDecoder:
     def reset_stats(self) -> None:
         n = self.num_segments
         self.stats = EEStats(exits_per_ramp=[0] * n, wanted_per_ramp=[0] * n, drafts_per_ramp=[0] * (n - 1),
-                             accepted_per_ramp=[0] * (n - 1))
+                             checked_per_ramp=[0] * (n - 1), accepted_per_ramp=[0] * (n - 1))
 
     # ------------------------------------------------------------------ device calls
     def _call(self, fn, *args, **kw):
@@ -221,7 +223,7 @@ class EEDecoder:
         self.art.record_full(key, dt)
 
     def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
-        """Every (kind, ramp/segment, batch bucket, page width) this decoder can run."""
+        """Every (kind, ramp/segment, batch bucket, page width, chunk length) this decoder can run."""
         from drex_jax.engine import _pow2_upto
 
         shapes = []
@@ -276,7 +278,7 @@ class EEDecoder:
                 reqs[i].first_want = s
             if self.recompute and not self._may_exit(reqs[i]):
                 wants[i] = False
-                self.stats.draft_cap_stays += 1
+                self.stats.draft_cap_stays += reqs[i].first_want == s  # once per token
         return wants
 
     def _may_exit(self, req) -> bool:
@@ -329,17 +331,20 @@ class EEDecoder:
             accepted += 1
         emit = req.drafts[:accepted] + [int(full_tokens[accepted])]
         depths = req.draft_depths[:accepted] + [L]
-        for d in req.draft_depths[:accepted]:
-            self.stats.accepted_per_ramp[self.bounds.index(d) - 1] += 1
+        for d in req.draft_depths:
+            self.stats.checked_per_ramp[self.bounds.index(d) - 1] += 1
         self.stats.verify_passes += 1
         self.stats.layers_run += L
+        wanted = req.first_want if req.first_want >= 0 else self.num_segments - 1  # of the last token
         req.drafts, req.draft_depths, req.pending = [], [], {}
         req.stage, req.first_want, req.buffered_iter = 0, -1, -1
-        for token, depth in zip(emit, depths):
+        for j, (token, depth) in enumerate(zip(emit, depths)):
             self.stats.tokens += 1
             seg = self.bounds.index(depth) - 1
             self.stats.exits_per_ramp[seg] += 1
-            self.stats.wanted_per_ramp[seg] += 1
+            self.stats.wanted_per_ramp[seg if j < accepted else wanted] += 1
+            if j < accepted:
+                self.stats.accepted_per_ramp[seg] += 1
             req.exit_layers.append(depth)
             self.eng._append_token(req, token, events, kv_depth=L)
             if req.slot < 0:  # finished: the rest is dropped
@@ -365,7 +370,8 @@ class EEDecoder:
         probes = self.gate.probes
         mode = self.gate.mode(shape)
         self.stats.gate_probes += self.gate.probes - probes
-        t0, tokens0, compiles = now, self.stats.tokens, compile_counter.count()
+        t0, compiles = now, compile_counter.count()
+        progress0 = self._progress_count(running)
         # fused only once no row is mid-token; until then buffered rows finish theirs (a drain)
         ran = FUSED if mode == FUSED and len(ready) == len(running) else EE
         if ran == FUSED:
@@ -374,7 +380,14 @@ class EEDecoder:
         else:
             self._run_pipeline(ready, events, drain=mode == FUSED)
         steady = compile_counter.count() == compiles and ran == mode
-        self.gate.record(shape, ran, time.perf_counter() - t0, self.stats.tokens - tokens0, count=steady)
+        progress = self._progress_count(self.eng._running.values()) - progress0
+        self.gate.record(shape, ran, time.perf_counter() - t0, progress, count=steady)
+
+    def _progress_count(self, running) -> int:
+        """Tokens finalized so far, plus (verify mode) the drafts the running rows hold: the gate's
+        measure of progress, so an iteration is credited with the drafts it makes and a rejection
+        takes them back, instead of every verified token landing on the iteration that verifies."""
+        return self.stats.tokens + sum(len(r.drafts) for r in running)
 
     def _run_fused(self, reqs: list, events) -> None:
         """All rows through every layer in one fused call, no ramp evaluated (the gate found early
@@ -388,8 +401,7 @@ class EEDecoder:
             b = decode_batch(reqs, eng.page_size, eng.max_slots, eng.table_width)
             (tok, eng.pool), _ = self._call(decode_step, eng.params, eng.pool, b.tokens, b.positions, b.block_tables,
                                             b.sampling, cfg=eng.cfg, do_sample=do_sample, attention=eng.attention)
-            self.stats.segment_calls += 1
-            return self._finalize_all(reqs, np.asarray(tok)[:, None], events)
+            return self._finalize_all(reqs, np.asarray(tok), events)
         arrays = self._batch_arrays(reqs)
         tok, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
         if dt is not None:
@@ -402,10 +414,10 @@ class EEDecoder:
         last = self.num_segments - 1
         for i, r in enumerate(reqs):
             r.buffered_iter = -1
-            if self.verify:
-                self._verify(r, tok[i], events)
+            if self.verify:  # tok [B, T] from a chunk, or [B] from the plain decode step
+                self._verify(r, np.atleast_1d(tok[i]), events)
             else:
-                self._finalize(r, int(np.ravel(tok[i])[-1]), last, events)
+                self._finalize(r, int(tok[i]), last, events)
 
     def _run_pipeline(self, ready: list, events, drain: bool = False) -> None:
         """DREX rebatching, shallow segments first so rows merge: ready rows run segment 0; at each
