@@ -58,6 +58,7 @@ def main() -> None:
     for B in args.batches:
         ee = EEConfig((E,), 0.5, missing_kv="recompute", verify=True, max_draft=15, head="trained", ramp_vocab=1024)
         eng = Engine(None, max_slots=B, max_seq_len=args.context + 32, ee=ee, policy="rebatching", art=False,
+                     max_prefill_tokens_per_step=B * args.context,
                      attention=args.attention)
         L = eng.cfg.num_layers
         rng = np.random.default_rng(0)
@@ -66,6 +67,7 @@ def main() -> None:
                        GenerationConfig(max_new_tokens=24, ignore_eos=True))
         eng.step()  # prefill (+ the first early-exit iteration)
         reqs = [eng._running[s] for s in sorted(eng._running)]
+        assert len(reqs) == B, f"{len(reqs)} of {B} rows admitted"
         dec = decode_batch(reqs, eng.page_size, eng.max_slots, eng.table_width)
         dd = eng._ee
 

@@ -121,17 +121,22 @@ def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 
     rows = []
     for batch in batches:
         prompts = workload(tok, max(batch, 4))
-        base = None
-        for ramps, thr in settings:
+        block = []
+        # `off` runs first and again last: the machine drifts, so each setting is compared with the
+        # mean of the two, and their spread is reported beside it
+        for ramps, thr in settings + [(None, None)]:
             if progress:
                 label = "off" if thr is None else f"verify ramps {list(ramps)} threshold {thr}"
                 print(f"[verify] batch {batch}: {label}", file=sys.stderr, flush=True)
-            row = measure(heads_dir, cfg, params, tok, prompts, batch, ramps, thr, new_tokens, max_draft, gate)
-            if thr is None:
-                base = row
-            row["speedup"] = row["tok_s"] / base["tok_s"]
-            row["identical"] = row["outputs"] == base["outputs"]
-            rows.append(row)
+            block.append(measure(heads_dir, cfg, params, tok, prompts, batch, ramps, thr, new_tokens, max_draft, gate))
+        first, last = block[0], block.pop()
+        base = (first["tok_s"] + last["tok_s"]) / 2
+        first.update(tok_s=base, off_first_tok_s=first["tok_s"], off_last_tok_s=last["tok_s"],
+                     off_drift=last["tok_s"] / first["tok_s"] - 1)
+        for row in block:
+            row["speedup"] = row["tok_s"] / base
+            row["identical"] = row["outputs"] == first["outputs"]
+        rows += block
     for r in rows:
         del r["outputs"]
     best = {}
@@ -148,13 +153,14 @@ def markdown(res: dict) -> str:
              f"heads `{res['heads']}` (ramp vocabulary {res['ramp_vocab']}), max_draft {res['max_draft']}, "
              f"ramp gate {'on' if res['gate'] else 'off'}, {res['new_tokens']} greedy tokens per request, decode tok/s "
              "with prefill excluded (the last of 2-4 identical rounds: the first that compiled nothing, or the 4th); `off` = the fused full-depth decode step, "
-             "same run.", "",
+             "same run, before and after the settings (their mean is the baseline).", "",
              "| batch | ramps | threshold | tok/s | vs off | identical to off | acceptance | per ramp | mean accepted | "
              "deep passes | fused iters (gate) | cap stays | compiles in timed round |",
              "|---:|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         if r["threshold"] is None:
-            lines.append(f"| {r['batch']} | - | off | {r['tok_s']:.1f} | 1.00x | - | - | - | - | - | - | - | "
+            lines.append(f"| {r['batch']} | - | off (first {r['off_first_tok_s']:.1f}, last {r['off_last_tok_s']:.1f}: "
+                         f"{r['off_drift']:+.0%}) | {r['tok_s']:.1f} | 1.00x | - | - | - | - | - | - | - | "
                          f"{r['compiled_in_timed_round']} |")
             continue
         per = " / ".join("-" if a is None else f"{a:.0%}" for a in r["acceptance_per_ramp"])
