@@ -191,6 +191,9 @@ def _print_comparison(prompts, encoded, runs, engine, ee_kwargs) -> None:
               f"{a['token_agreement']:.1%}, ROUGE-L {a['rouge_l']:.3f}; decode speed {speed:.2f}x full depth")
 
 
+VERIFY_THRESHOLD = 0.9
+
+
 def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
     """Engine kwargs for --early-exit. With trained heads (MODEL/exit_heads, or the ones bundled for
     SmolLM2) the ramps, calibrated thresholds, ramp vocabulary and missing-KV method default to
@@ -208,6 +211,10 @@ def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
         _note("no trained exit heads for this model (run `drex-jax train-exits`); using the shared head, "
               "which is much less accurate at shallow layers")
     layers = tuple(args.exit_layers or meta.get("exit_layers") or (8, 15, 22))
+    if args.verify and not args.exit_layers and not args.threshold:
+        # verify mode's default, the best of the sweep in BENCHMARKS.md (issue 17): drafts at the
+        # deepest ramp only, at 0.9 (shallower ramps' drafts were rejected too often to pay)
+        layers, args.threshold = layers[-1:], [VERIFY_THRESHOLD]
     if args.threshold:
         thr = tuple(args.threshold) if len(args.threshold) > 1 else args.threshold[0]
     elif meta:

@@ -63,3 +63,18 @@ def test_plan(capsys):
     assert p["kv_bytes_per_token_per_device"] == 256 * 2**10 and p["fits"] is True
     assert main(["plan", "--model", "llama3-8b", "--tp", "3"]) == 2
     assert "tp=3 must divide" in capsys.readouterr().err
+
+
+def test_generate_verify_equals_full_depth(capsys, default_model):
+    """`generate --early-exit --verify`: lossless early exit, so the JSON's early-exit tokens equal the
+    full-depth ones; its default is the deepest trained ramp at 0.9 (the sweep's best)."""
+    import json
+
+    rc = main(["generate", "--early-exit", "--verify", "--json", "--prompt", "Name three colors.",
+               "--prompt", "What is 2 + 2?", "--max-new-tokens", "16", "--max-slots", "2", "--max-seq-len", "128"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)
+    for r in rows:
+        assert r["early exit"]["token_ids"] == r["full depth"]["token_ids"]
+    assert main(["generate", "--early-exit", "--verify", "--missing-kv", "copy", "--prompt", "hi"]) == 2
+    assert "--verify recomputes the skipped layers' K/V" in capsys.readouterr().err
