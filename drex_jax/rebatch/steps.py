@@ -57,12 +57,16 @@ def segment_step(
                            attention)
     x = x[:, 0]
     hidden = hidden.at[slot_ids].set(x.astype(hidden.dtype), mode="drop")
+    return _exit_head(params, heads, cfg, x, sampling, ramp_tokens, ramp, measure, do_sample) + (pool, hidden)
+
+
+def _exit_head(params, heads, cfg, x, sampling, ramp_tokens, ramp: int, measure: str, do_sample: bool):
+    """(token [B], confidence [B]) of hidden states x [B, H] at ramp `ramp`, or from the LM head
+    after the last segment (ramp -1: confidence +inf, no ramp was asked)."""
     if ramp < 0:
-        final = jnp.full(x.shape[:1], jnp.inf, jnp.float32)  # the last segment: no confidence
-        return next_tokens(params, cfg, x, sampling, do_sample), final, pool, hidden
+        return next_tokens(params, cfg, x, sampling, do_sample), jnp.full(x.shape[:1], jnp.inf, jnp.float32)
     logits = ramp_logits(params, cfg, x, heads, ramp, ramp_tokens)
-    conf = confidence(logits, measure)
-    return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), conf, pool, hidden
+    return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), confidence(logits, measure)
 
 
 def _write_targets(pool, block_tables, positions):
@@ -146,11 +150,8 @@ def chunk_step(
     ring = ring.at[slot_ids[:, None], at].set(x.astype(ring.dtype), mode="drop")
     current = jnp.maximum(valid.sum(axis=1) - 1, 0)  # [B] index of each row's current token
     xc = jnp.take_along_axis(x, current[:, None, None], axis=1)[:, 0]  # [B, H]
-    if ramp < 0:
-        final = jnp.full(xc.shape[:1], jnp.inf, jnp.float32)
-        if every_position:
-            B, T, H = x.shape
-            return greedy_tokens(params, cfg, x.reshape(B * T, H)).reshape(B, T), final, pool, ring
-        return next_tokens(params, cfg, xc, sampling, do_sample), final, pool, ring
-    logits = ramp_logits(params, cfg, xc, heads, ramp, ramp_tokens)
-    return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), confidence(logits, measure), pool, ring
+    if ramp < 0 and every_position:
+        B, T, H = x.shape
+        final = jnp.full((B,), jnp.inf, jnp.float32)
+        return greedy_tokens(params, cfg, x.reshape(B * T, H)).reshape(B, T), final, pool, ring
+    return _exit_head(params, heads, cfg, xc, sampling, ramp_tokens, ramp, measure, do_sample) + (pool, ring)
