@@ -82,6 +82,7 @@ def test_recompute_differs_from_copy(tiny4):
     assert outs["copy"] != outs["recompute"]
 
 
+@pytest.mark.slow  # run by .ci/run in its second (slow) pass
 def test_recompute_under_preemption_matches_reference(tiny4):
     """Victims lose their pending positions' hidden states; prefill recomputes their context at full
     depth, which is the K/V the pending recompute would have produced."""
@@ -199,6 +200,7 @@ def test_verify_settings_are_checked(tiny4):
     assert not eng.has_work  # nothing queued
 
 
+@pytest.mark.slow  # run by .ci/run in its second (slow) pass
 def test_verify_equals_full_depth_on_smollm2(default_model):
     """The bundled model with its trained heads: verify mode's greedy output equals full depth."""
     from drex_jax.data.texts import PROMPTS
