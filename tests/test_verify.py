@@ -129,6 +129,7 @@ def test_verify_equals_full_depth_with_arrivals(tiny4, attention):
     assert eng.num_free_pages == eng.allocator.capacity and eng.num_free_slots == 8
 
 
+@pytest.mark.slow  # run by .ci/run in its second (slow) pass
 def test_verify_with_preemption_and_cancellation(tiny_llama):
     cfg, params = tiny_llama
     ee = EEConfig((1, 2), (0.05, 0.04), missing_kv="recompute", verify=True, max_draft=6)
