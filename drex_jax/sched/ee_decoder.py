@@ -241,8 +241,6 @@ class EEDecoder:
     def warmup_one(self, kind: str, s: int, B: int, width: int, T: int, do_sample: bool) -> None:
         """Run one shape on an all-padding batch: no KV or hidden-state row is written."""
         eng = self.eng
-        if do_sample and self.verify:  # verify mode decodes greedily
-            return
         arrays = self._padding_batch(B, width, T)
         if kind == "segment":
             last = s == self.num_segments - 1
