@@ -22,9 +22,10 @@ import numpy as np
 
 from drex_jax import compile_counter
 from drex_jax.generation import GenerationConfig, GenerationResult, RequestStats, StreamEvent
-from drex_jax.kv.pool import (
-    PageAllocator, block_table_array, bucket, row_bucket, row_buckets_upto, init_pool, pages_for_budget, pages_needed,
+from drex_jax.kv.pages import (
+    PageAllocator, block_table_array, bucket, pages_needed, pow2_upto, row_bucket, row_buckets_upto,
 )
+from drex_jax.kv.pool import init_pool, pages_for_budget
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import check_params, decode_layout
 from drex_jax.model.paged import decode_step, prefill_step
@@ -173,7 +174,7 @@ class Engine:
         # batch bucket is compiled; the dense-gather XLA path and Pallas cost grow with the width
         max_width = bucket(pages_needed(self.max_seq_len, page_size))
         self.table_width = max_width if self.attention == "ffi" else None  # None: bucketed per batch
-        self.page_widths = [max_width] if self.table_width else _pow2_upto(max_width)
+        self.page_widths = [max_width] if self.table_width else pow2_upto(max_width)
         if num_pages is not None and kv_memory_bytes is not None:
             raise ValueError("give num_pages or kv_memory_bytes, not both")
         if kv_memory_bytes is not None:
@@ -562,14 +563,14 @@ class Engine:
 
         max_rows = bucket(self.max_slots)
         budget = max(self.max_prefill_tokens_per_step, self.max_seq_len)
-        shapes = [("decode", b, w, 0) for b in _pow2_upto(max_rows) for w in self.page_widths]
+        shapes = [("decode", b, w, 0) for b in pow2_upto(max_rows) for w in self.page_widths]
         # prefill: row width W, rows R (each row holds >= 1 prompt), prompts Q
-        for W in _pow2_upto(bucket(self.max_seq_len, 16)):
+        for W in pow2_upto(bucket(self.max_seq_len, 16)):
             if W < 16:
                 continue
             # first-fit rows are more than half full, except the last
             for R in row_buckets_upto(min(self.max_slots, 2 * -(-budget // W))):
-                shapes += [("prefill", q, W, R) for q in _pow2_upto(max_rows) if q >= R]
+                shapes += [("prefill", q, W, R) for q in pow2_upto(max_rows) if q >= R]
         if self._ee is not None:  # early exit decodes through segments (recompute: the fused fallback
             # with nothing pending is decode_step itself)
             shapes = [s for s in shapes if s[0] != "decode" or self._ee.recompute] + [
@@ -672,10 +673,6 @@ def _as_list(prompts) -> list:
     if prompts and isinstance(prompts[0], (int, np.integer)):
         return [prompts]  # a single token-id prompt
     return prompts
-
-
-def _pow2_upto(n: int) -> list[int]:
-    return [1 << i for i in range(n.bit_length()) if 1 << i <= n]
 
 
 def _safe_prefix_len(text: str, stops: tuple[str, ...]) -> int:

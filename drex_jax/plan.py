@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from drex_jax.kv.pool import page_bytes, pages_needed
+from drex_jax.kv.pages import pages_needed
+from drex_jax.kv.pool import page_bytes
 from drex_jax.model.config import ModelConfig, config_from_hf
 from drex_jax.model.params import param_specs
 from drex_jax.sharding import tp_divides

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drex_jax.early_exit import EEConfig
-from drex_jax.kv.pool import bucket
+from drex_jax.kv.pages import bucket
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import attention, embed, lm_head, qkv
 from drex_jax.model.params import checkpoint_layout, layer_params

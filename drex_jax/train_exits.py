@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drex_jax.exit_heads import model_fingerprint, save_heads
-from drex_jax.kv.pool import bucket
+from drex_jax.kv.pages import bucket
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import forward_hidden, lm_head
 from drex_jax.model.ramps import init_ramp_heads, ramp_logits

@@ -11,6 +11,10 @@ VARIANTS = {
     "llama_mqa_rope3": ("llama", 4, 1, False, True),
     "qwen2_gqa2_untied": ("qwen2", 4, 2, False, False),
     "qwen2_gqa4_tied": ("qwen2", 8, 2, True, False),
+    # Qwen3: q/k norms, head_dim set apart from hidden/heads (3 heads x 32 = 96 != hidden 64)
+    "qwen3_gqa2_untied": ("qwen3", 4, 2, False, False),
+    "qwen3_odd_heads_untied": ("qwen3", 3, 1, False, False),
+    "qwen3_gqa3_tied": ("qwen3", 6, 3, True, False),
 }
 
 
@@ -29,6 +33,10 @@ def make_hf_model(arch: str, heads: int, kv_heads: int, tied: bool, rope3: bool,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
         cfg = transformers.LlamaConfig(rope_parameters=rope, **common)
         model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "qwen3":
+        cfg = transformers.Qwen3Config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                       head_dim=32, **common)
+        model = transformers.Qwen3ForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
         model = transformers.Qwen2ForCausalLM(cfg)

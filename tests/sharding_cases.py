@@ -76,6 +76,7 @@ def assert_tensor_parallel_equivalent(cfg, params, sharded, tokens):
     ("LlamaForCausalLM", 8, 2, 2),  # GQA 4:1
     ("Qwen2ForCausalLM", 8, 4, 4),  # q/k/v biases split too
     ("LlamaForCausalLM", 4, 4, 4),  # one head per device
+    ("Qwen3ForCausalLM", 8, 2, 2),  # q/k norms replicated (one [head_dim] weight for every head)
 ])
 def test_sharded_logits_equal_single_device(arch, heads, kv_heads, tp):
     cfg = _cfg(arch, heads, kv_heads)

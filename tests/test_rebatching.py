@@ -94,7 +94,7 @@ def test_art_profiles_per_shape_without_compile_time(tiny4):
     judged = [d for d in art.decisions if d.predicted_profit_s is not None]
     assert judged and all(d.bucket in art.full_s for d in judged)
     # a call that compiles reports no timing; the same call again does
-    from drex_jax.kv.pool import block_table_array
+    from drex_jax.kv.pages import block_table_array
     from drex_jax.sampling import SamplingParams
 
     pad = np.full(8, -1, np.int32)
@@ -126,7 +126,8 @@ def test_art_stays_are_counted(tiny4):
 def test_segment_step_writes_only_its_rows_kv(tiny4):
     """Regrouping is index arrays only: a segment call changes the pool exactly at its rows'
     (layer in segment, page, offset) entries and nowhere else."""
-    from drex_jax.kv.pool import block_table_array, init_pool
+    from drex_jax.kv.pages import block_table_array
+    from drex_jax.kv.pool import init_pool
     from drex_jax.rebatch.steps import segment_step
     from drex_jax.sampling import SamplingParams
 

@@ -11,7 +11,7 @@ import pytest
 
 from drex_jax import Engine, GenerationConfig
 from drex_jax.early_exit import EEConfig
-from drex_jax.kv.pool import pages_needed
+from drex_jax.kv.pages import pages_needed
 from drex_jax.reference import reference_generate
 from drex_jax.sched.ramp_gate import GateConfig
 from tests.serving import serve_with_arrivals

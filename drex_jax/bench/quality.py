@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drex_jax.bench.workloads import HUMANEVAL_STOPS
-from drex_jax.kv.pool import bucket
+from drex_jax.kv.pages import bucket
 from drex_jax.model.decoder import forward
 
 

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drex_jax.kv.pool import bucket, init_pool, pages_needed
+from drex_jax.kv.pages import bucket, pages_needed
+from drex_jax.kv.pool import init_pool
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.paged import decode_step
 from drex_jax.model.params import decode_layout

@@ -9,7 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,7 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     rope_scaling: RopeScaling | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each q and k head, before RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -88,7 +89,7 @@ def _rope_from_hf(d: dict) -> tuple[float, RopeScaling | None]:
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig from a Hugging Face `config.json` dict, rejecting what we cannot run."""
     archs = d.get("architectures") or []
-    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(
         d.get("model_type", ""), d.get("model_type", "<none>")
     )
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -96,7 +97,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
             f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     if d.get("use_sliding_window"):
-        raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+        raise ValueError("Qwen sliding-window attention (use_sliding_window=true) is not supported")
     if d.get("mlp_bias"):
         raise ValueError("mlp_bias=true is not supported")
     act = d.get("hidden_act", "silu")
@@ -126,9 +127,10 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         rope_theta=theta,
         max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=True if is_qwen else attn_bias,
-        o_bias=False if is_qwen else attn_bias,
+        qkv_bias=True if is_qwen else attn_bias,  # Qwen2: q/k/v biases always, none on o
+        o_bias=False if is_qwen else attn_bias,  # Llama and Qwen3: `attention_bias` for all four
         rope_scaling=scaling,
+        qk_norm=arch == "Qwen3ForCausalLM",
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )

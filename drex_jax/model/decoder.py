@@ -1,4 +1,4 @@
-"""Llama / Qwen2 decoder math as pure functions over the params pytree.
+"""Llama / Qwen2 / Qwen3 decoder math as pure functions over the params pytree.
 
 Shapes: B batch, T query length, S key length, H hidden, nh/nkv heads, D head_dim, N = B*T.
 Norms and softmax run in fp32 whatever the param dtype, like HF. Layer functions take one
@@ -68,8 +68,8 @@ def from_stream(xt: jax.Array, B: int, T: int) -> jax.Array:
 
 
 def qkv(lp: dict, cfg: ModelConfig, xt: jax.Array, positions: jax.Array):
-    """Pre-norm, Q/K/V projections and RoPE. xt: [H, N], positions: [B, T] ->
-    q [B,T,nh,D], k, v [B,T,nkv,D]."""
+    """Pre-norm, Q/K/V projections, Qwen3's per-head q/k RMSNorm, and RoPE. xt: [H, N],
+    positions: [B, T] -> q [B,T,nh,D], k, v [B,T,nkv,D]."""
     B, T = positions.shape
     h = rms_norm(xt, lp["attn_norm"], cfg.rms_norm_eps, axis=0)
 
@@ -82,6 +82,9 @@ def qkv(lp: dict, cfg: ModelConfig, xt: jax.Array, positions: jax.Array):
     q = project(lp["wq"], lp["bq"] if bias else None, cfg.num_heads)
     k = project(lp["wk"], lp["bk"] if bias else None, cfg.num_kv_heads)
     v = project(lp["wv"], lp["bv"] if bias else None, cfg.num_kv_heads)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     inv = rope_inv_freq(cfg)
     return apply_rope(q, positions, inv), apply_rope(k, positions, inv), v
 

@@ -54,6 +54,10 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
             specs[f"layers/b{n}"] = ParamSpec((L, d), p + f"self_attn.{n}_proj.bias", stacked=True, kind="bias",
                                               tp_axis=1)
+    if cfg.qk_norm:  # one [head_dim] weight shared by every head: replicated under tensor parallelism
+        D = cfg.head_dim
+        specs["layers/q_norm"] = ParamSpec((L, D), p + "self_attn.q_norm.weight", stacked=True, kind="norm")
+        specs["layers/k_norm"] = ParamSpec((L, D), p + "self_attn.k_norm.weight", stacked=True, kind="norm")
     if cfg.o_bias:
         specs["layers/bo"] = ParamSpec((L, H), p + "self_attn.o_proj.bias", stacked=True, kind="bias")
     if not cfg.tie_word_embeddings:

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from drex_jax.kv.pool import bucket
+from drex_jax.kv.pages import bucket
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import param_specs
 

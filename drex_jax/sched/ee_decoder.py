@@ -16,7 +16,7 @@ import numpy as np
 
 from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
-from drex_jax.kv.pool import block_table_array, bucket
+from drex_jax.kv.pages import block_table_array, bucket, pow2_upto
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
 from drex_jax.model.ramps import check_ramp_tokens
 from drex_jax.model.paged import decode_step
@@ -224,12 +224,10 @@ class EEDecoder:
 
     def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
         """Every (kind, ramp/segment, batch bucket, page width, chunk length) this decoder can run."""
-        from drex_jax.engine import _pow2_upto
-
         shapes = []
         # recompute: segments past the first (and the fused step) carry chunks of up to R positions
-        chunks = _pow2_upto(self.hidden.shape[1]) if self.recompute else [1]
-        for b in _pow2_upto(max_batch):
+        chunks = pow2_upto(self.hidden.shape[1]) if self.recompute else [1]
+        for b in pow2_upto(max_batch):
             for w in widths:
                 shapes += [("segment", s, b, w, T) for s in range(self.num_segments) for T in chunks[:1 if s == 0 else None]]
                 if self.policy in ("off", "rebatching"):
