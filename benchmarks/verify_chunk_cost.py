@@ -69,10 +69,10 @@ def main() -> None:
         reqs = [eng._running[s] for s in sorted(eng._running)]
         assert len(reqs) == B, f"{len(reqs)} of {B} rows admitted"
         dec = decode_batch(reqs, eng.page_size, eng.max_slots, eng.table_width)
-        dd = eng._ee
+        dev = eng.runner  # the device state: params, pool, hidden ring, heads
 
         def off():
-            out, eng.pool = decode_step(eng.params, eng.pool, dec.tokens, dec.positions, dec.block_tables, dec.sampling,
+            out, dev.pool = decode_step(dev.params, dev.pool, dec.tokens, dec.positions, dec.block_tables, dec.sampling,
                                         cfg=eng.cfg, do_sample=False, attention=eng.attention)
             return out
 
@@ -84,16 +84,16 @@ def main() -> None:
                                 np.full_like(pos, start))
             kw = dict(cfg=eng.cfg, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False,
                       attention=eng.attention, every_position=every)
-            ops = (eng.params, dd.heads, eng.pool, dd.hidden, arrays.slot_ids, arrays.tokens, arrays.positions,
-                   arrays.depths, arrays.block_tables, arrays.sampling, dd.ramp_tokens)
+            ops = (dev.params, dev.heads, dev.pool, dev.hidden, arrays.slot_ids, arrays.tokens, arrays.positions,
+                   arrays.depths, arrays.block_tables, arrays.sampling, dev.ramp_tokens)
 
             def run():
-                tok, _, eng.pool, dd.hidden = chunk_step(eng.params, dd.heads, eng.pool, dd.hidden, *ops[4:], **kw)
+                tok, _, dev.pool, dev.hidden = chunk_step(dev.params, dev.heads, dev.pool, dev.hidden, *ops[4:], **kw)
                 return tok
             return run, chunk_step.lower(*ops, **kw)
 
         t_off = _median_ms(off, args.repeats)
-        by_off = _cost(decode_step.lower(eng.params, eng.pool, dec.tokens, dec.positions, dec.block_tables,
+        by_off = _cost(decode_step.lower(dev.params, dev.pool, dec.tokens, dec.positions, dec.block_tables,
                                          dec.sampling, cfg=eng.cfg, do_sample=False, attention=eng.attention))
         run, low = chunk(1, 0, E, 0, False)
         t_draft, by_draft = _median_ms(run, args.repeats), _cost(low)

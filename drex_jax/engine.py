@@ -21,16 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from drex_jax import compile_counter
-from drex_jax.generation import GenerationConfig, GenerationResult, RequestStats, StreamEvent
+from drex_jax.generation import GenerationConfig, GenerationResult, RequestStats, SamplingParams, StreamEvent
 from drex_jax.kv.pages import (
     PageAllocator, block_table_array, bucket, pages_needed, pow2_upto, row_bucket, row_buckets_upto,
 )
-from drex_jax.kv.pool import init_pool, pages_for_budget
+from drex_jax.kv.pool import pages_for_budget
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import check_params, decode_layout
-from drex_jax.model.paged import decode_step, prefill_step
-from drex_jax.sampling import SamplingParams
-from drex_jax.sched.batch import decode_batch
+from drex_jax.runner import DeviceRunner
+from drex_jax.sched.batch import DecodeBatch, decode_batch
 
 
 @dataclasses.dataclass
@@ -159,7 +158,7 @@ class Engine:
         params = decode_layout(params)
         if mesh is not None:
             params = shard_params(cfg, params, mesh)
-        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.cfg, self.tokenizer = cfg, tokenizer
         self.dtype = _dtype(dtype)
         self.attention = resolve_attention(attention, self.dtype, mesh)
         self.verbose = verbose
@@ -182,11 +181,7 @@ class Engine:
         if num_pages is None:
             num_pages = 1 + max_slots * pages_needed(self.max_seq_len, page_size)
         self.allocator = PageAllocator(int(num_pages))
-        self.pool = init_pool(cfg, int(num_pages), page_size, self.dtype)
-        if mesh is not None:
-            from drex_jax.sharding import pool_sharding
-
-            self.pool = jax.device_put(self.pool, pool_sharding(mesh))
+        self.runner = DeviceRunner(cfg, params, int(num_pages), page_size, self.dtype, self.attention, mesh)
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -199,7 +194,7 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._eos |= {int(tokenizer.eos_token_id)}
         compile_counter.install()
-        self._ee = self._make_ee_decoder(ee, policy, exit_heads, flush, art, exit_trace, ramp_tokens, gate)
+        self.ee_decoder = self._make_ee_decoder(ee, policy, exit_heads, flush, art, exit_trace, ramp_tokens, gate)
 
     def _make_ee_decoder(self, ee, policy, exit_heads, flush, art, exit_trace=None, ramp_tokens=None, gate=None):
         from drex_jax.rebatch.policies import POLICIES
@@ -232,31 +227,40 @@ class Engine:
                                  f"but exit_layers is {ramps}")
             rows = np.asarray([trained.index(e) for e in ramps])  # a subset of the trained ramps
             heads = jax.tree.map(lambda a: a[rows], heads)
-        if heads is not None:
-            heads = jax.tree.map(jnp.asarray, heads)
-            if self.mesh is not None:
-                from drex_jax.sharding import replicated
-
-                heads = jax.device_put(heads, replicated(self.mesh))
         if exit_trace is not None:
             from drex_jax.sched.exit_trace import ExitTrace
 
             if not isinstance(exit_trace, ExitTrace) or len(exit_trace.fractions) != len(ramps) + 1:
                 raise ValueError(f"exit_trace must be an ExitTrace with {len(ramps) + 1} fractions (ramps + full depth)")
-        return EEDecoder(self, ee, policy or "rebatching", heads, flush or FlushConfig(), art, exit_trace,
-                         ramp_tokens, gate)
+        decoder = EEDecoder(self.cfg, self.runner, ee, policy or "rebatching", heads is not None,
+                            flush or FlushConfig(), art, exit_trace, gate, page_size=self.page_size,
+                            max_slots=self.max_slots, table_width=self.table_width, running=self._running,
+                            emit=self._emit, trim_pages=self._trim_pages)
+        self.runner.enable_early_exit(ee, heads, ramp_tokens, self.max_slots)
+        return decoder
+
+    @property
+    def params(self) -> dict:
+        """The weights the compiled steps read (decode layout; sharded under a mesh)."""
+        return self.runner.params
+
+    @property
+    def pool(self) -> dict:
+        """The paged KV pool, K and V [layers, kv_heads, pages, page_size, head_dim]."""
+        return self.runner.pool
 
     @property
     def early_exit(self) -> dict | None:
         """The early-exit setup (EEConfig fields, policy, ART) or None at full depth."""
-        if self._ee is None:
+        if self.ee_decoder is None:
             return None
-        return {**dataclasses.asdict(self._ee.ee), "policy": self._ee.policy, "art": self._ee.use_art}
+        dec = self.ee_decoder
+        return {**dataclasses.asdict(dec.ee), "policy": dec.policy, "art": dec.use_art}
 
     @property
     def ee_stats(self):
         """Early-exit counters (EEStats) or None without early exit."""
-        return None if self._ee is None else self._ee.stats
+        return None if self.ee_decoder is None else self.ee_decoder.stats
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -304,7 +308,7 @@ class Engine:
                 f"request needs {need} KV pages but the pool only has {self.allocator.capacity}; "
                 "raise num_pages / kv_memory_bytes or lower max_new_tokens"
             )
-        if self._ee is not None and self._ee.verify and config.temperature > 0:
+        if self.ee_decoder is not None and self.ee_decoder.verify and config.temperature > 0:
             raise ValueError(f"temperature={config.temperature} but this engine runs EEConfig(verify=True), which "
                              "verifies drafts greedily (speculative sampling is not implemented): use temperature=0 "
                              "or an engine without verify")
@@ -353,18 +357,26 @@ class Engine:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[StreamEvent]:
-        """One engine iteration: pages for running requests (preempting if the pool is out),
-        admit + prefill waiting requests, then one decode step."""
+        """One engine iteration: plan (pages for every running request's next token, preempting
+        when the pool is out), admit (prefill waiting requests into free slots), run (one decode
+        iteration, plain or early exit), emit (each finished token becomes a `StreamEvent`)."""
         events: list[StreamEvent] = []
         preempted = self._grow_pages()
         if not (preempted and self._running):  # re-admitting a victim at once would only thrash
             self._admit(events)
         if self._running:
-            if self._ee is not None:
-                self._ee.step(events)
-            else:
-                self._decode(events)
+            self._run(events)
         return events
+
+    def _run(self, events: list[StreamEvent]) -> None:
+        """One decode iteration over the running requests; their tokens go through `_emit`."""
+        if self.ee_decoder is not None:
+            return self.ee_decoder.step(events)
+        reqs = [self._running[s] for s in sorted(self._running)]
+        batch = decode_batch(reqs, self.page_size, self.max_slots, self.table_width)
+        nxt = self.runner.decode(batch, any(r.config.temperature > 0 for r in reqs))
+        for i, r in enumerate(reqs):
+            self._emit(r, int(nxt[i]), events, kv_depth=self.cfg.num_layers)
 
     def _grow_pages(self) -> int:
         """Give each running request (oldest first) the pages its next token needs; when the pool
@@ -458,18 +470,16 @@ class Engine:
                 last_index[j] = row * W + o + n - 1
                 o += n
         sp = SamplingParams.build([r.sampling_row() for r in group], Q)
-        replay = self._ee is not None and bool((kv_depth < L).any())
-        first, self.pool = prefill_step(
-            self.params, self.pool, tokens, positions, segment_ids, write_page, write_off, last_index, sp,
-            kv_depth if replay else None, cfg=self.cfg, do_sample=any(r.config.temperature > 0 for r in group),
-            missing_kv=self._ee.ee.missing_kv if replay else "copy",
-        )
-        first = np.asarray(first)
+        replay = self.ee_decoder is not None and bool((kv_depth < L).any())
+        first = self.runner.prefill(
+            tokens, positions, segment_ids, write_page, write_off, last_index, sp, kv_depth if replay else None,
+            do_sample=any(r.config.temperature > 0 for r in group),
+            missing_kv=self.ee_decoder.ee.missing_kv if replay else "copy")
         for j, r in enumerate(group):
             self._running[r.slot] = r
             if not r.generated:
                 r.exit_layers.append(L)  # prefill runs full depth
-                self._append_token(r, int(first[j]), events)
+                self._emit(r, int(first[j]), events)
 
     def _prefill_width(self, group: list[_Request]) -> int:
         """Row width: fits the longest prompt; up to 128 when there is that much to pack."""
@@ -492,18 +502,7 @@ class Engine:
             room[k] -= n
         return rows
 
-    def _decode(self, events: list[StreamEvent]) -> None:
-        reqs = [self._running[s] for s in sorted(self._running)]
-        batch = decode_batch(reqs, self.page_size, self.max_slots, self.table_width)
-        nxt, self.pool = decode_step(
-            self.params, self.pool, batch.tokens, batch.positions, batch.block_tables, batch.sampling,
-            cfg=self.cfg, do_sample=any(r.config.temperature > 0 for r in reqs), attention=self.attention,
-        )
-        nxt = np.asarray(nxt)
-        for i, r in enumerate(reqs):
-            self._append_token(r, int(nxt[i]), events, kv_depth=self.cfg.num_layers)
-
-    def _append_token(self, req: _Request, token: int, events: list[StreamEvent], kv_depth: int | None = None) -> None:
+    def _emit(self, req: _Request, token: int, events: list[StreamEvent], kv_depth: int | None = None) -> None:
         """Record a sampled token. `kv_depth`: depth of the K/V this step wrote at the input position
         (None for the token sampled by prefill, which wrote the prompt's K/V)."""
         now = time.perf_counter()
@@ -571,31 +570,29 @@ class Engine:
             # first-fit rows are more than half full, except the last
             for R in row_buckets_upto(min(self.max_slots, 2 * -(-budget // W))):
                 shapes += [("prefill", q, W, R) for q in pow2_upto(max_rows) if q >= R]
-        if self._ee is not None:  # early exit decodes through segments (recompute: the fused fallback
+        if self.ee_decoder is not None:  # early exit decodes through segments (recompute: the fused fallback
             # with nothing pending is decode_step itself)
-            shapes = [s for s in shapes if s[0] != "decode" or self._ee.recompute] + [
-                ("ee",) + x for x in self._ee.warmup_shapes(max_rows, self.page_widths)]
+            shapes = [s for s in shapes if s[0] != "decode" or self.ee_decoder.recompute] + [
+                ("ee",) + x for x in self.ee_decoder.warmup_shapes(max_rows, self.page_widths)]
         drop = self.allocator.num_pages
-        greedy_only = self._ee is not None and self._ee.verify  # verify mode refuses sampling
+        greedy_only = self.ee_decoder is not None and self.ee_decoder.verify  # verify mode refuses sampling
         variants = (False, True) if sampling and not greedy_only else (False,)
         for shape in tqdm(shapes, desc="compiling", disable=not progress, file=sys.stderr):
             for do_sample in variants:
                 if shape[0] == "ee":  # (kind, segment, batch, width, chunk length)
-                    self._ee.warmup_one(*shape[1:], do_sample)
+                    self.ee_decoder.warmup_one(*shape[1:], do_sample)
                     continue
                 kind, b, n, rows = shape
                 sp = SamplingParams.build([], b)
                 if kind == "decode":
-                    bt = block_table_array([[]] * b, n)
-                    out, self.pool = decode_step(self.params, self.pool, np.zeros(b, np.int32),
-                                                 np.full(b, -1, np.int32), bt, sp, cfg=self.cfg, do_sample=do_sample,
-                                                 attention=self.attention)
+                    pad = np.full(b, -1, np.int32)
+                    self.runner.decode(DecodeBatch(pad, np.zeros(b, np.int32), pad, block_table_array([[]] * b, n), sp),
+                                       do_sample)
                 else:
                     pad, zero = np.full((rows, n), -1, np.int32), np.zeros((rows, n), np.int32)
-                    out, self.pool = prefill_step(
-                        self.params, self.pool, zero, pad, pad, np.full((rows, n), drop, np.int32), zero,
-                        np.zeros(b, np.int32), sp, None, cfg=self.cfg, do_sample=do_sample, missing_kv="copy")
-        jax.block_until_ready(self.pool)
+                    self.runner.prefill(zero, pad, pad, np.full((rows, n), drop, np.int32), zero, np.zeros(b, np.int32),
+                                        sp, None, do_sample=do_sample)
+        self.runner.sync()
         return len(variants) * len(shapes)
 
     # ------------------------------------------------------------------ convenience

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,3 +77,24 @@ class StreamEvent:
     text: str  # newly final text since the previous event of this request
     finished: bool
     result: GenerationResult | None = None  # set on the last event
+
+
+class SamplingParams(NamedTuple):
+    """Each row's `GenerationConfig` sampling settings as arrays, so the jitted step takes new
+    values without recompiling (`drex_jax.sampling.sample` reads them on the device)."""
+
+    temperature: np.ndarray  # [B] f32, 0 = greedy
+    top_k: np.ndarray  # [B] i32, 0 = off
+    top_p: np.ndarray  # [B] f32 in (0, 1]
+    seed: np.ndarray  # [B] u32
+    step: np.ndarray  # [B] i32, token index within the request (fresh randomness per token)
+
+    @staticmethod
+    def build(rows: list[tuple[float, int, float, int, int]], batch: int) -> "SamplingParams":
+        """From (temperature, top_k, top_p, seed, step) per row; padded to `batch` greedy rows."""
+        pad = [(0.0, 0, 1.0, 0, 0)] * (batch - len(rows))
+        cols = list(zip(*(list(rows) + pad)))
+        return SamplingParams(
+            np.asarray(cols[0], np.float32), np.asarray(cols[1], np.int32), np.asarray(cols[2], np.float32),
+            np.asarray(cols[3], np.uint32), np.asarray(cols[4], np.int32),
+        )

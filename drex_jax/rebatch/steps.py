@@ -18,7 +18,8 @@ from drex_jax.model.decoder import embed, greedy_tokens, next_tokens, qkv
 from drex_jax.model.params import layer_params
 from drex_jax.model.paged import paged_layers, write_layers
 from drex_jax.model.ramps import confidence, ramp_logits, to_token_ids
-from drex_jax.sampling import SamplingParams, sample
+from drex_jax.generation import SamplingParams
+from drex_jax.sampling import sample
 
 
 @functools.partial(

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import numpy as np
 
 from drex_jax.kv.pages import block_table_array, bucket, pages_needed
-from drex_jax.sampling import SamplingParams
+from drex_jax.generation import SamplingParams
 
 
 class DecodeBatch(NamedTuple):

@@ -15,7 +15,7 @@ import numpy as np
 
 from drex_jax.kv.pages import bucket
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.params import param_specs
+from drex_jax.model.specs import param_specs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""Host-side early-exit decode: runs the engine's running requests through segments of layers
-between ramps under a policy, with per-ramp buffers for `rebatching`.
+"""Host-side early-exit decode: decides how the engine's running requests go through segments
+of layers between ramps under a policy, with per-ramp buffers for `rebatching`. Every device
+call goes through the `DeviceRunner` it is given (no jax here); requests' tokens go back to the
+engine through the `emit` and `trim_pages` callbacks it is given.
 
 Segment s covers layers [bounds[s], bounds[s+1]) and ends at ramp s (the LM head for the
 last segment). A request's `stage` is the segment it waits to run: 0 = ready at layer 0,
@@ -10,18 +12,15 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import jax
-import jax.numpy as jnp
+from typing import Callable
+
 import numpy as np
 
-from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
+from drex_jax.generation import SamplingParams
 from drex_jax.kv.pages import block_table_array, bucket, pow2_upto
+from drex_jax.model.config import ModelConfig
 from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
-from drex_jax.model.ramps import check_ramp_tokens
-from drex_jax.model.paged import decode_step
-from drex_jax.rebatch.steps import chunk_step, fill_copy, fill_propagate, segment_step
-from drex_jax.sampling import SamplingParams
 from drex_jax.sched.art import ARTProfiler
 from drex_jax.sched.batch import ChunkBatch, DecodeBatch, chunk_batch, decode_batch, table_width
 from drex_jax.sched.flush import FlushConfig, flush_reason
@@ -71,40 +70,44 @@ class EEStats:
 
 
 class EEDecoder:
-    def __init__(self, engine, ee: EEConfig, policy: str, heads: dict | None, flush: FlushConfig,
-                 art: bool = True, exit_trace=None, ramp_tokens=None, gate: GateConfig | None = None):
-        cfg = engine.cfg
+    """Early-exit decoding of the engine's running requests.
+
+    runner: the `DeviceRunner` every segment, fill and fused step runs on (its early-exit
+      buffers already set up by `runner.enable_early_exit`).
+    running: the engine's live `slot -> request` map (read only; requests leave it through `emit`).
+    emit(req, token, events, kv_depth): the engine records a finished token (and may finish the
+      request: then `req.slot < 0` afterwards).
+    trim_pages(req): the engine returns the pages past a request's next token.
+    """
+
+    def __init__(self, cfg: ModelConfig, runner, ee: EEConfig, policy: str, has_heads: bool, flush: FlushConfig,
+                 art: bool = True, exit_trace=None, gate: GateConfig | None = None, *, page_size: int,
+                 max_slots: int, table_width: int | None, running: dict, emit: Callable, trim_pages: Callable):
         ee.validate(cfg.num_layers, cfg.vocab_size)
-        self.ramp_tokens = check_ramp_tokens(ee, cfg, ramp_tokens)  # [K] candidate ids or None
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
         self.recompute, self.verify = ee.missing_kv == "recompute", ee.verify
         if self.recompute and policy not in ("off", "rebatching"):
             raise ValueError(f"missing_kv='recompute' runs with policy 'rebatching' (or 'off'), got {policy!r}: a "
                              "grouped policy moves the batch as one and has no per-row deep pass to recompute in")
-        if ee.head == "trained" and heads is None:
+        if ee.head == "trained" and not has_heads:
             raise ValueError("EEConfig.head == 'trained' needs exit heads (Engine(exit_heads=...))")
         if not isinstance(flush, FlushConfig):
             raise ValueError(f"flush must be a FlushConfig, got {type(flush).__name__}")
         # ART prices a split by single-position segment times; with recompute a deep segment also
         # carries its rows' pending positions, so the ramp gate (measured cost per token) decides
-        self.eng, self.ee, self.policy, self.flush, self.use_art = engine, ee, policy, flush, art and not self.recompute
-        self.heads = heads if ee.head == "trained" else None
+        self.cfg, self.runner, self.ee, self.policy, self.flush = cfg, runner, ee, policy, flush
+        self.use_art = art and not self.recompute
+        self.page_size, self.max_slots, self.table_width = page_size, max_slots, table_width
+        self.running, self.emit, self.trim_pages = running, emit, trim_pages
         ramps = [e for e in ee.exit_layers if e < cfg.num_layers]
         self.thresholds = list(ee.thresholds[: len(ramps)])
         self.bounds = [0] + ramps + [cfg.num_layers]
         self.num_segments = len(self.bounds) - 1
-        # [slots, hidden]; recompute: a ring [slots, R, hidden] holding each row's pending positions
-        # and current token at position % R (a row's pending positions and current token are
-        # consecutive, at most max_draft + 1 of them)
-        ring = (bucket(ee.max_draft + 1),) if self.recompute else ()
-        self.hidden = jnp.zeros((engine.max_slots,) + ring + (cfg.hidden_size,), engine.dtype)
-        if engine.mesh is not None:
-            from drex_jax.sharding import replicated
-
-            self.hidden = jax.device_put(self.hidden, replicated(engine.mesh))
-            if self.ramp_tokens is not None:
-                self.ramp_tokens = jax.device_put(self.ramp_tokens, replicated(engine.mesh))
+        # recompute: the runner's hidden buffer is a ring [slots, R, hidden] holding each row's
+        # pending positions and current token at position % R (a row's pending positions and
+        # current token are consecutive, at most max_draft + 1 of them)
+        self.ring_size = bucket(ee.max_draft + 1) if self.recompute else 1
         self.art = ARTProfiler(self.num_segments)
         # the ramp gate adapts to measured cost like ART, so it is on where ART is (art=False keeps
         # every wanted exit: what the equality-with-the-reference tests run)
@@ -120,48 +123,30 @@ class EEDecoder:
                              checked_per_ramp=[0] * (n - 1), accepted_per_ramp=[0] * (n - 1))
 
     # ------------------------------------------------------------------ device calls
-    def _call(self, fn, *args, **kw):
-        """Run a jitted call synchronously (its results decide what runs next), accounting device
-        time and the host gap before it."""
-        t0 = time.perf_counter()
+    def _account(self, timing) -> None:
+        """Device time of a synchronous call, and the host gap before it."""
         if self._last_ready is not None:
-            self.stats.host_gap_s += t0 - self._last_ready
-        out = jax.block_until_ready(fn(*args, **kw))
-        self._last_ready = time.perf_counter()
-        self.stats.device_s += self._last_ready - t0
+            self.stats.host_gap_s += timing.start - self._last_ready
+        self._last_ready = timing.end
+        self.stats.device_s += timing.end - timing.start
         self.stats.round_trips += 1
-        return out, self._last_ready - t0
 
     def _batch_arrays(self, reqs, start: int = 0, end: int | None = None) -> DecodeBatch | ChunkBatch:
         """The rows for layers [start, end) (recompute: with their pending positions)."""
         # power-of-two row buckets: XLA:CPU's dots cost as much at 24 rows as at 32, and more at 28
         # (BENCHMARKS.md, issue 16), so finer buckets would only add programs
-        eng = self.eng
         if self.recompute:
-            end = eng.cfg.num_layers if end is None else end
-            return chunk_batch(reqs, start, end, eng.page_size, eng.max_slots, eng.table_width)
-        return decode_batch(reqs, eng.page_size, eng.max_slots, eng.table_width)
+            end = self.cfg.num_layers if end is None else end
+            return chunk_batch(reqs, start, end, self.page_size, self.max_slots, self.table_width)
+        return decode_batch(reqs, self.page_size, self.max_slots, self.table_width)
 
     def _run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
-        """segment_step on batch `arrays`; returns (tokens, confidences, seconds or None when the
-        call compiled)."""
-        eng = self.eng
-        compiles = compile_counter.count()
-        static = dict(cfg=eng.cfg, start=start, end=end, ramp=ramp, measure=self.ee.confidence, do_sample=do_sample,
-                      attention=eng.attention)
-        if isinstance(arrays, ChunkBatch):
-            (tok, conf, eng.pool, self.hidden), dt = self._call(
-                chunk_step, eng.params, self.heads, eng.pool, self.hidden, arrays.slot_ids, arrays.tokens,
-                arrays.positions, arrays.depths, arrays.block_tables, arrays.sampling, self.ramp_tokens,
-                every_position=self.verify and ramp < 0, **static)
-        else:
-            slot_ids, tokens, positions, bt, sp = arrays
-            (tok, conf, eng.pool, self.hidden), dt = self._call(
-                segment_step, eng.params, self.heads, eng.pool, self.hidden, slot_ids, tokens, positions, bt, sp,
-                self.ramp_tokens, **static)
-        if compile_counter.count() != compiles:  # a first call's time is mostly compilation: not a timing
-            dt = None
-        return np.asarray(tok), np.asarray(conf), dt
+        """Layers [start, end) then ramp `ramp` (-1: LM head) on batch `arrays`; returns (tokens,
+        confidences, seconds or None when the call compiled)."""
+        tok, conf, timing = self.runner.run_layers(arrays, start, end, ramp, do_sample,
+                                                   every_position=self.verify and ramp < 0)
+        self._account(timing)
+        return tok, conf, timing.seconds
 
     def _segment(self, s: int, arrays, do_sample: bool, reqs: list):
         last = s == self.num_segments - 1
@@ -181,7 +166,7 @@ class EEDecoder:
             for q, d in list(r.pending.items()):
                 if d < end:
                     self.stats.layers_run += end - d
-                    if end >= self.eng.cfg.num_layers:
+                    if end >= self.cfg.num_layers:
                         del r.pending[q]
                     else:
                         r.pending[q] = end
@@ -190,7 +175,7 @@ class EEDecoder:
         """B padding rows at page width `width` (recompute: chunks of T positions): runs a program's
         shape, writes no KV or hidden row."""
         pad = np.full(B, -1, np.int32)
-        slots, bt, sp = np.full(B, self.eng.max_slots, np.int32), block_table_array([[]] * B, width), SamplingParams.build([], B)
+        slots, bt, sp = np.full(B, self.max_slots, np.int32), block_table_array([[]] * B, width), SamplingParams.build([], B)
         if self.recompute:
             chunk = np.full((B, T), -1, np.int32)
             return ChunkBatch(slots, np.zeros((B, T), np.int32), chunk, bt, sp, np.zeros((B, T), np.int32))
@@ -219,14 +204,14 @@ class EEDecoder:
         arrays = self._padding_batch(*key)
         dt = None
         while dt is None:
-            _, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
+            _, _, dt = self._run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
         self.art.record_full(key, dt)
 
     def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
         """Every (kind, ramp/segment, batch bucket, page width, chunk length) this decoder can run."""
         shapes = []
         # recompute: segments past the first (and the fused step) carry chunks of up to R positions
-        chunks = pow2_upto(self.hidden.shape[1]) if self.recompute else [1]
+        chunks = pow2_upto(self.ring_size)
         for b in pow2_upto(max_batch):
             for w in widths:
                 shapes += [("segment", s, b, w, T) for s in range(self.num_segments) for T in chunks[:1 if s == 0 else None]]
@@ -238,7 +223,6 @@ class EEDecoder:
 
     def warmup_one(self, kind: str, s: int, B: int, width: int, T: int, do_sample: bool) -> None:
         """Run one shape on an all-padding batch: no KV or hidden-state row is written."""
-        eng = self.eng
         arrays = self._padding_batch(B, width, T)
         if kind == "segment":
             last = s == self.num_segments - 1
@@ -246,24 +230,18 @@ class EEDecoder:
         elif kind == "full" and self.use_art and self.policy == "rebatching" and not do_sample:
             self._profile_full((B, width), do_sample)
         elif kind == "full":
-            self._run_layers(arrays, 0, eng.cfg.num_layers, -1, do_sample)
+            self._run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
         elif not do_sample:  # fills do not sample
             rows = list(range(B))  # positions are -1: the fill writes nothing
             self._fill(self.bounds[s + 1], rows, arrays)
 
     def _fill(self, exit_layer: int, rows: list, arrays) -> None:
         """Missing KV of layers >= exit_layer for the given batch rows (indices into arrays)."""
-        if exit_layer >= self.eng.cfg.num_layers or not rows or self.recompute:
+        if exit_layer >= self.cfg.num_layers or not rows or self.recompute:
             return  # recompute: the next deep pass of the row computes it
-        slot_ids, _, positions, bt, _ = arrays
-        keep = np.full(len(positions), -1, np.int32)
-        keep[rows] = positions[rows]
-        eng = self.eng
-        if self.ee.missing_kv == "copy":
-            eng.pool = fill_copy(eng.pool, bt, keep, exit_layer=exit_layer)
-        else:
-            eng.pool = fill_propagate(eng.params, eng.pool, self.hidden, slot_ids, bt, keep, cfg=eng.cfg,
-                                      exit_layer=exit_layer)
+        keep = np.full(len(arrays.positions), -1, np.int32)
+        keep[rows] = arrays.positions[rows]
+        self.runner.fill(self.ee.missing_kv, exit_layer, arrays, keep)
 
     def _wants_exit(self, s: int, conf: np.ndarray, reqs: list) -> np.ndarray:
         """[n] bool: rows whose confidence passes ramp s's threshold (or the exit trace's draw)."""
@@ -292,18 +270,18 @@ class EEDecoder:
         """Emit `token` for `req`, exited after `segment`; `kv_depth`: depth of the K/V its step
         wrote, when not the exit depth (latency-only keeps computing)."""
         depth = self.bounds[segment + 1]
-        if self.verify and depth < self.eng.cfg.num_layers:
+        if self.verify and depth < self.cfg.num_layers:
             return self._draft(req, token, segment)
-        if self.recompute and depth < self.eng.cfg.num_layers:  # computed by the row's next deep pass
+        if self.recompute and depth < self.cfg.num_layers:  # computed by the row's next deep pass
             req.pending[req.cache_len] = depth
-            kv_depth = self.eng.cfg.num_layers
+            kv_depth = self.cfg.num_layers
         self.stats.tokens += 1
         self.stats.layers_run += depth
         self.stats.exits_per_ramp[segment] += 1
         self.stats.wanted_per_ramp[req.first_want if req.first_want >= 0 else self.num_segments - 1] += 1
         req.stage, req.first_want = 0, -1
         req.exit_layers.append(depth)
-        self.eng._append_token(req, token, events, kv_depth=kv_depth or depth)
+        self.emit(req, token, events, kv_depth=kv_depth or depth)
 
     def _draft(self, req, token: int, segment: int) -> None:
         """Verify mode: `token` exited at ramp `segment`: a draft, the row's next input, not output."""
@@ -320,7 +298,7 @@ class EEDecoder:
         token): `full_tokens` [T] are the full model's tokens at those positions. Keep the drafts that
         agree, then the full model's token at the first disagreement (or after the last draft); the
         rejected drafts' pages go back (their K/V past the kept tokens is never read)."""
-        L = self.eng.cfg.num_layers
+        L = self.cfg.num_layers
         n = len(req.drafts)
         accepted = 0
         while accepted < n and req.drafts[accepted] == int(full_tokens[accepted]):
@@ -342,17 +320,17 @@ class EEDecoder:
             if j < accepted:
                 self.stats.accepted_per_ramp[seg] += 1
             req.exit_layers.append(depth)
-            self.eng._append_token(req, token, events, kv_depth=L)
+            self.emit(req, token, events, kv_depth=L)
             if req.slot < 0:  # finished: the rest is dropped
                 return
-        self.eng._trim_pages(req)
+        self.trim_pages(req)
 
     # ------------------------------------------------------------------ scheduling
     def step(self, events) -> None:
         """One decode iteration over the engine's running requests."""
         self.iteration += 1
         self._last_ready = None  # host gaps are measured between this iteration's device calls
-        running = [self.eng._running[s] for s in sorted(self.eng._running)]
+        running = [self.running[s] for s in sorted(self.running)]
         ready = [r for r in running if r.stage == 0]
         now = time.perf_counter()
         for r in ready:
@@ -362,11 +340,11 @@ class EEDecoder:
             if ready:
                 self._run_grouped(ready, events)
             return
-        shape = (bucket(len(running)), table_width(running, self.eng.page_size, self.eng.table_width))
+        shape = (bucket(len(running)), table_width(running, self.page_size, self.table_width))
         probes = self.gate.probes
         mode = self.gate.mode(shape)
         self.stats.gate_probes += self.gate.probes - probes
-        t0, compiles = now, compile_counter.count()
+        t0, compiles = now, self.runner.compile_count()
         progress0 = self._progress_count(running)
         # fused only once no row is mid-token; until then buffered rows finish theirs (a drain)
         ran = FUSED if mode == FUSED and len(ready) == len(running) else EE
@@ -375,8 +353,8 @@ class EEDecoder:
             self.stats.fused_iterations += 1
         else:
             self._run_pipeline(ready, events, drain=mode == FUSED)
-        steady = compile_counter.count() == compiles and ran == mode
-        progress = self._progress_count(self.eng._running.values()) - progress0
+        steady = self.runner.compile_count() == compiles and ran == mode
+        progress = self._progress_count(self.running.values()) - progress0
         self.gate.record(shape, ran, time.perf_counter() - t0, progress, count=steady)
 
     def _progress_count(self, running) -> int:
@@ -393,16 +371,15 @@ class EEDecoder:
             r.first_want = -1  # no ramp was asked
         if self.recompute and not any(r.pending for r in reqs):
             # nothing to recompute: the engine's own decode step, plain decoding exactly
-            eng = self.eng
-            b = decode_batch(reqs, eng.page_size, eng.max_slots, eng.table_width)
-            (tok, eng.pool), _ = self._call(decode_step, eng.params, eng.pool, b.tokens, b.positions, b.block_tables,
-                                            b.sampling, cfg=eng.cfg, do_sample=do_sample, attention=eng.attention)
-            return self._finalize_all(reqs, np.asarray(tok), events)
+            b = decode_batch(reqs, self.page_size, self.max_slots, self.table_width)
+            tok, timing = self.runner.timed_decode(b, do_sample)
+            self._account(timing)
+            return self._finalize_all(reqs, tok, events)
         arrays = self._batch_arrays(reqs)
-        tok, _, dt = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
+        tok, _, dt = self._run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
         if dt is not None:
             self.art.record_full(self._art_key(arrays), dt)
-        self._progress(reqs, self.eng.cfg.num_layers)
+        self._progress(reqs, self.cfg.num_layers)
         self._finalize_all(reqs, tok, events)
 
     def _finalize_all(self, reqs: list, tok: np.ndarray, events) -> None:
@@ -426,9 +403,9 @@ class EEDecoder:
             rows, split = self._run_segment(0, ready, events)
             carried = set() if split else {r.slot for r in rows}
         now = time.perf_counter()
-        n_running = len(self.eng._running)
+        n_running = len(self.running)
         for s in range(1, self.num_segments):
-            buf = [r for _, r in sorted(self.eng._running.items()) if r.stage == s]
+            buf = [r for _, r in sorted(self.running.items()) if r.stage == s]
             if not buf:
                 continue
             if not drain and not any(r.slot in carried for r in buf):
@@ -487,7 +464,7 @@ class EEDecoder:
         arrays = self._batch_arrays(reqs)
         n = len(reqs)
         if self.policy == "off":
-            tok, _, _ = self._run_layers(arrays, 0, self.eng.cfg.num_layers, -1, do_sample)
+            tok, _, _ = self._run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
             self._finalize_all(reqs, tok, events)
             return
         released = np.zeros(n, bool)  # latency-only: token already emitted
@@ -502,8 +479,8 @@ class EEDecoder:
             if self.policy == "latency-only":
                 new = wants & ~released
                 for i in np.flatnonzero(new):  # emitted now, but the row keeps computing real KV
-                    self._finalize(reqs[i], int(tok[i]), s, events, kv_depth=self.eng.cfg.num_layers)
-                    self.stats.layers_run += self.eng.cfg.num_layers - self.bounds[s + 1]
+                    self._finalize(reqs[i], int(tok[i]), s, events, kv_depth=self.cfg.num_layers)
+                    self.stats.layers_run += self.cfg.num_layers - self.bounds[s + 1]
                 released |= new
                 continue
             if self.exit_trace is not None:  # a trace gives decisions, not confidences: 1 = wants out
