@@ -7,14 +7,16 @@ from drex_jax.model.params import decode_layout
 from drex_jax.bench.roofline import decode_fixture
 from drex_jax.rebatch.steps import segment_step
 from drex_jax.model.paged import decode_step
+from drex_jax.model.modules import split_model
 cfg, params, _ = load_checkpoint(default_model_path()); params = decode_layout(params)
+graph, state = split_model(cfg, params)
 def t(batch, start, end, ramp, ctx=128):
     fx = decode_fixture(cfg, batch, ctx, jnp.float32)
     hid = [jnp.zeros((batch, cfg.hidden_size), jnp.float32)]
     slots = jnp.arange(batch, dtype=jnp.int32); rt = jnp.arange(1024, dtype=jnp.int32)
     pool = [fx.pool]
     def run():
-        tok, conf, pool[0], hid[0] = segment_step(params, None, pool[0], hid[0], slots, fx.tokens, fx.positions, fx.block_tables, fx.sampling, rt, cfg=cfg, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False, attention="ffi")
+        tok, conf, pool[0], hid[0] = segment_step(state, pool[0], hid[0], slots, fx.tokens, fx.positions, fx.block_tables, fx.sampling, rt, graph=graph, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False, attention="ffi")
         jax.block_until_ready(tok)
     run(); run()
     ts = []
@@ -24,7 +26,7 @@ def t(batch, start, end, ramp, ctx=128):
 def tf(batch, ctx=128):
     fx = decode_fixture(cfg, batch, ctx, jnp.float32); pool=[fx.pool]
     def run():
-        out, pool[0] = decode_step(params, pool[0], fx.tokens, fx.positions, fx.block_tables, fx.sampling, cfg=cfg, do_sample=False, attention="ffi"); jax.block_until_ready(out)
+        out, pool[0] = decode_step(state, pool[0], fx.tokens, fx.positions, fx.block_tables, fx.sampling, graph=graph, do_sample=False, attention="ffi"); jax.block_until_ready(out)
     run(); run(); ts=[]
     for _ in range(7):
         t0=time.perf_counter(); run(); ts.append(time.perf_counter()-t0)

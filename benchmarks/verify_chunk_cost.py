@@ -72,8 +72,8 @@ def main() -> None:
         dev = eng.runner  # the device state: params, pool, hidden ring, heads
 
         def off():
-            out, dev.pool = decode_step(dev.params, dev.pool, dec.tokens, dec.positions, dec.block_tables, dec.sampling,
-                                        cfg=eng.cfg, do_sample=False, attention=eng.attention)
+            out, dev.pool = decode_step(dev.state, dev.pool, dec.tokens, dec.positions, dec.block_tables, dec.sampling,
+                                        graph=dev.graph, do_sample=False, attention=eng.attention)
             return out
 
         def chunk(T, start, end, ramp, every):
@@ -82,19 +82,19 @@ def main() -> None:
             pos = np.concatenate([pos, np.full((len(dec.slot_ids) - len(reqs), T), -1, np.int32)])
             arrays = ChunkBatch(dec.slot_ids, np.zeros_like(pos), pos, dec.block_tables, dec.sampling,
                                 np.full_like(pos, start))
-            kw = dict(cfg=eng.cfg, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False,
+            kw = dict(graph=dev.graph, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False,
                       attention=eng.attention, every_position=every)
-            ops = (dev.params, dev.heads, dev.pool, dev.hidden, arrays.slot_ids, arrays.tokens, arrays.positions,
+            ops = (dev.state, dev.pool, dev.hidden, arrays.slot_ids, arrays.tokens, arrays.positions,
                    arrays.depths, arrays.block_tables, arrays.sampling, dev.ramp_tokens)
 
             def run():
-                tok, _, dev.pool, dev.hidden = chunk_step(dev.params, dev.heads, dev.pool, dev.hidden, *ops[4:], **kw)
+                tok, _, dev.pool, dev.hidden = chunk_step(dev.state, dev.pool, dev.hidden, *ops[3:], **kw)
                 return tok
             return run, chunk_step.lower(*ops, **kw)
 
         t_off = _median_ms(off, args.repeats)
-        by_off = _cost(decode_step.lower(dev.params, dev.pool, dec.tokens, dec.positions, dec.block_tables,
-                                         dec.sampling, cfg=eng.cfg, do_sample=False, attention=eng.attention))
+        by_off = _cost(decode_step.lower(dev.state, dev.pool, dec.tokens, dec.positions, dec.block_tables,
+                                         dec.sampling, graph=dev.graph, do_sample=False, attention=eng.attention))
         run, low = chunk(1, 0, E, 0, False)
         t_draft, by_draft = _median_ms(run, args.repeats), _cost(low)
         print(f"\n## batch {B}\n\n| program | ms | vs off | XLA bytes (MB) | XLA GFLOP |\n|---|---:|---:|---:|---:|")

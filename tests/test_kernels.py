@@ -141,13 +141,15 @@ def test_rebatching_segments_through_ffi_equal_xla(tiny4):
 
 
 def _compiled_decode_hlo(cfg, params, attention, B=4, P=4, num_pages=33, page_size=8):
+    from drex_jax.generation import SamplingParams
     from drex_jax.kv.pool import init_pool
-    from drex_jax.sampling import SamplingParams
+    from drex_jax.model.modules import split_model
 
+    graph, state = split_model(cfg, params)
     pool = init_pool(cfg, num_pages, page_size, jnp.float32)
-    args = (params, pool, np.zeros(B, np.int32), np.arange(B, dtype=np.int32),
+    args = (state, pool, np.zeros(B, np.int32), np.arange(B, dtype=np.int32),
             np.arange(B * P, dtype=np.int32).reshape(B, P) + 1, SamplingParams.build([], B))
-    return decode_step.lower(*args, cfg=cfg, do_sample=False, attention=attention).compile().as_text()
+    return decode_step.lower(*args, graph=graph, do_sample=False, attention=attention).compile().as_text()
 
 
 @needs_ffi

@@ -129,10 +129,12 @@ def test_segment_step_writes_only_its_rows_kv(tiny4):
     (layer in segment, page, offset) entries and nowhere else."""
     from drex_jax.kv.pages import block_table_array
     from drex_jax.kv.pool import init_pool
+    from drex_jax.generation import SamplingParams
+    from drex_jax.model.modules import split_model
     from drex_jax.rebatch.steps import segment_step
-    from drex_jax.sampling import SamplingParams
 
     cfg, params = tiny4
+    graph, state = split_model(cfg, params)
     pool = init_pool(cfg, 12, 4, jnp.float32)
     pool = jax.tree.map(lambda a: jax.random.normal(jax.random.key(0), a.shape), pool)
     before = jax.tree.map(np.asarray, pool)
@@ -141,8 +143,8 @@ def test_segment_step_writes_only_its_rows_kv(tiny4):
     slots = [4, 2]
     pos = np.array([6, 2, -1, -1], np.int32)
     bt = block_table_array([pages[4], pages[2], [], []], 2)
-    _, _, pool, _ = segment_step(params, None, pool, hidden, np.array(slots + [6, 6], np.int32), np.zeros(4, np.int32),
-                                 pos, bt, SamplingParams.build([], 4), cfg=cfg, start=1, end=3, ramp=1,
+    _, _, pool, _ = segment_step(state, pool, hidden, np.array(slots + [6, 6], np.int32), np.zeros(4, np.int32),
+                                 pos, bt, SamplingParams.build([], 4), graph=graph, start=1, end=3, ramp=1,
                                  measure="top1_minus_top2", do_sample=False)
     for name in ("k", "v"):
         diff = np.argwhere(np.any(np.asarray(pool[name]) != before[name], axis=-1))  # [layer, kv, page, off]

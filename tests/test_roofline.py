@@ -5,6 +5,7 @@ import numpy as np
 
 from drex_jax.bench import roofline
 from drex_jax.model.config import config_from_hf
+from drex_jax.model.modules import split_model
 from drex_jax.model.paged import decode_step
 from drex_jax.model.params import init_params
 
@@ -24,8 +25,9 @@ def test_analytic_cost_matches_xla_cost_analysis():
     cfg, params = _one_layer()
     for batch, context in ((4, 64), (16, 256)):
         fx = roofline.decode_fixture(cfg, batch, context, np.float32)
-        xla = roofline.xla_cost(decode_step, params, fx.pool, fx.tokens, fx.positions, fx.block_tables, fx.sampling,
-                                cfg=cfg, do_sample=False)
+        graph, state = split_model(cfg, params)
+        xla = roofline.xla_cost(decode_step, state, fx.pool, fx.tokens, fx.positions, fx.block_tables, fx.sampling,
+                                graph=graph, do_sample=False)
         nbytes, flops = roofline.decode_cost(cfg, params, batch, context, head_columns=cfg.vocab_size)
         matmuls = 2 * batch * (4 * 128 * 128 // 2 + 128 * 128 + 3 * 128 * 384 + 128 * 512)  # q,o + k,v + mlp + head
         assert flops == matmuls + 4 * 4 * 32 * context * batch  # hand-computed: heads 4, head_dim 32
@@ -42,9 +44,10 @@ def test_fixture_rows_attend_to_their_context():
     whose block table is cut to exactly its pages (padding columns change nothing)."""
     cfg, params = _one_layer()
     fx = roofline.decode_fixture(cfg, 3, 40, np.float32)
-    want, _ = decode_step(params, jax.tree.map(lambda a: a.copy(), fx.pool), fx.tokens, fx.positions,
-                          fx.block_tables[:, :3], fx.sampling, cfg=cfg, do_sample=False)
-    got, _ = decode_step(params, fx.pool, fx.tokens, fx.positions, fx.block_tables, fx.sampling, cfg=cfg,
+    graph, state = split_model(cfg, params)
+    want, _ = decode_step(state, jax.tree.map(lambda a: a.copy(), fx.pool), fx.tokens, fx.positions,
+                          fx.block_tables[:, :3], fx.sampling, graph=graph, do_sample=False)
+    got, _ = decode_step(state, fx.pool, fx.tokens, fx.positions, fx.block_tables, fx.sampling, graph=graph,
                          do_sample=False)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert fx.block_tables.shape == (3, 4) and int(fx.positions[0]) == 40

@@ -25,28 +25,32 @@ def test_resume_equals_uninterrupted(tmp_path, default_model):
     assert meta2["held_out"]["prompts"] == 20 and meta2["provenance"]["config"]["steps"] == 6
 
 
-def test_distillation_lowers_kl(tiny_llama):
-    """A few optax steps on fixed hidden states reduce the KL to the full model."""
+def test_distillation_lowers_kl_and_keeps_the_trunk_frozen(tiny_llama):
+    """A few nnx.Optimizer steps on fixed hidden states reduce the KL to the full model; only the
+    ramps' params move (the trunk is frozen by the optimizer's filter)."""
     import jax
     import optax
+    from flax import nnx
 
     from drex_jax.model import forward_hidden
+    from drex_jax.model.modules import EETransformer
     from drex_jax.model.ramps import init_ramp_heads
-    from drex_jax.train_exits import distill_loss
+    from drex_jax.train_exits import TRAINABLE, distill_loss, ramp_heads, train_step
 
     cfg, params = tiny_llama
     toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 24))
     hs = forward_hidden(params, cfg, toks).reshape(cfg.num_layers + 1, -1, cfg.hidden_size)
     ramp_h, final_h = hs[1][:, None], hs[-1]
-    heads = init_ramp_heads(params, cfg, 1, 8, jax.random.key(0))
-    opt = optax.adam(1e-2)
-    state = opt.init(heads)
-    first = float(distill_loss(heads, params, cfg, ramp_h, final_h))
+    model = EETransformer(cfg, params, init_ramp_heads(params, cfg, 1, 8, jax.random.key(0)))
+    trunk = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Not(TRAINABLE))))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=TRAINABLE)
+    first = float(distill_loss(model, ramp_h, final_h))
     for _ in range(30):
-        g = jax.grad(distill_loss)(heads, params, cfg, ramp_h, final_h)
-        upd, state = opt.update(g, state)
-        heads = optax.apply_updates(heads, upd)
-    assert float(distill_loss(heads, params, cfg, ramp_h, final_h)) < 0.7 * first
+        train_step(model, optimizer, ramp_h, final_h)
+    assert float(distill_loss(model, ramp_h, final_h)) < 0.7 * first
+    assert int(optimizer.step[...]) == 30 and np.abs(ramp_heads(model)["up"]).max() > 0
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Not(TRAINABLE))))
+    assert jax.tree.all(jax.tree.map(np.array_equal, after, trunk))
 
 
 def test_bad_train_config(tiny_llama):

@@ -21,6 +21,7 @@ import numpy as np
 from drex_jax.kv.pages import bucket, pages_needed
 from drex_jax.kv.pool import init_pool
 from drex_jax.model.config import ModelConfig
+from drex_jax.model.modules import split_model
 from drex_jax.model.paged import decode_step
 from drex_jax.model.params import decode_layout
 from drex_jax.rebatch.steps import segment_step
@@ -120,14 +121,15 @@ def roofline_point(cfg, params, batch: int, context: int, peak: float, bandwidth
     row = {"batch": batch, "context": context, "attention": attention, "bytes": nbytes, "flops": flops,
            "kv_bytes": kv_bytes, "roofline_ms": roof * 1e3,
            "bound": "bandwidth" if nbytes / bandwidth >= flops / peak else "compute"}
+    graph, state = split_model(cfg, params)
     for path in (attention,) + tuple(compare):
-        kw = dict(cfg=cfg, do_sample=False, attention=path)
-        sec, _ = _time_steps(lambda pool: decode_step(params, pool, fx.tokens, fx.positions, fx.block_tables,
+        kw = dict(graph=graph, do_sample=False, attention=path)
+        sec, _ = _time_steps(lambda pool: decode_step(state, pool, fx.tokens, fx.positions, fx.block_tables,
                                                        fx.sampling, **kw), fx, steps)
         if path == attention:
             # the layer loop is unrolled, so XLA's count covers every layer; it does not see inside
             # the FFI kernel's custom call (there it omits the K/V reads)
-            xla = xla_cost(decode_step, params, fx.pool, fx.tokens, fx.positions, fx.block_tables, fx.sampling, **kw)
+            xla = xla_cost(decode_step, state, fx.pool, fx.tokens, fx.positions, fx.block_tables, fx.sampling, **kw)
             row.update(ms_per_step=sec * 1e3, tok_s=batch / sec, pct_roofline=100 * roof / sec,
                        xla_bytes=xla["bytes"], xla_flops=xla["flops"])
         else:
@@ -197,13 +199,14 @@ def segment_pair(cfg, params, batch: int, context: int, exit_layer: int, ramp_vo
     slots = jnp.arange(batch, dtype=jnp.int32)
     ramp_tokens = None if ramp_vocab is None else jnp.arange(ramp_vocab, dtype=jnp.int32)
     out = {}
+    graph, model_state = split_model(cfg, params)
     for name, start, end, ramp in (("shallow", 0, exit_layer, 0), ("deep", exit_layer, cfg.num_layers, -1)):
         state = {"hidden": jnp.zeros((batch, cfg.hidden_size), dtype)}  # donated by each call
 
         def step(pool, start=start, end=end, ramp=ramp, state=state):
             tok, conf, pool, state["hidden"] = segment_step(
-                params, None, pool, state["hidden"], slots, fx.tokens, fx.positions, fx.block_tables, fx.sampling,
-                ramp_tokens, cfg=cfg, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False,
+                model_state, pool, state["hidden"], slots, fx.tokens, fx.positions, fx.block_tables, fx.sampling,
+                ramp_tokens, graph=graph, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False,
                 attention=attention)
             return tok, pool
 

@@ -1,4 +1,4 @@
-"""Decoder layers over the paged KV pool: the jitted prefill and decode steps.
+"""The model's decoder layers over the paged KV pool: the jitted prefill and decode steps.
 
 Rows carry their own positions (-1 = padding) and page ids, so padded rows and tokens
 write nothing (an out-of-range page id makes the scatter drop the write) and change
@@ -12,17 +12,16 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import attention as attention_fn
-from drex_jax.model.decoder import embed, finish_layer, from_stream, next_tokens, qkv, to_stream
-from drex_jax.model.params import is_decode_layout, layer_params
 from drex_jax.generation import SamplingParams
+from drex_jax.model.modules import EETransformer
+from drex_jax.model.ops import attention as attention_fn
+from drex_jax.model.ops import from_stream, to_stream
 
 
 def layer_loop(
-    params: dict,
-    cfg: ModelConfig,
+    model: EETransformer,
     pool: dict,
     x: jax.Array,
     positions: jax.Array,
@@ -37,7 +36,7 @@ def layer_loop(
     writes: str = "per_layer",
     join_depth: jax.Array | None = None,
 ):
-    """Run layers `[start, end)`, writing each token's K/V into the pool first.
+    """Run the model's layers `[start, end)`, writing each token's K/V into the pool first.
 
     x: [B, T, H]; positions, write_page, write_off: [B, T] int32 (write_page >= num_pages
     drops the write). `attend(q, k, v, k_pool, v_pool, layer) -> [B, T, nh*D]` reads layer
@@ -45,10 +44,10 @@ def layer_loop(
     updates it in place.
 
     unroll=True (the engine's steps): the loop is unrolled in Python so each layer's weights are
-    read where they lie (decode layout: no per-layer copy). Measured for prefill too: the
+    read where they lie (decode layout: one `DecoderLayer` per layer, no per-layer copy). Measured for prefill too: the
     unrolled step ran 8 prompts x 16 tokens in 184 ms where a `fori_loop` over the layers
     stacked per call took 413 ms (it compiles 2x faster). unroll=False (the unbatched reference,
-    checkpoint layout only): a `fori_loop`, one compiled layer.
+    checkpoint layout only): a `fori_loop` over the `StackedLayers`, one compiled layer.
 
     writes: how this step's K/V reach the pool.
     "per_layer": a scatter per K and V before each layer's `attend` (which reads them from the pool);
@@ -68,6 +67,7 @@ def layer_loop(
     below it the token's K/V is already in the pool, so the layer uses (and rewrites) the pool's
     K/V at its position and its hidden state waits unchanged.
     """
+    cfg = model.cfg
     B, T = positions.shape
     pos = jnp.maximum(positions, 0)
 
@@ -77,7 +77,7 @@ def layer_loop(
 
     def layer(i, lp, carry):
         xt, k_pool, v_pool, k_last, v_last = carry
-        q, k, v = qkv(lp, cfg, xt, pos)
+        q, k, v = lp.attn.qkv(xt, pos)
         if join_depth is not None:
             joined = (join_depth <= i)[..., None, None]  # [B, T, 1, 1]
             k = jnp.where(joined, k, _pool_rows(k_pool, i, write_page, write_off).astype(k.dtype))
@@ -96,7 +96,7 @@ def layer_loop(
                 k_pool = k_pool.at[i, :, write_page, write_off].set(k.astype(k_pool.dtype), mode="drop")
                 v_pool = v_pool.at[i, :, write_page, write_off].set(v.astype(v_pool.dtype), mode="drop")
             o = attend(q, k, v, k_pool, v_pool, i)
-        y = finish_layer(lp, cfg, xt, o)
+        y = lp.finish(xt, o)
         if kv_depth is not None:  # exited tokens keep their exit hidden state
             y = jnp.where(live.reshape(1, B * T), y, xt)
         if join_depth is not None:  # tokens not yet joined wait at their depth
@@ -111,11 +111,11 @@ def layer_loop(
         raise ValueError("writes='after' needs the unrolled loop")
     if unroll:
         for i in range(start, end):
-            carry = layer(i, layer_params(params, i), carry)
+            carry = layer(i, model.layers[i], carry)
     else:
-        if is_decode_layout(params):
+        if model.decode_layout:
             raise ValueError("unroll=False indexes stacked layers: pass the checkpoint layout")
-        carry = jax.lax.fori_loop(start, end, lambda i, c: layer(i, layer_params(params, i), c), carry)
+        carry = jax.lax.fori_loop(start, end, lambda i, c: layer(i, model.layers[i], c), carry)
     xt, k_pool, v_pool, _, _ = carry
     pool = {"k": k_pool, "v": v_pool}
     if written:
@@ -143,9 +143,9 @@ def write_layers(pool: dict, start: int, ks: list, vs: list, page: jax.Array, of
 ATTENTION = ("xla", "ffi", "pallas")
 
 
-def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end: int, attention: str = "xla",
-                 join_depth: jax.Array | None = None):
-    """Layers `[start, end)` for rows attending through their pages (decode, deep segments).
+def paged_layers(model: EETransformer, pool, x, positions, block_tables, start: int, end: int,
+                 attention: str = "xla", join_depth: jax.Array | None = None):
+    """The model's layers `[start, end)` for rows attending through their pages (decode, deep segments).
 
     x: [B, T, H]; positions: [B, T] (-1 = padding); block_tables: [B, P]. Returns (x, pool).
     `attention` picks how a layer reads its keys and values (each gives the same result):
@@ -154,6 +154,7 @@ def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end:
     "pallas" runs jax's Pallas GPU paged-attention kernel (one query token per row; a chunk of
     several positions per row takes the "xla" path). `join_depth` [B, T]: see `layer_loop`.
     """
+    cfg = model.cfg
     B, T, _ = x.shape
     _, _, num_pages, page_size, _ = pool["k"].shape
     S = block_tables.shape[1] * page_size
@@ -185,13 +186,13 @@ def paged_layers(params, cfg, pool, x, positions, block_tables, start: int, end:
     else:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
 
-    return layer_loop(params, cfg, pool, x, positions, write_page, pos % page_size, attend, start, end,
+    return layer_loop(model, pool, x, positions, write_page, pos % page_size, attend, start, end,
                       writes="attend" if attention == "ffi" else "per_layer", join_depth=join_depth)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "do_sample", "missing_kv"), donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "missing_kv"), donate_argnames=("pool",))
 def prefill_step(
-    params: dict,
+    state: nnx.State,
     pool: dict,
     tokens: jax.Array,
     positions: jax.Array,
@@ -202,11 +203,12 @@ def prefill_step(
     sampling: SamplingParams,
     kv_depth: jax.Array | None = None,
     *,
-    cfg: ModelConfig,
+    graph: nnx.GraphDef,
     do_sample: bool,
     missing_kv: str = "copy",
 ):
     """Prefill prompts packed into rows (several prompts per row, none before them in the cache).
+    `graph`, `state`: the model (`modules.split_model`).
 
     tokens, positions (-1 = padding), segment_ids, write_page, write_off: [R, W];
     last_index: [Q] flat index (row * W + col) of each prompt's last token.
@@ -214,6 +216,8 @@ def prefill_step(
     preempted request's recomputed cache equals the one it lost.
     Returns (first generated token per prompt [Q], pool).
     """
+    model = nnx.merge(graph, state)
+    cfg = model.cfg
     R, W = tokens.shape
     valid = positions >= 0
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
@@ -223,26 +227,28 @@ def prefill_step(
     def attend(q, k, v, k_pool, v_pool, layer):  # prompts attend to their own fresh K/V only
         return attention_fn(cfg, q, k, v, mask)
 
-    x, pool = layer_loop(params, cfg, pool, embed(params, tokens), positions, write_page, write_off, attend,
+    x, pool = layer_loop(model, pool, model.embed(tokens), positions, write_page, write_off, attend,
                          0, cfg.num_layers, kv_depth, missing_kv, writes="after")
     last = x.reshape(R * W, -1)[last_index]
-    return next_tokens(params, cfg, last, sampling, do_sample), pool
+    return model.next_tokens(last, sampling, do_sample), pool
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "do_sample", "attention"), donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "attention"), donate_argnames=("pool",))
 def decode_step(
-    params: dict,
+    state: nnx.State,
     pool: dict,
     tokens: jax.Array,
     positions: jax.Array,
     block_tables: jax.Array,
     sampling: SamplingParams,
     *,
-    cfg: ModelConfig,
+    graph: nnx.GraphDef,
     do_sample: bool,
     attention: str = "xla",
 ):
-    """One token per row: tokens [B], positions [B] (-1 = padding row) -> next tokens [B], pool."""
-    x = embed(params, tokens)[:, None]
-    x, pool = paged_layers(params, cfg, pool, x, positions[:, None], block_tables, 0, cfg.num_layers, attention)
-    return next_tokens(params, cfg, x[:, 0], sampling, do_sample), pool
+    """One token per row: tokens [B], positions [B] (-1 = padding row) -> next tokens [B], pool.
+    `graph`, `state`: the model (`modules.split_model`)."""
+    model = nnx.merge(graph, state)
+    x = model.embed(tokens)[:, None]
+    x, pool = paged_layers(model, pool, x, positions[:, None], block_tables, 0, model.cfg.num_layers, attention)
+    return model.next_tokens(x[:, 0], sampling, do_sample), pool

@@ -19,7 +19,9 @@ import numpy as np
 
 from drex_jax.early_exit import EEConfig
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import lm_head, project_rows, rms_norm, vocab_rows
+from drex_jax.model.decoder import lm_head, vocab_rows
+from drex_jax.model.modules import ExitRamp
+from drex_jax.model.ops import project_rows
 
 
 def confidence(logits: jax.Array, measure: str) -> jax.Array:
@@ -54,10 +56,8 @@ def ramp_logits(params: dict, cfg: ModelConfig, h: jax.Array, heads: dict | None
     heads=None means the shared head (final norm + LM head)."""
     if heads is None:
         return lm_head(params, cfg, h, ramp_tokens)
-    hd = jax.tree.map(lambda a: a[ramp], heads)
-    h32 = h.astype(jnp.float32)
-    h2 = h32 + (h32 @ hd["down"]) @ hd["up"]
-    return project_rows(vocab_rows(params, cfg, ramp_tokens), rms_norm(h2, hd["norm"], cfg.rms_norm_eps))
+    hd = jax.tree.map(lambda a: a[ramp], heads)  # `ramp` may be traced: the stacked heads' slice
+    return project_rows(vocab_rows(params, cfg, ramp_tokens), ExitRamp(cfg, hd["norm"], hd["down"], hd["up"])(h))
 
 
 def check_ramp_tokens(ee: EEConfig, cfg: ModelConfig, ramp_tokens) -> jax.Array | None:

@@ -12,23 +12,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from drex_jax.model.config import ModelConfig
-from drex_jax.model.decoder import embed, greedy_tokens, next_tokens, qkv
-from drex_jax.model.params import layer_params
-from drex_jax.model.paged import paged_layers, write_layers
-from drex_jax.model.ramps import confidence, ramp_logits, to_token_ids
 from drex_jax.generation import SamplingParams
+from drex_jax.model.paged import paged_layers, write_layers
+from drex_jax.model.ramps import confidence, to_token_ids
 from drex_jax.sampling import sample
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "start", "end", "ramp", "measure", "do_sample", "attention"),
+    jax.jit, static_argnames=("graph", "start", "end", "ramp", "measure", "do_sample", "attention"),
     donate_argnames=("pool", "hidden"),
 )
 def segment_step(
-    params: dict,
-    heads: dict | None,
+    state: nnx.State,
     pool: dict,
     hidden: jax.Array,
     slot_ids: jax.Array,
@@ -38,7 +35,7 @@ def segment_step(
     sampling: SamplingParams,
     ramp_tokens: jax.Array | None = None,
     *,
-    cfg: ModelConfig,
+    graph: nnx.GraphDef,
     start: int,
     end: int,
     ramp: int,
@@ -46,27 +43,28 @@ def segment_step(
     do_sample: bool,
     attention: str = "xla",
 ):
-    """Layers [start, end) for rows `slot_ids` [B], then the ramp `ramp` (or the LM head if -1).
+    """The model's segment: layers [start, end) for rows `slot_ids` [B], then the ramp `ramp` (or
+    the LM head if -1). `graph`, `state`: the model with its ramps (`modules.split_model`).
 
     start == 0 embeds `tokens` [B]; otherwise rows resume from `hidden[slot_ids]`. The output
     hidden state is written back to `hidden[slot_ids]`. Returns (token [B], confidence [B],
     pool, hidden); confidence is +inf after the final layer. `ramp_tokens` [K]: the ramp scores
     only these candidates (None = whole vocabulary); the final LM head always scores all.
     """
-    x = embed(params, tokens) if start == 0 else hidden[slot_ids]
-    x, pool = paged_layers(params, cfg, pool, x[:, None], positions[:, None], block_tables, start, end,
-                           attention)
+    model = nnx.merge(graph, state)
+    x = model.embed(tokens) if start == 0 else hidden[slot_ids]
+    x, pool = paged_layers(model, pool, x[:, None], positions[:, None], block_tables, start, end, attention)
     x = x[:, 0]
     hidden = hidden.at[slot_ids].set(x.astype(hidden.dtype), mode="drop")
-    return _exit_head(params, heads, cfg, x, sampling, ramp_tokens, ramp, measure, do_sample) + (pool, hidden)
+    return _exit_head(model, x, sampling, ramp_tokens, ramp, measure, do_sample) + (pool, hidden)
 
 
-def _exit_head(params, heads, cfg, x, sampling, ramp_tokens, ramp: int, measure: str, do_sample: bool):
+def _exit_head(model, x, sampling, ramp_tokens, ramp: int, measure: str, do_sample: bool):
     """(token [B], confidence [B]) of hidden states x [B, H] at ramp `ramp`, or from the LM head
     after the last segment (ramp -1: confidence +inf, no ramp was asked)."""
     if ramp < 0:
-        return next_tokens(params, cfg, x, sampling, do_sample), jnp.full(x.shape[:1], jnp.inf, jnp.float32)
-    logits = ramp_logits(params, cfg, x, heads, ramp, ramp_tokens)
+        return model.next_tokens(x, sampling, do_sample), jnp.full(x.shape[:1], jnp.inf, jnp.float32)
+    logits = model.ramp_logits(x, ramp, ramp_tokens)
     return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), confidence(logits, measure)
 
 
@@ -92,23 +90,23 @@ def fill_copy(pool: dict, block_tables: jax.Array, positions: jax.Array, *, exit
     return jax.tree.map(fill, pool)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "exit_layer"), donate_argnames=("pool",))
-def fill_propagate(params, pool, hidden, slot_ids, block_tables, positions, *, cfg: ModelConfig, exit_layer: int):
+@functools.partial(jax.jit, static_argnames=("graph", "exit_layer"), donate_argnames=("pool",))
+def fill_propagate(state, pool, hidden, slot_ids, block_tables, positions, *, graph: nnx.GraphDef, exit_layer: int):
     """Each layer >= exit_layer computes its own K/V from the rows' exit hidden states."""
+    model = nnx.merge(graph, state)
     page, off = _write_targets(pool, block_tables, positions)
     ht = hidden[slot_ids].T  # [H, B]
     pos = jnp.maximum(positions, 0)[:, None]
-    kvs = [qkv(layer_params(params, i), cfg, ht, pos)[1:] for i in range(exit_layer, cfg.num_layers)]
+    kvs = [model.layers[i].attn.qkv(ht, pos)[1:] for i in range(exit_layer, model.cfg.num_layers)]
     return write_layers(pool, exit_layer, [k[:, 0] for k, _ in kvs], [v[:, 0] for _, v in kvs], page, off)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "start", "end", "ramp", "measure", "do_sample", "attention", "every_position"),
+    jax.jit, static_argnames=("graph", "start", "end", "ramp", "measure", "do_sample", "attention", "every_position"),
     donate_argnames=("pool", "ring"),
 )
 def chunk_step(
-    params: dict,
-    heads: dict | None,
+    state: nnx.State,
     pool: dict,
     ring: jax.Array,
     slot_ids: jax.Array,
@@ -119,7 +117,7 @@ def chunk_step(
     sampling: SamplingParams,
     ramp_tokens: jax.Array | None = None,
     *,
-    cfg: ModelConfig,
+    graph: nnx.GraphDef,
     start: int,
     end: int,
     ramp: int,
@@ -139,20 +137,21 @@ def chunk_step(
     ramp `ramp` (or the LM head if -1, confidence +inf). every_position (LM head only): greedy
     tokens [B, T] at every chunk position, which verify mode compares with the drafts.
     """
+    model = nnx.merge(graph, state)
     R = ring.shape[1]
     valid = positions >= 0
     at = jnp.where(valid, positions % R, R)  # out of range: padding reads clamp and writes drop
     x = ring[slot_ids[:, None], at]  # [B, T, H]
     if start == 0:
-        x = jnp.where((depths == 0)[..., None], embed(params, tokens).astype(x.dtype), x)
+        x = jnp.where((depths == 0)[..., None], model.embed(tokens).astype(x.dtype), x)
     # one position per row is the current token alone, at depth `start`: nothing waits to join
     joins = depths if positions.shape[1] > 1 else None
-    x, pool = paged_layers(params, cfg, pool, x, positions, block_tables, start, end, attention, join_depth=joins)
+    x, pool = paged_layers(model, pool, x, positions, block_tables, start, end, attention, join_depth=joins)
     ring = ring.at[slot_ids[:, None], at].set(x.astype(ring.dtype), mode="drop")
     current = jnp.maximum(valid.sum(axis=1) - 1, 0)  # [B] index of each row's current token
     xc = jnp.take_along_axis(x, current[:, None, None], axis=1)[:, 0]  # [B, H]
     if ramp < 0 and every_position:
         B, T, H = x.shape
         final = jnp.full((B,), jnp.inf, jnp.float32)
-        return greedy_tokens(params, cfg, x.reshape(B * T, H)).reshape(B, T), final, pool, ring
-    return _exit_head(params, heads, cfg, xc, sampling, ramp_tokens, ramp, measure, do_sample) + (pool, ring)
+        return model.greedy_tokens(x.reshape(B * T, H)).reshape(B, T), final, pool, ring
+    return _exit_head(model, xc, sampling, ramp_tokens, ramp, measure, do_sample) + (pool, ring)

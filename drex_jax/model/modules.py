@@ -1,0 +1,211 @@
+"""The early-exit transformer as Flax NNX modules: embedding, attention, MLP, decoder layer,
+exit ramp, and the model that holds them (Llama, Qwen2 and Qwen3 share every module).
+
+Weights live in `nnx.Param`s. The engine splits the model once (`nnx.split`: a static graph
+definition + a state pytree) and its jitted steps take the state with the graph definition as
+a static argument, merging them at trace time: no weight is copied per call and nothing
+recompiles per call.
+
+Shapes: B batch, T query length, H hidden, N = B*T tokens, D head_dim. A layer's activations are
+the transposed residual stream `xt [H, N]`, so every projection is `W @ xt` with the weight
+`[out, in]` on the left (XLA:CPU's dot library streams a left operand without repacking it).
+
+Two layouts of the same weights (see `params.py`): the decode layout builds one `DecoderLayer`
+per layer (what serving runs, each weight read in place), the checkpoint layout a
+`StackedLayers` whose `[layers, in, out]` weights are sliced per layer (training, the reference).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from drex_jax.generation import SamplingParams
+from drex_jax.model.config import ModelConfig
+from drex_jax.model.ops import apply_rope, project_rows, rms_norm, rope_inv_freq
+from drex_jax.model.specs import MATRICES
+from drex_jax.sampling import sample
+
+
+def _param(w: dict, name: str, present: bool = True):
+    return nnx.Param(w[name]) if present else None
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [V, H] (with tied embeddings also the LM head's rows)."""
+
+    def __init__(self, table: jax.Array):
+        self.table = nnx.Param(table)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens [...] int -> [..., H]."""
+        return jnp.take(self.table[...], tokens, axis=0)
+
+
+class Attention(nnx.Module):
+    """Pre-norm grouped-query self-attention around an `attend` the caller supplies (dense over
+    fresh K/V in prefill, the paged KV pool in decode): Q/K/V projections (+ Qwen2's biases),
+    Qwen3's per-head q/k RMSNorm, split-half RoPE, and the output projection."""
+
+    def __init__(self, cfg: ModelConfig, w: dict):
+        self.cfg = cfg
+        self.norm = nnx.Param(w["attn_norm"])
+        self.wq, self.wk, self.wv, self.wo = (nnx.Param(w[k]) for k in ("wq", "wk", "wv", "wo"))
+        self.bq, self.bk, self.bv = (_param(w, k, cfg.qkv_bias) for k in ("bq", "bk", "bv"))
+        self.bo = _param(w, "bo", cfg.o_bias)
+        self.q_norm, self.k_norm = (_param(w, k, cfg.qk_norm) for k in ("q_norm", "k_norm"))
+
+    def qkv(self, xt: jax.Array, positions: jax.Array):
+        """xt [H, N], positions [B, T] -> q [B,T,nh,D], k, v [B,T,nkv,D] (q and k rotated)."""
+        cfg = self.cfg
+        B, T = positions.shape
+        h = rms_norm(xt, self.norm[...], cfg.rms_norm_eps, axis=0)
+
+        def project(w, b, heads):  # [heads*D, H] @ [H, N] -> [B, T, heads, D]
+            y = w[...] @ h
+            y = y if b is None else y + b[...][:, None]
+            return y.T.reshape(B, T, heads, cfg.head_dim)
+
+        q = project(self.wq, self.bq, cfg.num_heads)
+        k = project(self.wk, self.bk, cfg.num_kv_heads)
+        v = project(self.wv, self.bv, cfg.num_kv_heads)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        inv = rope_inv_freq(cfg)
+        return apply_rope(q, positions, inv), apply_rope(k, positions, inv), v
+
+    def project_out(self, attn: jax.Array, n: int) -> jax.Array:
+        """attn [B, T, nh*D] (N = n tokens) -> [H, N]."""
+        o = self.wo[...] @ attn.reshape(n, -1).T
+        return o if self.bo is None else o + self.bo[...][:, None]
+
+
+class MLP(nnx.Module):
+    """Pre-norm SwiGLU block with its residual: xt + down(silu(gate h) * up h)."""
+
+    def __init__(self, cfg: ModelConfig, w: dict):
+        self.eps = cfg.rms_norm_eps
+        self.norm = nnx.Param(w["mlp_norm"])
+        self.w_gate, self.w_up, self.w_down = (nnx.Param(w[k]) for k in ("w_gate", "w_up", "w_down"))
+
+    def __call__(self, xt: jax.Array) -> jax.Array:
+        h = rms_norm(xt, self.norm[...], self.eps, axis=0)
+        return xt + self.w_down[...] @ (jax.nn.silu(self.w_gate[...] @ h) * (self.w_up[...] @ h))
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm transformer layer. The caller runs `attn.qkv`, decides where K/V go (the paged
+    pool, a replayed early exit) and attends, then `finish` adds the attention output and the MLP."""
+
+    def __init__(self, cfg: ModelConfig, w: dict):
+        self.attn = Attention(cfg, w)
+        self.mlp = MLP(cfg, w)
+
+    def finish(self, xt: jax.Array, attn: jax.Array) -> jax.Array:
+        """xt [H, N]; attn [B, T, nh*D] -> the layer's output stream [H, N]."""
+        return self.mlp(xt + self.attn.project_out(attn, xt.shape[1]))
+
+    def __call__(self, xt: jax.Array, positions: jax.Array, attend) -> jax.Array:
+        """The whole layer with `attend(q, k, v) -> [B, T, nh*D]`."""
+        q, k, v = self.attn.qkv(xt, positions)
+        return self.finish(xt, attend(q, k, v))
+
+
+class StackedLayers(nnx.Module):
+    """The checkpoint layout's layers: each weight stacked `[layers, ...]`, matrices `[in, out]`.
+    `layers[i]` (i may be traced, inside a scan or fori_loop) is layer i as a `DecoderLayer`;
+    its weights are slices (copies), which is why serving uses the decode layout instead."""
+
+    def __init__(self, cfg: ModelConfig, stacked: dict):
+        self.cfg = cfg
+        self.weights = nnx.Dict({k: nnx.Param(v) for k, v in stacked.items()})
+
+    def __len__(self) -> int:
+        return self.cfg.num_layers
+
+    def __getitem__(self, i) -> DecoderLayer:
+        return DecoderLayer(self.cfg, {k: (p[...][i].T if k in MATRICES else p[...][i]) for k, p in self.weights.items()})
+
+
+class ExitRamp(nnx.Module):
+    """A trained exit head: a residual low-rank adapter and its own RMSNorm in front of the
+    model's frozen LM head, `logits = W_lm . rmsnorm(h + (h @ down) @ up)` (see `ramps.py`)."""
+
+    def __init__(self, cfg: ModelConfig, norm: jax.Array, down: jax.Array, up: jax.Array):
+        self.eps = cfg.rms_norm_eps
+        self.norm, self.down, self.up = nnx.Param(norm), nnx.Param(down), nnx.Param(up)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        """h [..., H] -> the normalized state the LM head's rows score, fp32 [..., H]."""
+        h32 = h.astype(jnp.float32)
+        return rms_norm(h32 + (h32 @ self.down[...]) @ self.up[...], self.norm[...], self.eps)
+
+
+class EETransformer(nnx.Module):
+    """The early-exit transformer: embedding, decoder layers, final norm + LM head, and (optional)
+    trained exit ramps. A segment of it (layers a..b, then a ramp or the LM head) is what the
+    engine's jitted steps run (`model.paged`, `rebatch.steps`).
+
+    params: the params pytree in either layout (`params.py`); heads: stacked trained ramp heads
+    ({norm [R, H], down [R, H, rank], up [R, rank, H]}) or None (ramps use the shared LM head).
+    """
+
+    def __init__(self, cfg: ModelConfig, params: dict, heads: dict | None = None):
+        self.cfg = cfg
+        self.embed = Embedding(params["embed"])
+        layers = params["layers"]
+        self.decode_layout = isinstance(layers, (tuple, list))
+        self.layers = nnx.List([DecoderLayer(cfg, lp) for lp in layers]) if self.decode_layout \
+            else StackedLayers(cfg, layers)
+        self.final_norm = nnx.Param(params["final_norm"])
+        # untied: [V, H] in the decode layout (rows, like every matrix there), [H, V] in the checkpoint's
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(params["lm_head"])
+        self.ramps = None if heads is None else nnx.List(
+            [ExitRamp(cfg, heads["norm"][r], heads["down"][r], heads["up"][r]) for r in range(heads["norm"].shape[0])])
+
+    # ------------------------------------------------------------------ heads
+    def vocab_rows(self, columns: jax.Array | None = None) -> jax.Array:
+        """The LM head as rows [V, H] (token ids `columns` [K] -> their rows [K, H]: a cheap gather)."""
+        if self.lm_head is None:
+            rows = self.embed.table[...]
+        else:
+            rows = self.lm_head[...] if self.decode_layout else self.lm_head[...].T
+        return rows if columns is None else rows[columns]
+
+    def lm_head_logits(self, x: jax.Array, columns: jax.Array | None = None) -> jax.Array:
+        """Final RMSNorm + LM head -> fp32 logits. x [..., H] -> [..., V] ([..., K] for `columns` [K])."""
+        return project_rows(self.vocab_rows(columns), rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps))
+
+    def greedy_tokens(self, x: jax.Array) -> jax.Array:
+        """argmax of the LM head for x [B, H] -> [B] int32, over the weight-left product [V, B]
+        itself (transposing the logits to [B, V] first costs as much as a third of the head)."""
+        h = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        rows = self.vocab_rows()
+        return jnp.argmax(rows @ h.astype(rows.dtype).T, axis=0).astype(jnp.int32)
+
+    def next_tokens(self, x: jax.Array, sp: SamplingParams, do_sample: bool) -> jax.Array:
+        """The LM head's next token for hidden states x [B, H] -> [B] int32 (greedy programs never
+        form the [B, V] logits)."""
+        if not do_sample:
+            return self.greedy_tokens(x)
+        return sample(self.lm_head_logits(x), sp, True)
+
+    def ramp_logits(self, h: jax.Array, ramp: int, columns: jax.Array | None = None) -> jax.Array:
+        """Logits [..., V] of exit ramp `ramp` for hidden states h [..., H] ([..., K] over `columns`):
+        its trained head, or the shared final norm + LM head when the model has none."""
+        if self.ramps is None:
+            return self.lm_head_logits(h, columns)
+        return project_rows(self.vocab_rows(columns), self.ramps[ramp](h))
+
+
+def as_model(cfg: ModelConfig, params) -> EETransformer:
+    """`params` as the model: an `EETransformer` as is, a params dict (either layout) wrapped
+    without copying its arrays."""
+    return params if isinstance(params, EETransformer) else EETransformer(cfg, params)
+
+
+def split_model(cfg: ModelConfig, params: dict, heads: dict | None = None):
+    """(graph definition, state) of the model over `params`: what the jitted steps take (the graph
+    definition static, the state a pytree of the same arrays)."""
+    return nnx.split(EETransformer(cfg, params, heads))
