@@ -111,6 +111,14 @@ class DecoderLayer(nnx.Module):
         q, k, v = self.attn.qkv(xt, positions)
         return self.finish(xt, attend(q, k, v))
 
+    def weights(self) -> dict:
+        """The layer's weights by their params-pytree names (decode layout)."""
+        a, m = self.attn, self.mlp
+        named = {"attn_norm": a.norm, "wq": a.wq, "wk": a.wk, "wv": a.wv, "wo": a.wo, "bq": a.bq, "bk": a.bk,
+                 "bv": a.bv, "bo": a.bo, "q_norm": a.q_norm, "k_norm": a.k_norm, "mlp_norm": m.norm,
+                 "w_gate": m.w_gate, "w_up": m.w_up, "w_down": m.w_down}
+        return {k: p[...] for k, p in named.items() if p is not None}
+
 
 class StackedLayers(nnx.Module):
     """The checkpoint layout's layers: each weight stacked `[layers, ...]`, matrices `[in, out]`.
@@ -197,6 +205,18 @@ class EETransformer(nnx.Module):
         if self.ramps is None:
             return self.lm_head_logits(h, columns)
         return project_rows(self.vocab_rows(columns), self.ramps[ramp](h))
+
+
+def model_params(model: EETransformer) -> dict:
+    """The params pytree the model was built from (its layout; the same arrays)."""
+    out = {"embed": model.embed.table[...], "final_norm": model.final_norm[...]}
+    if model.lm_head is not None:
+        out["lm_head"] = model.lm_head[...]
+    if model.decode_layout:
+        out["layers"] = tuple(layer.weights() for layer in model.layers)
+    else:
+        out["layers"] = {k: p[...] for k, p in model.layers.weights.items()}
+    return out
 
 
 def as_model(cfg: ModelConfig, params) -> EETransformer:
