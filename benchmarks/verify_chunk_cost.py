@@ -82,13 +82,13 @@ def main() -> None:
             pos = np.concatenate([pos, np.full((len(dec.slot_ids) - len(reqs), T), -1, np.int32)])
             arrays = ChunkBatch(dec.slot_ids, np.zeros_like(pos), pos, dec.block_tables, dec.sampling,
                                 np.full_like(pos, start))
-            kw = dict(graph=dev.graph, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False,
+            kw = dict(graph=dev.ee_graph, start=start, end=end, ramp=ramp, measure="top1_minus_top2", do_sample=False,
                       attention=eng.attention, every_position=every)
-            ops = (dev.state, dev.pool, dev.hidden, arrays.slot_ids, arrays.tokens, arrays.positions,
+            ops = (dev.ee_state, dev.pool, dev.hidden, arrays.slot_ids, arrays.tokens, arrays.positions,
                    arrays.depths, arrays.block_tables, arrays.sampling, dev.ramp_tokens)
 
             def run():
-                tok, _, dev.pool, dev.hidden = chunk_step(dev.state, dev.pool, dev.hidden, *ops[3:], **kw)
+                tok, _, dev.pool, dev.hidden = chunk_step(dev.ee_state, dev.pool, dev.hidden, *ops[3:], **kw)
                 return tok
             return run, chunk_step.lower(*ops, **kw)
 

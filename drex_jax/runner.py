@@ -44,14 +44,16 @@ class CallTiming:
 
 class DeviceRunner:
     """Owns the model (`graph`, `state`: the split `EETransformer` over `params`, decode layout,
-    sharded over `mesh` if given; with trained exit heads its ramps too), `pool` ([layers,
-    kv_heads, pages, page_size, head_dim] K and V) and, with early exit, `hidden` ([slots, H], or
-    the recompute ring [slots, R, H]) and the ramps' candidate ids."""
+    sharded over `mesh` if given; `ee_graph`, `ee_state`: the same with its trained exit ramps,
+    what the early-exit segments run), `pool` ([layers, kv_heads, pages, page_size, head_dim] K and
+    V) and, with early exit, `hidden` ([slots, H], or the recompute ring [slots, R, H]) and the
+    ramps' candidate ids."""
 
     def __init__(self, cfg: ModelConfig, params: dict, num_pages: int, page_size: int, dtype, attention: str,
                  mesh=None):
         self.cfg, self.params, self.attention, self.mesh, self.dtype = cfg, params, attention, mesh, dtype
         self.graph, self.state = split_model(cfg, params)  # the state holds `params`' arrays, not copies
+        self.ee_graph, self.ee_state = self.graph, self.state
         self.pool = init_pool(cfg, num_pages, page_size, dtype)
         if mesh is not None:
             from drex_jax.sharding import pool_sharding
@@ -103,25 +105,25 @@ class DeviceRunner:
         self.hidden = self._replicated(jnp.zeros((max_slots,) + ring + (self.cfg.hidden_size,), self.dtype))
         if heads is not None:
             heads = self._replicated(jax.tree.map(jnp.asarray, heads))
-            self.graph, self.state = split_model(self.cfg, self.params, heads)
+            self.ee_graph, self.ee_state = split_model(self.cfg, self.params, heads)
         self.measure = ee.confidence
 
     def run_layers(self, batch: DecodeBatch | ChunkBatch, start: int, end: int, ramp: int, do_sample: bool,
                    every_position: bool = False) -> tuple[np.ndarray, np.ndarray, CallTiming]:
         """Layers [start, end) for the batch's rows, then ramp `ramp` (-1: the LM head). Returns
         (tokens [B] (every_position: [B, T]), confidences [B], timing)."""
-        static = dict(graph=self.graph, start=start, end=end, ramp=ramp, measure=self.measure, do_sample=do_sample,
-                      attention=self.attention)
+        static = dict(graph=self.ee_graph, start=start, end=end, ramp=ramp, measure=self.measure,
+                      do_sample=do_sample, attention=self.attention)
 
         def call():
             if isinstance(batch, ChunkBatch):
                 tok, conf, self.pool, self.hidden = chunk_step(
-                    self.state, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
+                    self.ee_state, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
                     batch.depths, batch.block_tables, batch.sampling, self.ramp_tokens,
                     every_position=every_position, **static)
             else:
                 tok, conf, self.pool, self.hidden = segment_step(
-                    self.state, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
+                    self.ee_state, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
                     batch.block_tables, batch.sampling, self.ramp_tokens, **static)
             return np.asarray(tok), np.asarray(conf)
 
