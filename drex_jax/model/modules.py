@@ -225,7 +225,31 @@ def as_model(cfg: ModelConfig, params) -> EETransformer:
     return params if isinstance(params, EETransformer) else EETransformer(cfg, params)
 
 
-def split_model(cfg: ModelConfig, params: dict, heads: dict | None = None):
-    """(graph definition, state) of the model over `params`: what the jitted steps take (the graph
-    definition static, the state a pytree of the same arrays)."""
-    return nnx.split(EETransformer(cfg, params, heads))
+class ModelGraph:
+    """The model's `nnx.GraphDef` as the static argument of the jitted steps. JAX hashes static
+    arguments on every call, and hashing a GraphDef walks all its nodes (~0.6 ms for SmolLM2's 30
+    layers, measured): the hash is computed once here."""
+
+    __slots__ = ("graph", "_hash")
+
+    def __init__(self, graph: nnx.GraphDef):
+        self.graph, self._hash = graph, hash(graph)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, ModelGraph) and self._hash == other._hash
+                                 and self.graph == other.graph)
+
+    def merge(self, state: dict) -> EETransformer:
+        """The model over `state` (inside a jitted step: its traced arrays)."""
+        return nnx.merge(self.graph, state)
+
+
+def split_model(cfg: ModelConfig, params: dict, heads: dict | None = None) -> tuple[ModelGraph, dict]:
+    """(graph, state) of the model over `params`: what the jitted steps take, the graph static and
+    the state a pure nested dict of the same arrays (no copy; a plain dict flattens ~5x faster
+    per call than an `nnx.State` of Variables, measured)."""
+    graph, state = nnx.split(EETransformer(cfg, params, heads))
+    return ModelGraph(graph), nnx.to_pure_dict(state)

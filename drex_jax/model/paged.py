@@ -12,10 +12,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from drex_jax.generation import SamplingParams
-from drex_jax.model.modules import EETransformer
+from drex_jax.model.modules import EETransformer, ModelGraph
 from drex_jax.model.ops import attention as attention_fn
 from drex_jax.model.ops import from_stream, to_stream
 
@@ -192,7 +191,7 @@ def paged_layers(model: EETransformer, pool, x, positions, block_tables, start: 
 
 @functools.partial(jax.jit, static_argnames=("graph", "do_sample", "missing_kv"), donate_argnames=("pool",))
 def prefill_step(
-    state: nnx.State,
+    state: dict,
     pool: dict,
     tokens: jax.Array,
     positions: jax.Array,
@@ -203,7 +202,7 @@ def prefill_step(
     sampling: SamplingParams,
     kv_depth: jax.Array | None = None,
     *,
-    graph: nnx.GraphDef,
+    graph: ModelGraph,
     do_sample: bool,
     missing_kv: str = "copy",
 ):
@@ -216,7 +215,7 @@ def prefill_step(
     preempted request's recomputed cache equals the one it lost.
     Returns (first generated token per prompt [Q], pool).
     """
-    model = nnx.merge(graph, state)
+    model = graph.merge(state)
     cfg = model.cfg
     R, W = tokens.shape
     valid = positions >= 0
@@ -235,20 +234,20 @@ def prefill_step(
 
 @functools.partial(jax.jit, static_argnames=("graph", "do_sample", "attention"), donate_argnames=("pool",))
 def decode_step(
-    state: nnx.State,
+    state: dict,
     pool: dict,
     tokens: jax.Array,
     positions: jax.Array,
     block_tables: jax.Array,
     sampling: SamplingParams,
     *,
-    graph: nnx.GraphDef,
+    graph: ModelGraph,
     do_sample: bool,
     attention: str = "xla",
 ):
     """One token per row: tokens [B], positions [B] (-1 = padding row) -> next tokens [B], pool.
     `graph`, `state`: the model (`modules.split_model`)."""
-    model = nnx.merge(graph, state)
+    model = graph.merge(state)
     x = model.embed(tokens)[:, None]
     x, pool = paged_layers(model, pool, x, positions[:, None], block_tables, 0, model.cfg.num_layers, attention)
     return model.next_tokens(x[:, 0], sampling, do_sample), pool

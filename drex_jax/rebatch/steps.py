@@ -12,9 +12,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from drex_jax.generation import SamplingParams
+from drex_jax.model.modules import ModelGraph
 from drex_jax.model.paged import paged_layers, write_layers
 from drex_jax.model.ramps import confidence, to_token_ids
 from drex_jax.sampling import sample
@@ -25,7 +25,7 @@ from drex_jax.sampling import sample
     donate_argnames=("pool", "hidden"),
 )
 def segment_step(
-    state: nnx.State,
+    state: dict,
     pool: dict,
     hidden: jax.Array,
     slot_ids: jax.Array,
@@ -35,7 +35,7 @@ def segment_step(
     sampling: SamplingParams,
     ramp_tokens: jax.Array | None = None,
     *,
-    graph: nnx.GraphDef,
+    graph: ModelGraph,
     start: int,
     end: int,
     ramp: int,
@@ -51,7 +51,7 @@ def segment_step(
     pool, hidden); confidence is +inf after the final layer. `ramp_tokens` [K]: the ramp scores
     only these candidates (None = whole vocabulary); the final LM head always scores all.
     """
-    model = nnx.merge(graph, state)
+    model = graph.merge(state)
     x = model.embed(tokens) if start == 0 else hidden[slot_ids]
     x, pool = paged_layers(model, pool, x[:, None], positions[:, None], block_tables, start, end, attention)
     x = x[:, 0]
@@ -91,9 +91,9 @@ def fill_copy(pool: dict, block_tables: jax.Array, positions: jax.Array, *, exit
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "exit_layer"), donate_argnames=("pool",))
-def fill_propagate(state, pool, hidden, slot_ids, block_tables, positions, *, graph: nnx.GraphDef, exit_layer: int):
+def fill_propagate(state, pool, hidden, slot_ids, block_tables, positions, *, graph: ModelGraph, exit_layer: int):
     """Each layer >= exit_layer computes its own K/V from the rows' exit hidden states."""
-    model = nnx.merge(graph, state)
+    model = graph.merge(state)
     page, off = _write_targets(pool, block_tables, positions)
     ht = hidden[slot_ids].T  # [H, B]
     pos = jnp.maximum(positions, 0)[:, None]
@@ -106,7 +106,7 @@ def fill_propagate(state, pool, hidden, slot_ids, block_tables, positions, *, gr
     donate_argnames=("pool", "ring"),
 )
 def chunk_step(
-    state: nnx.State,
+    state: dict,
     pool: dict,
     ring: jax.Array,
     slot_ids: jax.Array,
@@ -117,7 +117,7 @@ def chunk_step(
     sampling: SamplingParams,
     ramp_tokens: jax.Array | None = None,
     *,
-    graph: nnx.GraphDef,
+    graph: ModelGraph,
     start: int,
     end: int,
     ramp: int,
@@ -137,7 +137,7 @@ def chunk_step(
     ramp `ramp` (or the LM head if -1, confidence +inf). every_position (LM head only): greedy
     tokens [B, T] at every chunk position, which verify mode compares with the drafts.
     """
-    model = nnx.merge(graph, state)
+    model = graph.merge(state)
     R = ring.shape[1]
     valid = positions >= 0
     at = jnp.where(valid, positions % R, R)  # out of range: padding reads clamp and writes drop
