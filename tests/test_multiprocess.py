@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from drex_jax import Engine
 from tests.multiprocess_worker import ENGINE_KW, GEN, PROMPTS, tiny_model
 
@@ -34,6 +36,7 @@ def _tail(path: str, n: int = 3000) -> str:
         return "(no log)"
 
 
+@pytest.mark.slow  # 10-20 s of process start-up; `.ci/run` runs it in its slow pass
 def test_two_processes_tp4_equal_single_process(tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
