@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from rouge_score import rouge_scorer
 
     from convert.checkpoint import load_checkpoint
-        from drex_jax.default_model import default_model_path
+    from drex_jax.default_model import default_model_path
     from drex_jax.early_exit import EEConfig
     from drex_jax.model.ramps import confidence, ramp_logits
     from drex_jax.model.decoder import lm_head

@@ -43,15 +43,12 @@ def load_model_state(path: str, cfg: ModelConfig, heads_shape: tuple[int, int] |
     graph, state = nnx.split(EETransformer(cfg, shapes, heads))
     with ocp.StandardCheckpointer() as ckptr:
         saved = ckptr.restore(os.path.abspath(path))
-    nnx.replace_by_pure_dict(state, _int_keys(saved))
+    nnx.replace_by_pure_dict(state, saved)
+    missing = [jax.tree_util.keystr(key) for key, leaf in jax.tree_util.tree_leaves_with_path(
+        nnx.to_pure_dict(state)) if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        raise ValueError(f"model state at {path!r} lacks {len(missing)} arrays the config needs, e.g. {missing[:3]}")
     return nnx.merge(graph, state)
-
-
-def _int_keys(tree):
-    """orbax writes the int keys of `nnx.List` children (ramps) as strings: turn them back."""
-    if not isinstance(tree, dict):
-        return tree
-    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
 
 
 def save_checkpoint(dst: str, cfg: ModelConfig, params: dict, tokenizer=None) -> None:

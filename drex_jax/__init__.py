@@ -1,7 +1,7 @@
 """drex_jax: early-exit LLM inference in JAX with continuous batching over a paged KV cache.
 
-The public names are imported on first use, so host-only modules (`drex_jax.sched`, the
-planner) can be imported without loading jax.
+The public names are imported on first use, so host-only modules (`drex_jax.sched`) can be
+imported without loading jax.
 """
 import importlib
 

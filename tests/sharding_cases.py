@@ -130,6 +130,26 @@ def test_sharded_rebatching_generation_equals_unsharded():
     assert [again[i].token_ids for i in range(12)] == [one[i].token_ids for i in range(12)]
 
 
+def test_sharded_trained_ramps_equal_unsharded():
+    """Trained exit heads (the runner's early-exit graph, ramps replicated) under tp=2 decode like
+    one device: same tokens, same exit layers."""
+    from drex_jax.model.ramps import init_ramp_heads
+
+    cfg = _cfg("LlamaForCausalLM", 4, 2, hidden=32)
+    params = init_params(cfg, jax.random.key(5), scale=0.3)
+    heads = init_ramp_heads(params, cfg, 2, 4, jax.random.key(6))
+    heads["up"] = 0.5 * jax.random.normal(jax.random.key(7), heads["up"].shape)  # unlike the shared head
+    kw = dict(max_slots=4, page_size=4, ee=EEConfig((1, 2), 0.05, head="trained"), exit_heads=heads,
+              policy="rebatching", art=False)
+    prompts = [[3, 9, 27, 1], [50, 2], [7] * 9, [11, 12, 13]]
+    gc = GenerationConfig(max_new_tokens=8)
+    one = Engine.from_params(cfg, params, **kw).generate(prompts, gc)
+    tp = Engine.from_params(cfg, params, mesh=make_mesh(tp=2, devices=jax.devices()[:2]), **kw).generate(prompts, gc)
+    assert [r.token_ids for r in tp] == [r.token_ids for r in one]
+    assert [r.exit_layers for r in tp] == [r.exit_layers for r in one]
+    assert len({d for r in one for d in r.exit_layers}) > 1  # the ramps did let tokens out
+
+
 def test_replica_meshes_serve_independently():
     cfg = _cfg("LlamaForCausalLM", 4, 2)
     params = init_params(cfg, jax.random.key(2), scale=0.25)

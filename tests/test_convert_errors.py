@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from convert import convert_any, load_checkpoint, load_gguf, load_hf_dir
+from convert import convert_any, load_checkpoint, load_gguf, load_hf_dir, save_checkpoint
 from drex_jax.model import SUPPORTED_ARCHITECTURES
 from tests.hf_tiny import make_hf_model
 
@@ -100,3 +100,33 @@ def test_not_a_checkpoint_and_bad_dtype(tmp_path, hf_dir):
         load_checkpoint(str(tmp_path))
     with pytest.raises(ValueError, match="dtype 'int8' not supported"):
         convert_any(str(hf_dir), str(tmp_path / "out"), dtype="int8")
+
+
+def test_older_layout_and_incomplete_model_state(tmp_path, hf_dir):
+    """A checkpoint in the pre-NNX layout (`params/`) is named as such; a model state missing arrays
+    is refused with a ValueError naming them (not left as shapes to fail later)."""
+    import shutil
+
+    import jax
+    from flax import nnx
+
+    from convert.checkpoint import STATE_DIR
+    from drex_jax.model.modules import EETransformer
+
+    cfg, params, _ = load_hf_dir(str(hf_dir))
+    dst = tmp_path / "ckpt"
+    save_checkpoint(str(dst), cfg, params)
+    old = tmp_path / "old"
+    shutil.copytree(dst, old)
+    shutil.move(str(old / STATE_DIR), str(old / "params"))
+    with pytest.raises(FileNotFoundError, match="older drex_jax layout"):
+        load_checkpoint(str(old))
+    state = nnx.to_pure_dict(nnx.state(EETransformer(cfg, params)))
+    del state["final_norm"]
+    import orbax.checkpoint as ocp
+
+    shutil.rmtree(dst / STATE_DIR)
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(str(dst / STATE_DIR), jax.tree.map(np.asarray, state))
+    with pytest.raises(ValueError, match=r"lacks 1 arrays.*final_norm"):
+        load_checkpoint(str(dst))

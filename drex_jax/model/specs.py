@@ -1,6 +1,6 @@
 """The one description of the parameters: shapes, HF names, layouts and tensor-parallel split
 axes per path. Random init, shape checks, HF/GGUF loading, sharding and the cost model all
-read it. Plain Python (no jax): the host-side planner and cost model use it too.
+read it. Plain Python (no jax): the host-side cost model (`sched/`) uses it too.
 """
 from __future__ import annotations
 
