@@ -47,6 +47,7 @@ def test_exit_trace_reproduces_fractions():
         ExitTrace((0.5, 0.2))
 
 
+@pytest.mark.slow  # 11 s
 def test_scale_mode_small_shape(tmp_path):
     from drex_jax.bench.suite import run_scale
     from drex_jax.model.config import config_from_hf
