@@ -23,7 +23,7 @@ from flax import nnx
 from drex_jax.generation import SamplingParams
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.ops import apply_rope, project_rows, rms_norm, rope_inv_freq
-from drex_jax.model.specs import MATRICES
+from drex_jax.model.params import stacked_layer
 from drex_jax.sampling import sample
 
 
@@ -133,7 +133,7 @@ class StackedLayers(nnx.Module):
         return self.cfg.num_layers
 
     def __getitem__(self, i) -> DecoderLayer:
-        return DecoderLayer(self.cfg, {k: (p[...][i].T if k in MATRICES else p[...][i]) for k, p in self.weights.items()})
+        return DecoderLayer(self.cfg, stacked_layer({k: p[...] for k, p in self.weights.items()}, i))
 
 
 class ExitRamp(nnx.Module):

@@ -55,8 +55,6 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
         raise ValueError("params do not match the model config:\n  " + "\n  ".join(problems))
 
 
-
-
 def _checkpoint_shapes(params: dict, problems: list) -> dict:
     """Decode-layout params as checkpoint-layout shapes (what `check_params` compares with the
     specs); a layer whose shapes differ from layer 0's is added to `problems`."""
@@ -83,8 +81,11 @@ def layer_params(params: dict, i: int) -> dict:
     """Layer `i`'s weights in the decode layout (matrices `[out, in]`), from either layout.
     From the checkpoint layout this slices and transposes (a copy: reference and training only)."""
     layers = params["layers"]
-    if is_decode_layout(params):
-        return layers[i]
+    return layers[i] if is_decode_layout(params) else stacked_layer(layers, i)
+
+
+def stacked_layer(layers: dict, i) -> dict:
+    """Layer `i` (may be traced) of the checkpoint layout's stacked `layers`, in the decode layout."""
     return {k: (v[i].T if k in MATRICES else v[i]) for k, v in layers.items()}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-
 from typing import Callable
 
 import numpy as np
