@@ -10,7 +10,7 @@ from drex_jax import Engine, GenerationConfig
 from drex_jax.early_exit import EEConfig
 from drex_jax.sched.exit_trace import ExitTrace
 from drex_jax.bench.ee_efficiency import trace_fractions
-import drex_jax.sched.ee_decoder as ed
+import drex_jax.sched.batch as batch_mod
 import drex_jax.runner as dev
 from drex_jax.sched.flush import FlushConfig
 share = float(sys.argv[1]); policy = sys.argv[2]
@@ -30,7 +30,7 @@ def wrap(mod, name):
         T[name] += time.perf_counter() - t0; N[name] += 1; return out
     setattr(mod, name, g)
 for n in ("segment_step", "fill_propagate"): wrap(dev, n)
-wrap(ed, "decode_batch")
+wrap(batch_mod, "decode_batch")
 rng = np.random.default_rng(0)
 prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, 128)] for _ in range(32)]
 gc = GenerationConfig(max_new_tokens=24, ignore_eos=True)

@@ -62,17 +62,16 @@ def main(argv=None) -> int:
         eng = Engine(model, max_slots=args.batch, max_seq_len=1024, ee=ee, policy=name, art=variant != "noart")
         encoded = [eng.encode(p, chat) for p, chat in work]
         eng.generate(encoded, gc)  # warm-up (compiles)
-        if eng.ee_decoder is not None:
-            eng.ee_decoder.profile_art()  # fused-step times for the shapes the warm-up met (ART's t_f)
+        eng.profile_art()  # fused-step times for the shapes the warm-up met (ART's t_f)
         walls = []
         for _ in range(args.repeats):
-            eng.ee_decoder.reset_stats()
+            eng.reset_stats()
             t0 = time.perf_counter()
             res = eng.generate(encoded, gc)
             walls.append(time.perf_counter() - t0)
         st = eng.ee_stats
         outputs[policy] = [r.token_ids for r in res]
-        acc, n_judged = eng.ee_decoder.art.hindsight_accuracy()
+        acc, n_judged = eng.decoder.art.hindsight_accuracy()
         wall = statistics.median(walls)
         row = dict(policy=policy, tok_s=args.batch * args.new_tokens / wall, mean_depth=st.mean_depth(),
                    exits_per_ramp=st.exits_per_ramp, involuntary_exits=st.involuntary_exits,

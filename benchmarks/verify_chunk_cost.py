@@ -66,7 +66,7 @@ def main() -> None:
             eng.submit([int(t) for t in rng.integers(0, eng.cfg.vocab_size, args.context)],
                        GenerationConfig(max_new_tokens=24, ignore_eos=True))
         eng.step()  # prefill (+ the first early-exit iteration)
-        reqs = [eng._running[s] for s in sorted(eng._running)]
+        reqs = eng.scheduler.running
         assert len(reqs) == B, f"{len(reqs)} of {B} rows admitted"
         dec = decode_batch(reqs, eng.page_size, eng.max_slots, eng.table_width)
         dev = eng.runner  # the device state: params, pool, hidden ring, heads

@@ -71,12 +71,10 @@ def _build_engine(args):
         from drex_jax.sharding import make_mesh
 
         mesh = make_mesh(tp=args.tp, devices=jax.devices()[: args.tp])
-    from convert.checkpoint import load_checkpoint
-    from drex_jax.default_model import default_model_path
+    from drex_jax.loading import load_model
 
-    model_dir = args.model or default_model_path()
-    _note(f"loading {model_dir}")
-    mcfg, params, tok = load_checkpoint(model_dir)
+    _note(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}")
+    model_dir, mcfg, params, tok = load_model(args.model)
     ee_kwargs = _early_exit_kwargs(args, mcfg, params, model_dir)
     engine = Engine.from_params(mcfg, params, tok, dtype=args.dtype, max_slots=args.max_slots,
                                 max_seq_len=args.max_seq_len, mesh=mesh, attention=args.attention, **ee_kwargs)
@@ -199,13 +197,12 @@ def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
     SmolLM2) the ramps, calibrated thresholds, ramp vocabulary and missing-KV method default to
     what the heads were calibrated for; without them, the shared head with a notice."""
     from drex_jax.early_exit import EEConfig
-    from drex_jax.exit_heads import find_heads, read_meta
+    from drex_jax.exit_heads import read_meta
+    from drex_jax.loading import heads_dir_for
 
     if not args.early_exit:
         return {}
-    heads_dir = find_heads(model_dir, cfg, params) if args.head != "shared" else None
-    if args.head == "trained" and heads_dir is None:
-        raise FileNotFoundError(f"no trained exit heads for {model_dir!r}; run `drex-jax train-exits`")
+    heads_dir = heads_dir_for(model_dir, cfg, params, required=args.head == "trained") if args.head != "shared" else None
     meta = read_meta(heads_dir) if heads_dir else {}
     if heads_dir is None:
         _note("no trained exit heads for this model (run `drex-jax train-exits`); using the shared head, "
@@ -236,12 +233,10 @@ def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
 
 
 def _train_exits(args) -> int:
-    from convert.checkpoint import load_checkpoint
-    from drex_jax.default_model import default_model_path
+    from drex_jax.loading import load_model
     from drex_jax.train_exits import TrainExitsConfig, train_exit_heads
 
-    model = args.model or default_model_path()
-    cfg, params, tok = load_checkpoint(model)
+    model, cfg, params, tok = load_model(args.model)
     tc = TrainExitsConfig(exit_layers=tuple(args.exit_layers), rank=args.rank, steps=args.steps,
                           new_tokens=args.new_tokens, num_humaneval=args.num_humaneval, seed=args.seed,
                           target_precision=args.target_precision, ramp_vocab=args.ramp_vocab or None)

@@ -46,7 +46,7 @@ def test_waits_for_pages_when_pool_is_small(tiny_llama):
     small = Engine.from_params(cfg, params, max_slots=6, page_size=4, num_pages=14)
     ids = [small.submit(p, c) for p in prompts]
     small.step()
-    assert len(small._waiting) > 0, "the small pool should make some requests wait"
+    assert small.num_waiting > 0, "the small pool should make some requests wait"
     res = {}
     while small.has_work:
         for ev in small.step():

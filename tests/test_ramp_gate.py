@@ -100,8 +100,8 @@ def test_switching_modes_drains_buffers_and_loses_no_token(tiny4):
     eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=False,
                              exit_trace=ExitTrace.for_ramps((0.3, 0.3, 0.4), 2, 1))
     flips = iter(range(10**6))
-    eng.ee_decoder.gate.config = GateConfig(enabled=True)
-    eng.ee_decoder.gate.mode = lambda shape: FUSED if next(flips) % 2 else EE
+    eng.decoder.gate.config = GateConfig(enabled=True)
+    eng.decoder.gate.mode = lambda shape: FUSED if next(flips) % 2 else EE
     got = eng.generate([[1 + i, 2, 3] for i in range(6)], GenerationConfig(max_new_tokens=20))
     assert all(len(r.token_ids) == 20 for r in got)
     st = eng.ee_stats

@@ -82,12 +82,12 @@ def test_art_profiles_per_shape_without_compile_time(tiny4):
     from drex_jax import compile_counter
 
     eng.generate(_prompts(8, seed=2), GenerationConfig(max_new_tokens=12))
-    art = eng.ee_decoder.art
+    art = eng.decoder.art
     # serving never compiles a full-depth program to profile: unknown shapes split and are timed
     assert not art.full_s and all(d.split and d.predicted_profit_s is None for d in art.decisions)
     seen = {k for _, k in art.segment_s}
     assert seen and all(isinstance(k, tuple) and len(k) == 2 for k in seen)
-    assert eng.ee_decoder.profile_art() == len(seen) and set(art.full_s) == seen
+    assert eng.decoder.profile_art() == len(seen) and set(art.full_s) == seen
     before = compile_counter.count()
     eng.generate(_prompts(8, seed=2), GenerationConfig(max_new_tokens=12))  # same shapes again
     assert compile_counter.count() == before
@@ -100,8 +100,8 @@ def test_art_profiles_per_shape_without_compile_time(tiny4):
 
     pad = np.full(8, -1, np.int32)
     arrays = DecodeBatch(np.full(8, 8, np.int32), pad, pad, block_table_array([[]] * 8, 96), SamplingParams.build([], 8))
-    assert eng.ee_decoder._run_layers(arrays, 0, 2, 0, False)[2] is None
-    assert eng.ee_decoder._run_layers(arrays, 0, 2, 0, False)[2] > 0
+    assert eng.decoder.run_layers(arrays, 0, 2, 0, False)[2] is None
+    assert eng.decoder.run_layers(arrays, 0, 2, 0, False)[2] > 0
 
 
 def test_art_stays_are_counted(tiny4):
@@ -111,16 +111,16 @@ def test_art_stays_are_counted(tiny4):
                              gate=GateConfig(enabled=False))
     eng.generate(_prompts(6, seed=1), GenerationConfig(max_new_tokens=10))  # time the segments
     # make splitting look unprofitable: a fused full step far cheaper than its segments
-    eng.ee_decoder.art.record_full = lambda bucket, seconds: eng.ee_decoder.art.full_s.__setitem__(bucket, 1e-9)
-    eng.ee_decoder.profile_art()
-    eng.ee_decoder.reset_stats()
+    eng.decoder.art.record_full = lambda bucket, seconds: eng.decoder.art.full_s.__setitem__(bucket, 1e-9)
+    eng.decoder.profile_art()
+    eng.decoder.reset_stats()
     eng.generate(_prompts(6, seed=1), GenerationConfig(max_new_tokens=10))
     st = eng.ee_stats
     assert st.involuntary_exits == 0
     assert st.art_declined > 0 and st.involuntary_stays > 0
     # stayed tokens still count where they first wanted out
     assert sum(st.wanted_per_ramp[:-1]) > sum(st.exits_per_ramp[:-1])
-    acc, n = eng.ee_decoder.art.hindsight_accuracy()
+    acc, n = eng.decoder.art.hindsight_accuracy()
     assert n > 0 and 0.0 <= acc <= 1.0
 
 

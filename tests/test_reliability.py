@@ -17,14 +17,14 @@ def _prompts(n, seed, vocab, lo=2, hi=12):
 
 
 def _record_preemptions(engine):
-    """Wrap engine._preempt to log the early-exit stage each victim was in."""
-    stages, inner = [], engine._preempt
+    """Wrap the scheduler's preempt to log the early-exit stage each victim was in."""
+    stages, inner = [], engine.scheduler.preempt
 
     def preempt(req):
-        stages.append(req.stage)
+        stages.append(req.ee.stage)
         inner(req)
 
-    engine._preempt = preempt
+    engine.scheduler.preempt = preempt
     return stages
 
 
@@ -76,7 +76,7 @@ def test_cancel_running_and_waiting(tiny_llama):
     done = {}
     for _ in range(3):
         done.update({ev.request_id: ev.result for ev in eng.step() if ev.finished})
-    running = eng._running[min(eng._running)]
+    running = eng.scheduler.running[0]
     pages, slots = eng.num_free_pages, eng.num_free_slots
     partial = eng.cancel(running.id)
     assert partial.stats.finish_reason == "cancelled"
@@ -84,7 +84,7 @@ def test_cancel_running_and_waiting(tiny_llama):
     assert eng.num_free_slots == slots + 1
     ref = greedy_reference(params, cfg, prompts[ids.index(running.id)], 16)
     assert 0 < len(partial.token_ids) < 16 and partial.token_ids == ref[: len(partial.token_ids)]
-    waiting = eng._waiting[-1].id
+    waiting = eng.scheduler.waiting[-1].id
     assert eng.cancel(waiting).token_ids == []
     for rid in (running.id, waiting, 999):
         with pytest.raises(ValueError, match="not waiting or running"):
@@ -111,9 +111,9 @@ def test_cancel_in_buffer_and_stream_close(tiny4):
     eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=False)
     ids = [eng.submit(p, gc) for p in prompts]
     done = {}
-    while not any(r.stage > 0 for r in eng._running.values()):
+    while not any(r.ee.stage > 0 for r in eng.scheduler.running):
         done.update({ev.request_id: ev.result for ev in eng.step() if ev.finished})
-    victim = next(r for r in eng._running.values() if r.stage > 0)  # waits in a ramp buffer
+    victim = next(r for r in eng.scheduler.running if r.ee.stage > 0)  # waits in a ramp buffer
     assert eng.cancel(victim.id).stats.finish_reason == "cancelled"
     while eng.has_work:
         done.update({ev.request_id: ev.result for ev in eng.step() if ev.finished})
@@ -177,7 +177,7 @@ def test_soak_2000_requests_no_leaks(tiny4):
     for rid, (got, reason) in finished.items():
         assert got == outs[submitted[rid]] and reason == "length"
     assert eng.num_free_pages == eng.allocator.capacity and eng.num_free_slots == 16
-    assert not eng._waiting and not eng._running
+    assert not eng.scheduler.waiting and not eng.scheduler.running
     st = eng.ee_stats
     # RSS grows with each newly compiled (step, bucket) program, a bounded set; between
     # compilations it must stay flat

@@ -60,15 +60,15 @@ def test_chunk_rows_hand_computed():
 
     from drex_jax.sched.batch import chunk_batch
 
-    r = SimpleNamespace(slot=2, generated=[9, 4], drafts=[], last_token=4, cache_len=7, pages=[3, 1],
-                        pending={5: 8, 6: 15}, sampling_row=lambda: (0.0, 0, 1.0, 0, 2))
+    r = SimpleNamespace(slot=2, generated=[9, 4], last_token=4, cache_len=7, pages=[3, 1],
+                        ee=SimpleNamespace(pending={5: 8, 6: 15}, drafts=[]), sampling_row=lambda: (0.0, 0, 1.0, 0, 2))
     b = chunk_batch([r], 8, 15, page_size=4, num_slots=4)
     assert b.positions.tolist() == [[5, 6, 7, -1]] and b.depths.tolist() == [[8, 15, 8, 15]]
     assert b.tokens[0, 2] == 4 and b.slot_ids.tolist() == [2] and b.block_tables[0, :2].tolist() == [3, 1]
-    r.pending = {5: 15, 6: 15}
+    r.ee.pending = {5: 15, 6: 15}
     b = chunk_batch([r], 15, 22, page_size=4, num_slots=4)
     assert b.positions.tolist() == [[5, 6, 7, -1]] and b.depths.tolist() == [[15, 15, 15, 22]]
-    r.pending = {}
+    r.ee.pending = {}
     assert chunk_batch([r], 0, 8, page_size=4, num_slots=4).positions.tolist() == [[7]]
 
 
@@ -139,8 +139,8 @@ def test_verify_with_preemption_and_cancellation(tiny_llama):
     small = Engine.from_params(cfg, params, max_slots=8, page_size=4, num_pages=21, ee=ee, policy="rebatching",
                                art=False)
     victims = []
-    inner = small._preempt
-    small._preempt = lambda req: (victims.append(len(req.drafts)), inner(req))
+    inner = small.scheduler.preempt
+    small.scheduler.preempt = lambda req: (victims.append(len(req.ee.drafts)), inner(req))
     cancelled = {}
     ids, out, steps = {}, {}, 0
     queue = list(enumerate(prompts))
@@ -149,13 +149,13 @@ def test_verify_with_preemption_and_cancellation(tiny_llama):
             i, p = queue.pop(0)
             ids[small.submit(p, gc)] = i
         if steps == 9:  # cancel a running request holding drafts, mid-generation
-            req = next((r for r in small._running.values() if r.drafts), next(iter(small._running.values())))
+            req = next((r for r in small.scheduler.running if r.ee.drafts), small.scheduler.running[0])
             cancelled[ids[req.id]] = small.cancel(req.id)
         for ev in small.step():
             if ev.finished:
                 out[ids[ev.request_id]] = ev.result
         steps += 1
-        for r in small._running.values():  # a rollback returns its pages: none held past the next token
+        for r in small.scheduler.running:  # a rollback returns its pages: none held past the next token
             assert len(r.pages) <= pages_needed(r.cache_len + 1, small.page_size), (r.id, r.cache_len, r.pages)
     assert small.num_preemptions > 0 and any(v > 0 for v in victims), victims  # drafts dropped by preemption
     assert len(cancelled) == 1

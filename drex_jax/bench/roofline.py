@@ -244,7 +244,7 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
 
     from convert.checkpoint import load_checkpoint
     from drex_jax.default_model import default_model_path
-    from drex_jax.engine import resolve_attention
+    from drex_jax.model.attention_backends import resolve_attention
 
     grid = QUICK_GRID if quick else FULL_GRID
     cfg, params, _ = load_checkpoint(model or default_model_path())

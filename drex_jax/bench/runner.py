@@ -55,10 +55,7 @@ def run_engine(engine, encoded: list[list[int]], gc, *, label: str, workload: st
                sla_ttft_ms: float | None = None, sla_tpot_ms: float | None = None) -> RunResult:
     """Serve `encoded` prompts. arrivals=None: all submitted at once; else submitted at these
     times (seconds from start), and TTFT counts from the scheduled arrival."""
-    ee = engine.ee_decoder
-    if ee is not None:
-        ee.reset_stats()
-    engine.peak_pages_used = 0
+    engine.reset_stats()
     c0 = compile_counter.count()
     n = len(encoded)
     due = np.zeros(n) if arrivals is None else np.asarray(arrivals, float)
@@ -90,8 +87,8 @@ def run_engine(engine, encoded: list[list[int]], gc, *, label: str, workload: st
         compiles=compile_counter.count() - c0, token_ids=[r.token_ids for r in res], texts=[r.text for r in res],
         ttft_ms=ttft, tpot_ms=tpot,
     )
-    if ee is not None:
-        st = ee.stats
+    st = engine.ee_stats
+    if st is not None:
         out.mean_depth, out.exits_per_ramp = st.mean_depth(), list(st.exits_per_ramp)
         out.wanted_per_ramp = list(st.wanted_per_ramp)
         out.involuntary_exits, out.involuntary_stays = st.involuntary_exits, st.involuntary_stays

@@ -123,8 +123,7 @@ def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) 
             eng = engine(policy, thr, bc.num_prompts, max_len)
             label = policy if thr is None else f"{policy}@{thr}"
             run_engine(eng, encoded, gc, label=label, workload=wl_name, policy=policy, threshold=thr)  # warm-up
-            if eng.ee_decoder is not None:
-                eng.ee_decoder.profile_art()  # ART's fused-step times for the shapes the warm-up met
+            eng.profile_art()  # ART's fused-step times for the shapes the warm-up met (early exit)
             r = run_engine(eng, encoded, gc, label=label, workload=wl_name, policy=policy, threshold=thr)
             bar.update(1)
             ref = r if ref is None else ref  # the first run of a workload is `off`
@@ -158,8 +157,7 @@ def run_suite(bc: BenchConfig, model: str | None = None, progress: bool = True) 
             encoded = [encoder.encode(p, True) for p in wl.prompts[:b]]
             lab = f"batch{b} {policy}"
             run_engine(eng, encoded, gc, label=lab, workload="chat", policy=policy, threshold=thr)
-            if eng.ee_decoder is not None:
-                eng.ee_decoder.profile_art()  # ART's fused-step times for the shapes the warm-up met
+            eng.profile_art()  # ART's fused-step times for the shapes the warm-up met (early exit)
             results.append(run_engine(eng, encoded, gc, label=lab, workload="chat", policy=policy, threshold=thr))
             bar.update(1)
             del eng

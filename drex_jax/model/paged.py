@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from drex_jax.generation import SamplingParams
+from drex_jax.model.attention_backends import get_backend
 from drex_jax.model.modules import EETransformer, ModelGraph
 from drex_jax.model.ops import attention as attention_fn
 from drex_jax.model.ops import from_stream, to_stream
@@ -139,54 +140,26 @@ def write_layers(pool: dict, start: int, ks: list, vs: list, page: jax.Array, of
     return {"k": put(pool["k"], ks), "v": put(pool["v"], vs)}
 
 
-ATTENTION = ("xla", "ffi", "pallas")
-
-
 def paged_layers(model: EETransformer, pool, x, positions, block_tables, start: int, end: int,
                  attention: str = "xla", join_depth: jax.Array | None = None):
     """The model's layers `[start, end)` for rows attending through their pages (decode, deep segments).
 
     x: [B, T, H]; positions: [B, T] (-1 = padding); block_tables: [B, P]. Returns (x, pool).
-    `attention` picks how a layer reads its keys and values (each gives the same result):
-    "xla" gathers every row's pages into a dense [B, S, kv, D] copy (any backend, any dtype);
-    "ffi" streams each live page once through the C++ kernel (CPU, fp32; `kernels.ffi`);
-    "pallas" runs jax's Pallas GPU paged-attention kernel (one query token per row; a chunk of
-    several positions per row takes the "xla" path). `join_depth` [B, T]: see `layer_loop`.
+    `attention` names the backend that reads each layer's keys and values
+    (`model.attention_backends`; a backend without multi-query support hands chunks of several
+    positions per row to "xla"). `join_depth` [B, T]: see `layer_loop`.
     """
-    cfg = model.cfg
-    B, T, _ = x.shape
+    _, T, _ = x.shape
     _, _, num_pages, page_size, _ = pool["k"].shape
-    S = block_tables.shape[1] * page_size
+    backend = get_backend(attention)
+    if T > 1 and not backend.multi_query:
+        backend = get_backend("xla")
     valid = positions >= 0
     pos = jnp.maximum(positions, 0)
     write_page = jnp.where(valid, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
-    if attention == "pallas" and T > 1:
-        attention = "xla"
-    if attention == "ffi":
-        from drex_jax.model.kernels.ffi import paged_attention
-
-        def attend(q, k, v, k_pool, v_pool, layer):  # the kernel also writes this step's K/V
-            out, k_pool, v_pool = paged_attention(q, k_pool, v_pool, k, v, block_tables, positions, layer)
-            return out.reshape(B, T, -1).astype(q.dtype), k_pool, v_pool
-    elif attention == "pallas":
-        from drex_jax.model.kernels.pallas import paged_attention_pallas
-
-        def attend(q, k, v, k_pool, v_pool, layer):
-            return paged_attention_pallas(q, k_pool[layer], v_pool[layer], block_tables, positions).astype(q.dtype)
-    elif attention == "xla":
-        mask = (jnp.arange(S)[None, None, :] <= pos[:, :, None]) & valid[:, :, None]  # [B, T, S]
-
-        def gather(pool_kv, layer):  # [L, kv, N, ps, D] -> [B, S, kv, D]
-            g = pool_kv[layer][:, block_tables]  # [kv, B, P, ps, D]
-            return g.reshape(cfg.num_kv_heads, B, S, cfg.head_dim).transpose(1, 2, 0, 3)
-
-        def attend(q, k, v, k_pool, v_pool, layer):
-            return attention_fn(cfg, q, gather(k_pool, layer), gather(v_pool, layer), mask)
-    else:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-
+    attend = backend.build(model.cfg, block_tables, positions, page_size)
     return layer_loop(model, pool, x, positions, write_page, pos % page_size, attend, start, end,
-                      writes="attend" if attention == "ffi" else "per_layer", join_depth=join_depth)
+                      writes=backend.writes, join_depth=join_depth)
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "do_sample", "missing_kv"), donate_argnames=("pool",))

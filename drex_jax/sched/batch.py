@@ -54,12 +54,12 @@ class ChunkBatch(NamedTuple):
 def chunk_batch(reqs: list, start: int, end: int, page_size: int, num_slots: int, width: int | None = None
                 ) -> ChunkBatch:
     """Rows for layers [start, end): each request's current token (at depth `start`) preceded by its
-    pending positions (`pending`: position -> depth) from the oldest one that joins within
+    pending positions (`ee.pending`: position -> depth) from the oldest one that joins within
     [start, end) on; positions between that join later keep their depth (they only supply K/V).
     T is the power-of-two bucket of the longest chunk."""
     plain = decode_batch(reqs, page_size, num_slots, width)
     B = len(plain.slot_ids)
-    firsts = [min([q for q, d in r.pending.items() if d < end], default=r.cache_len) for r in reqs]
+    firsts = [min([q for q, d in r.ee.pending.items() if d < end], default=r.cache_len) for r in reqs]
     T = bucket(max([r.cache_len - f + 1 for r, f in zip(reqs, firsts)], default=1))
     tokens = np.zeros((B, T), np.int32)
     positions = np.full((B, T), -1, np.int32)
@@ -67,7 +67,34 @@ def chunk_batch(reqs: list, start: int, end: int, page_size: int, num_slots: int
     for i, (r, first) in enumerate(zip(reqs, firsts)):
         n = r.cache_len - first + 1
         positions[i, :n] = np.arange(first, r.cache_len + 1)
-        depths[i, :n - 1] = [r.pending[q] for q in range(first, r.cache_len)]
+        depths[i, :n - 1] = [r.ee.pending[q] for q in range(first, r.cache_len)]
         depths[i, n - 1] = start
         tokens[i, n - 1] = r.last_token
     return ChunkBatch(plain.slot_ids, tokens, positions, plain.block_tables, plain.sampling, depths)
+
+
+class BatchLayout(NamedTuple):
+    """How an engine lays out decode batches: tokens per page, KV slots (= the padding rows' slot
+    id) and the block-table width (fixed by the attention backend, or None: bucketed per batch)."""
+    page_size: int
+    num_slots: int
+    table_width: int | None
+
+    def decode(self, reqs: list) -> DecodeBatch:
+        return decode_batch(reqs, self.page_size, self.num_slots, self.table_width)
+
+    def chunk(self, reqs: list, start: int, end: int) -> ChunkBatch:
+        return chunk_batch(reqs, start, end, self.page_size, self.num_slots, self.table_width)
+
+    def width(self, reqs: list) -> int:
+        return table_width(reqs, self.page_size, self.table_width)
+
+    def padding(self, B: int, width: int, T: int | None = None) -> DecodeBatch | ChunkBatch:
+        """B padding rows at page width `width` (T: chunks of T positions): runs a program's shape,
+        writes no KV or hidden row."""
+        pad = np.full(B, -1, np.int32)
+        slots, bt, sp = np.full(B, self.num_slots, np.int32), block_table_array([[]] * B, width), SamplingParams.build([], B)
+        if T is not None:
+            chunk = np.full((B, T), -1, np.int32)
+            return ChunkBatch(slots, np.zeros((B, T), np.int32), chunk, bt, sp, np.zeros((B, T), np.int32))
+        return DecodeBatch(slots, pad, pad, bt, sp)

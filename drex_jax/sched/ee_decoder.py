@@ -1,29 +1,29 @@
-"""Host-side early-exit decode: decides how the engine's running requests go through segments
-of layers between ramps under a policy, with per-ramp buffers for `rebatching`. Every device
-call goes through the `DeviceRunner` it is given (no jax here); requests' tokens go back to the
-engine through the `emit` and `trim_pages` callbacks it is given.
+"""Host-side early-exit decode (a `sched.decoding.Decoder`): how the running rows go through
+segments of layers between ramps under an exit policy, with per-ramp buffers for `rebatching`.
+Every device call goes through the `DeviceRunner` it is built over (no jax here); the tokens it
+finalizes come back from `step()` as `Emission`s for the scheduler to commit.
 
 Segment s covers layers [bounds[s], bounds[s+1]) and ends at ramp s (the LM head for the
-last segment). A request's `stage` is the segment it waits to run: 0 = ready at layer 0,
+last segment). A request's `ee.stage` is the segment it waits to run: 0 = ready at layer 0,
 s > 0 = sitting in the buffer of ramp s-1 with its hidden state in `hidden[slot]`.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
 
 import numpy as np
 
 from drex_jax.early_exit import EEConfig
-from drex_jax.generation import SamplingParams
-from drex_jax.kv.pages import block_table_array, bucket, pow2_upto
+from drex_jax.generation import GenerationConfig
+from drex_jax.kv.pages import bucket, pow2_upto
 from drex_jax.model.config import ModelConfig
-from drex_jax.rebatch.policies import POLICIES, group_exit, involuntary
+from drex_jax.rebatch.policies import ExitPolicy, get_policy, involuntary
 from drex_jax.sched.art import ARTProfiler
-from drex_jax.sched.batch import ChunkBatch, DecodeBatch, chunk_batch, decode_batch, table_width
+from drex_jax.sched.batch import BatchLayout, ChunkBatch, DecodeBatch
 from drex_jax.sched.flush import FlushConfig, flush_reason
 from drex_jax.sched.ramp_gate import EE, FUSED, GateConfig, RampGate
+from drex_jax.sched.request import Emission, Request
 
 
 @dataclasses.dataclass
@@ -68,37 +68,31 @@ class EEStats:
         return (sum(self.accepted_per_ramp) + self.verify_passes) / max(self.verify_passes, 1)
 
 
-class EEDecoder:
-    """Early-exit decoding of the engine's running requests.
+class EarlyExitDecoder:
+    """Early-exit decoding of the scheduler's running rows.
 
     runner: the `DeviceRunner` every segment, fill and fused step runs on (its early-exit
       buffers already set up by `runner.enable_early_exit`).
-    running: the engine's live `slot -> request` map (read only; requests leave it through `emit`).
-    emit(req, token, events, kv_depth): the engine records a finished token (and may finish the
-      request: then `req.slot < 0` afterwards).
-    trim_pages(req): the engine returns the pages past a request's next token.
+    policy: an `ExitPolicy` (or its name). layout: how batches are built (`sched.batch.BatchLayout`).
     """
 
-    def __init__(self, cfg: ModelConfig, runner, ee: EEConfig, policy: str, has_heads: bool, flush: FlushConfig,
-                 art: bool = True, exit_trace=None, gate: GateConfig | None = None, *, page_size: int,
-                 max_slots: int, table_width: int | None, running: dict, emit: Callable, trim_pages: Callable):
+    def __init__(self, cfg: ModelConfig, runner, ee: EEConfig, policy: ExitPolicy | str, flush: FlushConfig,
+                 art: bool = True, exit_trace=None, gate: GateConfig | None = None, *,
+                 layout: BatchLayout):
         ee.validate(cfg.num_layers, cfg.vocab_size)
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+        policy = get_policy(policy) if isinstance(policy, str) else policy
         self.recompute, self.verify = ee.missing_kv == "recompute", ee.verify
-        if self.recompute and policy not in ("off", "rebatching"):
-            raise ValueError(f"missing_kv='recompute' runs with policy 'rebatching' (or 'off'), got {policy!r}: a "
-                             "grouped policy moves the batch as one and has no per-row deep pass to recompute in")
-        if ee.head == "trained" and not has_heads:
-            raise ValueError("EEConfig.head == 'trained' needs exit heads (Engine(exit_heads=...))")
+        if self.recompute and not policy.exact_kv:
+            raise ValueError(f"missing_kv='recompute' runs with policy 'rebatching' (or 'off'), got {policy.name!r}: "
+                             "a grouped policy moves the batch as one and has no per-row deep pass to recompute in")
         if not isinstance(flush, FlushConfig):
             raise ValueError(f"flush must be a FlushConfig, got {type(flush).__name__}")
         # ART prices a split by single-position segment times; with recompute a deep segment also
         # carries its rows' pending positions, so the ramp gate (measured cost per token) decides
         self.cfg, self.runner, self.ee, self.policy, self.flush = cfg, runner, ee, policy, flush
+        self.missing_kv, self.greedy_only = ee.missing_kv, ee.verify
         self.use_art = art and not self.recompute
-        self.page_size, self.max_slots, self.table_width = page_size, max_slots, table_width
-        self.running, self.emit, self.trim_pages = running, emit, trim_pages
+        self.layout = layout
         ramps = [e for e in ee.exit_layers if e < cfg.num_layers]
         self.thresholds = list(ee.thresholds[: len(ramps)])
         self.bounds = [0] + ramps + [cfg.num_layers]
@@ -110,16 +104,28 @@ class EEDecoder:
         self.art = ARTProfiler(self.num_segments)
         # the ramp gate adapts to measured cost like ART, so it is on where ART is (art=False keeps
         # every wanted exit: what the equality-with-the-reference tests run)
-        self.gate = RampGate(gate or GateConfig(enabled=policy == "rebatching" and art))
+        self.gate = RampGate(gate or GateConfig(enabled=policy.gated and art))
         self.exit_trace = exit_trace  # ExitTrace: replayed exit decisions (scale benchmarks) or None
         self.reset_stats()
         self.iteration = 0
         self._last_ready: float | None = None
+        self._out: list[Emission] = []  # this iteration's emissions
+        self._ending: set[int] = set()  # ids of rows whose emitted token ends them (stop id or length)
 
     def reset_stats(self) -> None:
         n = self.num_segments
         self.stats = EEStats(exits_per_ramp=[0] * n, wanted_per_ramp=[0] * n, drafts_per_ramp=[0] * (n - 1),
                              checked_per_ramp=[0] * (n - 1), accepted_per_ramp=[0] * (n - 1))
+
+    def check_request(self, config: GenerationConfig) -> None:
+        if self.verify and config.temperature > 0:
+            raise ValueError(f"temperature={config.temperature} but this engine runs EEConfig(verify=True), which "
+                             "verifies drafts greedily (speculative sampling is not implemented): use temperature=0 "
+                             "or an engine without verify")
+
+    def describe(self) -> dict:
+        """The early-exit setup: EEConfig fields, policy name, ART."""
+        return {**dataclasses.asdict(self.ee), "policy": self.policy.name, "art": self.use_art}
 
     # ------------------------------------------------------------------ device calls
     def _account(self, timing) -> None:
@@ -135,11 +141,10 @@ class EEDecoder:
         # power-of-two row buckets: XLA:CPU's dots cost as much at 24 rows as at 32, and more at 28
         # (BENCHMARKS.md, issue 16), so finer buckets would only add programs
         if self.recompute:
-            end = self.cfg.num_layers if end is None else end
-            return chunk_batch(reqs, start, end, self.page_size, self.max_slots, self.table_width)
-        return decode_batch(reqs, self.page_size, self.max_slots, self.table_width)
+            return self.layout.chunk(reqs, start, self.cfg.num_layers if end is None else end)
+        return self.layout.decode(reqs)
 
-    def _run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
+    def run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
         """Layers [start, end) then ramp `ramp` (-1: LM head) on batch `arrays`; returns (tokens,
         confidences, seconds or None when the call compiled)."""
         tok, conf, timing = self.runner.run_layers(arrays, start, end, ramp, do_sample,
@@ -149,7 +154,7 @@ class EEDecoder:
 
     def _segment(self, s: int, arrays, do_sample: bool, reqs: list):
         last = s == self.num_segments - 1
-        tok, conf, dt = self._run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
+        tok, conf, dt = self.run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
         if dt is not None:
             self.art.record_segment(s, self._art_key(arrays), dt)
         self.stats.segment_calls += 1
@@ -162,23 +167,16 @@ class EEDecoder:
         if not self.recompute:
             return
         for r in reqs:
-            for q, d in list(r.pending.items()):
+            for q, d in list(r.ee.pending.items()):
                 if d < end:
                     self.stats.layers_run += end - d
                     if end >= self.cfg.num_layers:
-                        del r.pending[q]
+                        del r.ee.pending[q]
                     else:
-                        r.pending[q] = end
+                        r.ee.pending[q] = end
 
     def _padding_batch(self, B: int, width: int, T: int = 1) -> DecodeBatch | ChunkBatch:
-        """B padding rows at page width `width` (recompute: chunks of T positions): runs a program's
-        shape, writes no KV or hidden row."""
-        pad = np.full(B, -1, np.int32)
-        slots, bt, sp = np.full(B, self.max_slots, np.int32), block_table_array([[]] * B, width), SamplingParams.build([], B)
-        if self.recompute:
-            chunk = np.full((B, T), -1, np.int32)
-            return ChunkBatch(slots, np.zeros((B, T), np.int32), chunk, bt, sp, np.zeros((B, T), np.int32))
-        return DecodeBatch(slots, pad, pad, bt, sp)
+        return self.layout.padding(B, width, T if self.recompute else None)
 
     @staticmethod
     def _art_key(arrays) -> tuple[int, int]:
@@ -189,8 +187,8 @@ class EEDecoder:
     def profile_art(self) -> int:
         """Time the fused full-depth step for every shape whose segments ART has timed but whose
         full step it has not (compiling those programs now, outside serving). Returns how many
-        (0 unless the policy is `rebatching` with ART on)."""
-        if not (self.use_art and self.policy == "rebatching"):
+        (0 unless the policy rebatches with ART on)."""
+        if not (self.use_art and self.policy.rebatches):
             return 0
         keys = sorted({k for _, k in self.art.segment_s} - set(self.art.full_s))
         for key in keys:
@@ -203,33 +201,40 @@ class EEDecoder:
         arrays = self._padding_batch(*key)
         dt = None
         while dt is None:
-            _, _, dt = self._run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
+            _, _, dt = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
         self.art.record_full(key, dt)
 
     def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
-        """Every (kind, ramp/segment, batch bucket, page width, chunk length) this decoder can run."""
+        """Every (kind, ramp/segment, batch bucket, page width, chunk length) this decoder can run
+        (recompute: also the plain decode step, its fused fallback with nothing pending)."""
         shapes = []
         # recompute: segments past the first (and the fused step) carry chunks of up to R positions
         chunks = pow2_upto(self.ring_size)
         for b in pow2_upto(max_batch):
             for w in widths:
+                if self.recompute:
+                    shapes.append(("decode", -1, b, w, 1))
                 shapes += [("segment", s, b, w, T) for s in range(self.num_segments) for T in chunks[:1 if s == 0 else None]]
-                if self.policy in ("off", "rebatching"):
+                if self.policy.runs_fused:
                     shapes += [("full", -1, b, w, T) for T in chunks]  # ART and the ramp gate run the fused step
-                if self.policy not in ("off", "latency-only") and not self.recompute:
+                if self.policy.fills and not self.recompute:
                     shapes += [("fill", s, b, w, 1) for s in range(self.num_segments - 1)]
         return shapes
 
-    def warmup_one(self, kind: str, s: int, B: int, width: int, T: int, do_sample: bool) -> None:
+    def warmup_one(self, shape: tuple, do_sample: bool) -> None:
         """Run one shape on an all-padding batch: no KV or hidden-state row is written."""
+        kind, s, B, width, T = shape
+        if kind == "decode":
+            self.runner.decode(self.layout.padding(B, width), do_sample)
+            return
         arrays = self._padding_batch(B, width, T)
         if kind == "segment":
             last = s == self.num_segments - 1
-            self._run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
-        elif kind == "full" and self.use_art and self.policy == "rebatching" and not do_sample:
+            self.run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
+        elif kind == "full" and self.use_art and self.policy.rebatches and not do_sample:
             self._profile_full((B, width), do_sample)
         elif kind == "full":
-            self._run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
+            self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
         elif not do_sample:  # fills do not sample
             rows = list(range(B))  # positions are -1: the fill writes nothing
             self._fill(self.bounds[s + 1], rows, arrays)
@@ -247,70 +252,80 @@ class EEDecoder:
         n = len(reqs)
         wants = self.exit_trace.wants_exit(s, n) if self.exit_trace is not None else conf[:n] > self.thresholds[s]
         for i in np.flatnonzero(wants):
-            if reqs[i].first_want < 0:
-                reqs[i].first_want = s
+            st = reqs[i].ee
+            if st.first_want < 0:
+                st.first_want = s
             if self.recompute and not self._may_exit(reqs[i]):
                 wants[i] = False
-                self.stats.draft_cap_stays += reqs[i].first_want == s  # once per token
+                self.stats.draft_cap_stays += st.first_want == s  # once per token
         return wants
 
-    def _may_exit(self, req) -> bool:
+    def _may_exit(self, req: Request) -> bool:
         """Recompute: a row holds at most max_draft pending positions. Verify mode: a draft must leave
         room for the full model's token within max_new_tokens, and a drafted stop token is
         verified before anything is drafted after it."""
-        if len(req.pending) >= self.ee.max_draft:
+        st = req.ee
+        if len(st.pending) >= self.ee.max_draft:
             return False
         if self.verify:
-            return (len(req.generated) + len(req.drafts) + 1 < req.config.max_new_tokens
-                    and not (req.drafts and req.drafts[-1] in req.stop_ids))
+            return (len(req.generated) + len(st.drafts) + 1 < req.config.max_new_tokens
+                    and not (st.drafts and st.drafts[-1] in req.stop_ids))
         return True
 
-    def _finalize(self, req, token: int, segment: int, events, kv_depth: int | None = None) -> None:
+    def _emit(self, req: Request, token: int, exit_layer: int, kv_depth: int, before: int = 0) -> None:
+        """Hand a finalized token to the scheduler (`before`: tokens of this row emitted earlier in
+        this iteration)."""
+        self._out.append(Emission(req, token, exit_layer, kv_depth))
+        if req.ends_with(token, before):
+            self._ending.add(req.id)
+
+    def _finalize(self, req: Request, token: int, segment: int, kv_depth: int | None = None) -> None:
         """Emit `token` for `req`, exited after `segment`; `kv_depth`: depth of the K/V its step
         wrote, when not the exit depth (latency-only keeps computing)."""
         depth = self.bounds[segment + 1]
         if self.verify and depth < self.cfg.num_layers:
             return self._draft(req, token, segment)
         if self.recompute and depth < self.cfg.num_layers:  # computed by the row's next deep pass
-            req.pending[req.cache_len] = depth
+            req.ee.pending[req.cache_len] = depth
             kv_depth = self.cfg.num_layers
         self.stats.tokens += 1
         self.stats.layers_run += depth
         self.stats.exits_per_ramp[segment] += 1
-        self.stats.wanted_per_ramp[req.first_want if req.first_want >= 0 else self.num_segments - 1] += 1
-        req.stage, req.first_want = 0, -1
-        req.exit_layers.append(depth)
-        self.emit(req, token, events, kv_depth=kv_depth or depth)
+        self.stats.wanted_per_ramp[req.ee.first_want if req.ee.first_want >= 0 else self.num_segments - 1] += 1
+        req.ee.token_done()
+        self._emit(req, token, depth, kv_depth or depth)
 
-    def _draft(self, req, token: int, segment: int) -> None:
+    def _draft(self, req: Request, token: int, segment: int) -> None:
         """Verify mode: `token` exited at ramp `segment`: a draft, the row's next input, not output."""
         depth = self.bounds[segment + 1]
-        req.pending[req.cache_len] = depth
-        req.drafts.append(token)
-        req.draft_depths.append(depth)
-        req.stage, req.first_want = 0, -1
+        st = req.ee
+        st.pending[req.cache_len] = depth
+        st.drafts.append(token)
+        st.draft_depths.append(depth)
+        st.stage, st.first_want = 0, -1
         self.stats.layers_run += depth
         self.stats.drafts_per_ramp[segment] += 1
 
-    def _verify(self, req, full_tokens: np.ndarray, events) -> None:
+    def _verify(self, req: Request, full_tokens: np.ndarray) -> None:
         """Verify mode, after a deep pass over the row's chunk (its drafted positions, then its current
         token): `full_tokens` [T] are the full model's tokens at those positions. Keep the drafts that
-        agree, then the full model's token at the first disagreement (or after the last draft); the
-        rejected drafts' pages go back (their K/V past the kept tokens is never read)."""
+        agree, then the full model's token at the first disagreement (or after the last draft), up to
+        a token that ends the request; the scheduler returns the rejected drafts' pages at commit."""
         L = self.cfg.num_layers
-        n = len(req.drafts)
+        st = req.ee
+        n = len(st.drafts)
         accepted = 0
-        while accepted < n and req.drafts[accepted] == int(full_tokens[accepted]):
+        while accepted < n and st.drafts[accepted] == int(full_tokens[accepted]):
             accepted += 1
-        emit = req.drafts[:accepted] + [int(full_tokens[accepted])]
-        depths = req.draft_depths[:accepted] + [L]
-        for d in req.draft_depths:
+        emit = st.drafts[:accepted] + [int(full_tokens[accepted])]
+        depths = st.draft_depths[:accepted] + [L]
+        for d in st.draft_depths:
             self.stats.checked_per_ramp[self.bounds.index(d) - 1] += 1
         self.stats.verify_passes += 1
         self.stats.layers_run += L
-        wanted = req.first_want if req.first_want >= 0 else self.num_segments - 1  # of the last token
-        req.drafts, req.draft_depths, req.pending = [], [], {}
-        req.stage, req.first_want, req.buffered_iter = 0, -1, -1
+        wanted = st.first_want if st.first_want >= 0 else self.num_segments - 1  # of the last token
+        st.drafts, st.draft_depths, st.pending = [], [], {}
+        st.token_done()
         for j, (token, depth) in enumerate(zip(emit, depths)):
             self.stats.tokens += 1
             seg = self.bounds.index(depth) - 1
@@ -318,80 +333,78 @@ class EEDecoder:
             self.stats.wanted_per_ramp[seg if j < accepted else wanted] += 1
             if j < accepted:
                 self.stats.accepted_per_ramp[seg] += 1
-            req.exit_layers.append(depth)
-            self.emit(req, token, events, kv_depth=L)
-            if req.slot < 0:  # finished: the rest is dropped
+            self._emit(req, token, depth, L, before=j)
+            if req.ends_with(token, j):  # the rest is dropped
                 return
-        self.trim_pages(req)
 
     # ------------------------------------------------------------------ scheduling
-    def step(self, events) -> None:
-        """One decode iteration over the engine's running requests."""
+    def step(self, rows: list[Request]) -> list[Emission]:
+        """One decode iteration over the running rows (slot order); returns the finalized tokens."""
+        self._out, self._ending = [], set()
         self.iteration += 1
         self._last_ready = None  # host gaps are measured between this iteration's device calls
-        running = [self.running[s] for s in sorted(self.running)]
-        ready = [r for r in running if r.stage == 0]
+        ready = [r for r in rows if r.ee.stage == 0]
         now = time.perf_counter()
         for r in ready:
-            if r.buffered_iter < 0:
-                r.token_start = now
-        if self.policy != "rebatching":
+            if r.ee.buffered_iter < 0:
+                r.ee.token_start = now
+        if not self.policy.rebatches:
             if ready:
-                self._run_grouped(ready, events)
-            return
-        shape = (bucket(len(running)), table_width(running, self.page_size, self.table_width))
+                self._run_grouped(ready)
+            return self._out
+        shape = (bucket(len(rows)), self.layout.width(rows))
         probes = self.gate.probes
         mode = self.gate.mode(shape)
         self.stats.gate_probes += self.gate.probes - probes
         t0, compiles = now, self.runner.compile_count()
-        progress0 = self._progress_count(running)
+        progress0 = self._progress_count(rows)
         # fused only once no row is mid-token; until then buffered rows finish theirs (a drain)
-        ran = FUSED if mode == FUSED and len(ready) == len(running) else EE
+        ran = FUSED if mode == FUSED and len(ready) == len(rows) else EE
         if ran == FUSED:
-            self._run_fused(ready, events)
+            self._run_fused(ready)
             self.stats.fused_iterations += 1
         else:
-            self._run_pipeline(ready, events, drain=mode == FUSED)
+            self._run_pipeline(rows, ready, drain=mode == FUSED)
         steady = self.runner.compile_count() == compiles and ran == mode
-        progress = self._progress_count(self.running.values()) - progress0
+        progress = self._progress_count(rows) - progress0
         self.gate.record(shape, ran, time.perf_counter() - t0, progress, count=steady)
+        return self._out
 
-    def _progress_count(self, running) -> int:
-        """Tokens finalized so far, plus (verify mode) the drafts the running rows hold: the gate's
-        measure of progress, so an iteration is credited with the drafts it makes and a rejection
-        takes them back, instead of every verified token landing on the iteration that verifies."""
-        return self.stats.tokens + sum(len(r.drafts) for r in running)
+    def _progress_count(self, rows) -> int:
+        """Tokens finalized so far, plus (verify mode) the drafts the rows hold: the gate's measure of
+        progress, so an iteration is credited with the drafts it makes and a rejection takes them
+        back, instead of every verified token landing on the iteration that verifies."""
+        return self.stats.tokens + sum(len(r.ee.drafts) for r in rows)
 
-    def _run_fused(self, reqs: list, events) -> None:
+    def _run_fused(self, reqs: list) -> None:
         """All rows through every layer in one fused call, no ramp evaluated (the gate found early
         exit slower than this for the shape): rows that would have exited stay."""
         do_sample = any(r.config.temperature > 0 for r in reqs)
         for r in reqs:
-            r.first_want = -1  # no ramp was asked
-        if self.recompute and not any(r.pending for r in reqs):
-            # nothing to recompute: the engine's own decode step, plain decoding exactly
-            b = decode_batch(reqs, self.page_size, self.max_slots, self.table_width)
-            tok, timing = self.runner.timed_decode(b, do_sample)
+            r.ee.first_want = -1  # no ramp was asked
+        if self.recompute and not any(r.ee.pending for r in reqs):
+            # nothing to recompute: the plain decode step, plain decoding exactly
+            tok, timing = self.runner.timed_decode(self.layout.decode(reqs), do_sample)
             self._account(timing)
-            return self._finalize_all(reqs, tok, events)
+            return self._finalize_all(reqs, tok)
         arrays = self._batch_arrays(reqs)
-        tok, _, dt = self._run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
+        tok, _, dt = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
         if dt is not None:
             self.art.record_full(self._art_key(arrays), dt)
         self._progress(reqs, self.cfg.num_layers)
-        self._finalize_all(reqs, tok, events)
+        self._finalize_all(reqs, tok)
 
-    def _finalize_all(self, reqs: list, tok: np.ndarray, events) -> None:
+    def _finalize_all(self, reqs: list, tok: np.ndarray) -> None:
         """Rows that ran the last layer: emit the LM head's token (verify mode: check the drafts)."""
         last = self.num_segments - 1
         for i, r in enumerate(reqs):
-            r.buffered_iter = -1
+            r.ee.buffered_iter = -1
             if self.verify:  # tok [B, T] from a chunk, or [B] from the plain decode step
-                self._verify(r, np.atleast_1d(tok[i]), events)
+                self._verify(r, np.atleast_1d(tok[i]))
             else:
-                self._finalize(r, int(tok[i]), last, events)
+                self._finalize(r, int(tok[i]), last)
 
-    def _run_pipeline(self, ready: list, events, drain: bool = False) -> None:
+    def _run_pipeline(self, rows: list, ready: list, drain: bool = False) -> None:
         """DREX rebatching, shallow segments first so rows merge: ready rows run segment 0; at each
         ramp the exiting rows leave and the rest join that ramp's buffer, merging with rows that
         waited there from earlier iterations; a buffer runs on when the flush policy says so
@@ -399,30 +412,30 @@ class EEDecoder:
         at once."""
         carried: set[int] = set()  # slots of rows that continue in this iteration unconditionally
         if ready:
-            rows, split = self._run_segment(0, ready, events)
-            carried = set() if split else {r.slot for r in rows}
+            cont, split = self._run_segment(0, ready)
+            carried = set() if split else {r.slot for r in cont}
         now = time.perf_counter()
-        n_running = len(self.running)
+        n_running = len(rows) - len(self._ending)  # rows that finished at layer 0's ramp have left
         for s in range(1, self.num_segments):
-            buf = [r for _, r in sorted(self.running.items()) if r.stage == s]
+            buf = [r for r in rows if r.ee.stage == s]
             if not buf:
                 continue
             if not drain and not any(r.slot in carried for r in buf):
-                oldest = min(buf, key=lambda r: r.buffered_iter)
+                oldest = min(buf, key=lambda r: r.ee.buffered_iter)
                 sla = oldest.config.deadline_ms or self.flush.tpot_sla_ms
-                used = (now - oldest.token_start) * 1e3 / sla if sla else 0.0
+                used = (now - oldest.ee.token_start) * 1e3 / sla if sla else 0.0
                 # layer 0 ran this iteration unless nothing was ready: then only buffers can run
                 reason = flush_reason(self.flush, len(buf), n_running, len(ready),
-                                      self.iteration - oldest.buffered_iter, used)
+                                      self.iteration - oldest.ee.buffered_iter, used)
                 if reason is None:
                     continue
                 self.stats.flushes[reason] = self.stats.flushes.get(reason, 0) + 1
             elif drain:
                 self.stats.flushes["drain"] = self.stats.flushes.get("drain", 0) + 1
-            rows, split = self._run_segment(s, buf, events)
-            carried = set() if split else {r.slot for r in rows}
+            cont, split = self._run_segment(s, buf)
+            carried = set() if split else {r.slot for r in cont}
 
-    def _run_segment(self, s: int, reqs: list, events) -> tuple[list, bool]:
+    def _run_segment(self, s: int, reqs: list) -> tuple[list, bool]:
         """Run `reqs` through segment s. Rows whose confidence passes ramp s exit (their missing
         K/V filled), unless ART declines the split; the others move to stage s + 1. Returns (the
         rows that continue, whether the batch was split)."""
@@ -436,7 +449,7 @@ class EEDecoder:
             self._profile_full(key, do_sample)
         tok, conf = self._segment(s, arrays, do_sample, reqs)
         if s == self.num_segments - 1:
-            self._finalize_all(reqs, tok, events)
+            self._finalize_all(reqs, tok)
             return [], True
         wants = self._wants_exit(s, conf, reqs)
         split = bool(wants.any()) and (not self.use_art or self.art.decide(s, key, int(wants.sum()), len(reqs)))
@@ -444,27 +457,27 @@ class EEDecoder:
             self.stats.involuntary_stays += int(wants.sum())
             self.stats.art_declined += int(wants.any())
             for r in reqs:
-                r.stage = s + 1
+                r.ee.stage = s + 1
             return reqs, False
         self._fill(self.bounds[s + 1], list(np.flatnonzero(wants)), arrays)
         rest = []
         for i, r in enumerate(reqs):
             if wants[i]:
-                r.buffered_iter = -1
-                self._finalize(r, int(tok[i]), s, events)
+                r.ee.buffered_iter = -1
+                self._finalize(r, int(tok[i]), s)
             else:
-                r.stage, r.buffered_iter = s + 1, self.iteration
+                r.ee.stage, r.ee.buffered_iter = s + 1, self.iteration
                 rest.append(r)
         return rest, True
 
-    def _run_grouped(self, reqs: list, events) -> None:
+    def _run_grouped(self, reqs: list) -> None:
         """Policies where the batch moves as one: off, eager, lazy, average, median, latency-only."""
         do_sample = any(r.config.temperature > 0 for r in reqs)
         arrays = self._batch_arrays(reqs)
         n = len(reqs)
-        if self.policy == "off":
-            tok, _, _ = self._run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
-            self._finalize_all(reqs, tok, events)
+        if not self.policy.evaluates_ramps:
+            tok, _, _ = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
+            self._finalize_all(reqs, tok)
             return
         released = np.zeros(n, bool)  # latency-only: token already emitted
         for s in range(self.num_segments):
@@ -472,25 +485,25 @@ class EEDecoder:
             if s == self.num_segments - 1:
                 for i, r in enumerate(reqs):
                     if not released[i]:
-                        self._finalize(r, int(tok[i]), s, events)
+                        self._finalize(r, int(tok[i]), s)
                 return
             wants = self._wants_exit(s, conf, reqs)
-            if self.policy == "latency-only":
+            if self.policy.releases_early:
                 new = wants & ~released
                 for i in np.flatnonzero(new):  # emitted now, but the row keeps computing real KV
-                    self._finalize(reqs[i], int(tok[i]), s, events, kv_depth=self.cfg.num_layers)
+                    self._finalize(reqs[i], int(tok[i]), s, kv_depth=self.cfg.num_layers)
                     self.stats.layers_run += self.cfg.num_layers - self.bounds[s + 1]
                 released |= new
                 continue
             if self.exit_trace is not None:  # a trace gives decisions, not confidences: 1 = wants out
-                exit_all = group_exit(self.policy, wants.astype(np.float32), 0.5)
+                exit_all = self.policy.rule(wants.astype(np.float32), 0.5)
             else:
-                exit_all = group_exit(self.policy, conf[:n], self.thresholds[s])
+                exit_all = self.policy.rule(conf[:n], self.thresholds[s])
             ie, st = involuntary(wants, np.full(n, exit_all))
             self.stats.involuntary_exits += ie
             self.stats.involuntary_stays += st
             if exit_all:
                 self._fill(self.bounds[s + 1], list(range(n)), arrays)
                 for i, r in enumerate(reqs):
-                    self._finalize(r, int(tok[i]), s, events)
+                    self._finalize(r, int(tok[i]), s)
                 return

@@ -1,0 +1,58 @@
+"""The decoder protocol: one decode iteration over the scheduler's running rows -> emissions.
+
+A decoder is built over the device runner it calls (no jax here: every device call goes through
+the runner) and returns what the device produced as `Emission`s; it never touches the
+scheduler's queues, slots or pages. Two implementations: `FullDepthDecoder` (one fused step per
+iteration) and `sched.ee_decoder.EarlyExitDecoder` (segments between exit ramps, policies,
+rebatching, verify mode).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from drex_jax.generation import GenerationConfig
+from drex_jax.kv.pages import pow2_upto
+from drex_jax.sched.batch import BatchLayout
+from drex_jax.sched.request import Emission, Request
+
+
+class Decoder(Protocol):
+    missing_kv: str  # how prefill replays a preempted request's early exits ("copy": none to replay)
+    greedy_only: bool  # refuses sampling (verify mode)
+
+    def check_request(self, config: GenerationConfig) -> None:
+        """Raise ValueError for a request this decoder cannot serve."""
+
+    def step(self, rows: list[Request]) -> list[Emission]:
+        """One iteration over the running rows (slot order); the tokens finalized, in order."""
+
+    def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
+        """Every program shape this decoder can run."""
+
+    def warmup_one(self, shape: tuple, do_sample: bool) -> None:
+        """Run one shape on an all-padding batch (writes nothing)."""
+
+
+class FullDepthDecoder:
+    """Every row through every layer in one fused decode step (the runner's `decode`)."""
+
+    missing_kv = "copy"
+    greedy_only = False
+
+    def __init__(self, runner, layout: BatchLayout, num_layers: int):
+        self.runner, self.layout, self.num_layers = runner, layout, num_layers
+
+    def check_request(self, config: GenerationConfig) -> None:
+        return None
+
+    def step(self, rows: list[Request]) -> list[Emission]:
+        batch = self.layout.decode(rows)
+        nxt = self.runner.decode(batch, any(r.config.temperature > 0 for r in rows))
+        return [Emission(r, int(nxt[i]), self.num_layers, self.num_layers) for i, r in enumerate(rows)]
+
+    def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
+        return [("decode", b, w) for b in pow2_upto(max_batch) for w in widths]
+
+    def warmup_one(self, shape: tuple, do_sample: bool) -> None:
+        _, b, w = shape
+        self.runner.decode(self.layout.padding(b, w), do_sample)

@@ -1,0 +1,63 @@
+"""Incremental detokenization: each new token costs a decode of a few tokens, not of the whole output.
+
+A token's text can depend on its neighbours (SentencePiece's leading space, byte-level BPE tokens
+that end in the middle of a UTF-8 character, clean-up rules), so the detokenizer decodes a short
+window: the tokens since the last stable point (`read`) plus the chunk before it (`prefix`) as
+context, and takes the text past the context's own decoding. A window whose text ends in an
+incomplete character (U+FFFD) is held until the character completes. Stop strings are searched
+only in the new text and the few characters before it; a possible stop-string prefix at the end
+is held back until it is decided.
+"""
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Text of one request's generated tokens, built as they arrive.
+
+    `add(token, final)` returns (text that is now safe to emit, whether a stop string ended the
+    request). `text` is the request's final text so far (cut before a stop string)."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self._prefix = self._read = 0  # ids[prefix:read] = context; ids[read:] not yet in `text`
+        self.text = ""
+        self._emitted = 0  # characters of `text` handed out
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def add(self, token: int, final: bool = False) -> tuple[str, bool]:
+        if self.stopped:
+            raise ValueError("this request already hit a stop string; it takes no more tokens")
+        self.ids.append(int(token))
+        context = self._decode(self.ids[self._prefix:self._read])
+        window = self._decode(self.ids[self._prefix:])
+        searched = len(self.text)
+        if final or (len(window) > len(context) and not window.endswith(REPLACEMENT)):
+            self.text += window[len(context):]
+            self._prefix, self._read = self._read, len(self.ids)
+        if self.stop:
+            start = max(0, searched - self._longest_stop + 1)  # a stop string may straddle the boundary
+            cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.stopped, final = self.text[:cut], True, True
+        safe = len(self.text) if final else self._safe_len()
+        delta = self.text[self._emitted:safe]
+        self._emitted = max(self._emitted, safe)
+        return delta, self.stopped
+
+    def _safe_len(self) -> int:
+        """Length of `text` that can be emitted now: not ending in a partial stop string. Looks at
+        the last `longest stop` characters only."""
+        n = len(self.text)
+        for s in self.stop:
+            for k in range(min(len(s) - 1, n), 0, -1):
+                if self.text.endswith(s[:k], 0, n):
+                    n -= k
+                    break
+        return n

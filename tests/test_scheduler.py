@@ -1,0 +1,129 @@
+"""The host scheduler on its own: preemption, cancellation and verify rollback bookkeeping checked
+against a plain chain, without jax (tests/sched_scenarios.py); incremental detokenization."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import sched_scenarios as sc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_preemption_recomputes_to_the_same_tokens(verify):
+    assert sc.preemption(verify) > 0
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_cancellation_returns_slot_and_pages(verify):
+    sc.cancellation(verify)
+
+
+def test_verify_rollback_returns_rejected_pages():
+    got = sc.verify_rollback()
+    assert got["accepted"] < got["drafts"]
+
+
+def test_fake_runner_catches_a_page_bug(monkeypatch):
+    """The scenarios can fail: a scheduler that hands out a page still in use changes the tokens."""
+    from drex_jax.kv.pages import PageAllocator
+
+    real = PageAllocator.free
+
+    def leaky_free(self, pages):  # also "frees" a page the caller keeps
+        real(self, pages)
+        if pages:
+            self._free.append(pages[0] + 1 if pages[0] + 1 < self.num_pages else 1)
+
+    monkeypatch.setattr(PageAllocator, "free", leaky_free)
+    with pytest.raises(AssertionError):
+        sc.preemption(False)
+
+
+def test_scenarios_run_without_jax():
+    code = ("import sys\nimport tests.sched_scenarios as sc\n"
+            "sc.preemption(False); sc.preemption(True); sc.cancellation(True); sc.verify_rollback()\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
+            "print(bad[:5]); sys.exit(1 if bad else 0)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{r.stdout.strip()} {r.stderr[-800:]}"
+
+
+# ---------------------------------------------------------------------------- detokenization
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from drex_jax.default_model import default_model_path
+
+    return AutoTokenizer.from_pretrained(os.path.join(default_model_path(), "tokenizer"))
+
+
+class _CountingTokenizer:
+    """Counts the token ids each decode call is given (the work incremental detokenization does)."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, []
+
+    def decode(self, ids, **kw):
+        self.decoded.append(len(ids))
+        return self.tok.decode(ids, **kw)
+
+
+def _long_ids(tokenizer, n=4000):
+    text = ("Incremental detokenization: caf\u00e9, na\u00efve, \u6f22\u5b57, emoji \U0001F680\U0001F600 and "
+            "code `x = [i ** 2 for i in range(10)]`.\n")
+    ids = []
+    while len(ids) < n:
+        ids += tokenizer(text).input_ids
+    return ids[:n]
+
+
+def test_incremental_text_equals_full_decode_and_cost_stays_flat(tokenizer):
+    from drex_jax.sched.detokenize import IncrementalDetokenizer
+
+    ids = _long_ids(tokenizer)
+    counting = _CountingTokenizer(tokenizer)
+    detok = IncrementalDetokenizer(counting)
+    pieces, per_token, seconds = [], [], []
+    for i, t in enumerate(ids):
+        before, t0 = len(counting.decoded), time.perf_counter()
+        delta, stopped = detok.add(t, final=i == len(ids) - 1)
+        seconds.append(time.perf_counter() - t0)
+        per_token.append(sum(counting.decoded[before:]))
+        pieces.append(delta)
+        assert not stopped
+    assert "".join(pieces) == detok.text == tokenizer.decode(ids, skip_special_tokens=True)
+    # cost per token does not grow with length: ids decoded per token stay a small window
+    assert max(per_token) <= 16, max(per_token)
+    assert sum(per_token[-500:]) <= 1.5 * sum(per_token[:500]) + 50
+    # and in time (median, robust to a noisy machine): the last 500 tokens cost about the first 500
+    first, last = sorted(seconds[:500])[250], sorted(seconds[-500:])[250]
+    assert last < 3 * first + 1e-4, (first, last)
+    # the old way decoded the whole output every token: ~n^2 / 2 ids
+    assert sum(per_token) < len(ids) * 8 < len(ids) ** 2 / 2
+
+
+def test_stop_strings_and_split_characters(tokenizer):
+    from drex_jax.sched.detokenize import IncrementalDetokenizer
+
+    ids = tokenizer("Hello \U0001F680 world. STOP here").input_ids
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    detok = IncrementalDetokenizer(tokenizer, stop=("STOP",))
+    out, stopped = [], False
+    for t in ids:
+        delta, stopped = detok.add(t)
+        assert "\ufffd" not in delta  # a character split over tokens is held until complete
+        out.append(delta)
+        if stopped:
+            break
+    assert stopped and "".join(out) == detok.text == full[:full.index("STOP")]
+    with pytest.raises(ValueError, match="stop string"):
+        detok.add(ids[-1])
+    # a stop string straddling two tokens' text, and a partial stop prefix held back until decided
+    detok = IncrementalDetokenizer(tokenizer, stop=("d. ST",))
+    emitted = "".join(detok.add(t)[0] for t in ids[:-2])
+    assert detok.stopped and emitted == full[:full.index("d. ST")]
