@@ -340,10 +340,13 @@ def _bench(args) -> int:
 
 def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
     """Model, engine and early-exit options shared by `generate` and `serve`."""
+    from drex_jax.kv.missing import MISSING_KV_METHODS
+    from drex_jax.model.attention_backends import ATTENTION
+
     g.add_argument("--model", default=None, help="converted checkpoint dir (default: bundled SmolLM2)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--max-slots", type=int, default=32)
-    g.add_argument("--attention", default="auto", choices=["auto", "xla", "ffi", "pallas"],
+    g.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                    help="decode attention over the paged KV pool (auto: Pallas on a GPU, the C++ kernel on a CPU)")
     g.add_argument("--max-seq-len", type=int, default=1024)
     m = g.add_argument_group("devices")
@@ -361,7 +364,7 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
     e.add_argument("--policy", default="rebatching",
                    choices=list(policies))
     e.add_argument("--confidence", default="top1_minus_top2", choices=["top1_minus_top2", "max_prob", "neg_entropy"])
-    e.add_argument("--missing-kv", default=None, choices=["copy", "propagate", "recompute"],
+    e.add_argument("--missing-kv", default=None, choices=list(MISSING_KV_METHODS),
                    help="default: what the heads were calibrated with (propagate: measured better than copy on "
                         "SmolLM2, BENCHMARKS.md); recompute: the skipped layers' K/V exactly, in the row's next "
                         "deep pass (--verify implies it)")
@@ -412,6 +415,8 @@ def _write_report(out: str, name: str, res: dict, md: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from drex_jax.kv.missing import METHODS
+    from drex_jax.model.attention_backends import ATTENTION
     from drex_jax.rebatch.policies import POLICIES
 
     p = argparse.ArgumentParser(prog="drex-jax", description=__doc__)
@@ -514,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rate", type=float, default=bd.online_rate, help="arrivals per second (Poisson) of online runs and of --url")
     b.add_argument("--sla-ttft-ms", type=float, default=bd.sla_ttft_ms)
     b.add_argument("--sla-tpot-ms", type=float, default=bd.sla_tpot_ms)
-    b.add_argument("--missing-kv", default=bd.missing_kv, choices=["copy", "propagate"])
+    b.add_argument("--missing-kv", default=bd.missing_kv, choices=[n for n, m in METHODS.items() if m.fill])
     b.add_argument("--ramp-vocab", type=int, default=None,
                    help="candidate tokens per ramp (needs the trained heads' ranking); default: whole vocabulary")
     b.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
@@ -524,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes OUT/roofline.json, .md, .png")
     r.add_argument("--quick", action="store_true", help="roofline: a small grid (batch 1 8 32, context 128 512)")
     r.add_argument("--steps", type=int, default=5, help="roofline: timed decode steps per point (median)")
-    r.add_argument("--attention", default="auto", choices=["auto", "xla", "ffi", "pallas"],
+    r.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                    help="roofline: decode attention path timed (the XLA path is timed beside it)")
     ef = b.add_argument_group("early-exit machinery efficiency")
     ef.add_argument("--ee-efficiency", action="store_true",

@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from drex_jax.kv.missing import METHODS as _MISSING_KV, MISSING_KV_METHODS
+
 CONFIDENCE_MEASURES = ("top1_minus_top2", "max_prob", "neg_entropy")
-MISSING_KV_METHODS = ("copy", "propagate", "recompute")
 RAMP_HEADS = ("shared", "trained")
 MAX_DRAFT = 63  # positions a row may hold pending (+ its current token: a 64-slot hidden ring)
 
@@ -69,7 +70,7 @@ class EEConfig:
             raise ValueError(f"unknown ramp head {self.head!r}; choose one of {RAMP_HEADS}")
         if not isinstance(self.verify, bool):
             raise ValueError(f"verify must be True or False, got {self.verify!r}")
-        if self.verify and self.missing_kv != "recompute":
+        if self.verify and not _MISSING_KV[self.missing_kv].deferred:
             raise ValueError(f"verify=True needs missing_kv='recompute' (the deep pass that verifies drafts "
                              f"recomputes their K/V), got missing_kv={self.missing_kv!r}")
         md = self.max_draft

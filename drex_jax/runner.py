@@ -19,12 +19,14 @@ from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
 from drex_jax.generation import SamplingParams
 from drex_jax.kv.pages import bucket
+from drex_jax.kv.missing import get_method
 from drex_jax.kv.pool import init_pool
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.modules import split_model
 from drex_jax.model.paged import decode_step, prefill_step
 from drex_jax.model.ramps import check_ramp_tokens
-from drex_jax.rebatch.steps import chunk_step, fill_copy, fill_propagate, segment_step
+from drex_jax.rebatch import steps
+from drex_jax.rebatch.steps import chunk_step, segment_step
 from drex_jax.sched.batch import ChunkBatch, DecodeBatch
 
 
@@ -75,7 +77,7 @@ class DeviceRunner:
         """Prompts packed into rows [R, W] (see `model.paged.prefill_step`) -> first tokens [Q]."""
         first, self.pool = prefill_step(self.state, self.pool, tokens, positions, segment_ids, write_page, write_off,
                                         last_index, sampling, kv_depth, graph=self.graph, do_sample=do_sample,
-                                        missing_kv=missing_kv)
+                                        replay_copies=get_method(missing_kv).replay_copies)
         return np.asarray(first)
 
     def decode(self, batch: DecodeBatch, do_sample: bool) -> np.ndarray:
@@ -100,7 +102,7 @@ class DeviceRunner:
         """Allocate the hidden-state buffer (recompute: a ring of bucket(max_draft + 1) positions per
         slot), give the model its trained ramps (`heads`, stacked per ramp; None = the shared LM
         head) and place the ramp candidate ids ([K] int32, checked)."""
-        ring = (bucket(ee.max_draft + 1),) if ee.missing_kv == "recompute" else ()
+        ring = (bucket(ee.max_draft + 1),) if get_method(ee.missing_kv).deferred else ()
         self.ramp_tokens = self._replicated(check_ramp_tokens(ee, self.cfg, ramp_tokens))
         self.hidden = self._replicated(jnp.zeros((max_slots,) + ring + (self.cfg.hidden_size,), self.dtype))
         if heads is not None:
@@ -132,13 +134,13 @@ class DeviceRunner:
 
     def fill(self, missing_kv: str, exit_layer: int, batch: DecodeBatch, positions: np.ndarray) -> None:
         """Missing K/V of layers >= exit_layer at `positions` [B] (-1: row untouched) of the batch's
-        rows: `copy` layer exit_layer-1's K/V, or `propagate` (each layer projects the exit hidden
-        state)."""
-        if missing_kv == "copy":
-            self.pool = fill_copy(self.pool, batch.block_tables, positions, exit_layer=exit_layer)
-        else:
-            self.pool = fill_propagate(self.state, self.pool, self.hidden, batch.slot_ids, batch.block_tables,
-                                       positions, graph=self.graph, exit_layer=exit_layer)
+        rows, by the method's fill (`kv.missing`: copy, propagate)."""
+        method = get_method(missing_kv)
+        if method.fill is None:
+            raise ValueError(f"missing_kv={missing_kv!r} fills nothing at exit (its K/V come with the next deep pass)")
+        fill = getattr(steps, method.fill)
+        self.pool = fill(self.state, self.pool, self.hidden, batch.slot_ids, batch.block_tables, positions,
+                         graph=self.graph, exit_layer=exit_layer)
 
     @staticmethod
     def _timed(call):

@@ -31,7 +31,7 @@ def layer_loop(
     start: int,
     end: int,
     kv_depth: jax.Array | None = None,
-    missing_kv: str = "copy",
+    replay_copies: bool = True,
     unroll: bool = True,
     writes: str = "per_layer",
     join_depth: jax.Array | None = None,
@@ -59,8 +59,8 @@ def layer_loop(
     scatter at all, layers ordered by the pool it hands on).
 
     kv_depth [B, T] (optional) replays early exits: a token with depth E runs layers < E only;
-    its K/V at layers >= E is what the early-exit fill wrote (`missing_kv`): layer E-1's K/V
-    (copy) or each layer's projection of the frozen exit hidden state (propagate).
+    its K/V at layers >= E is what the early-exit fill wrote (`kv.missing`): layer E-1's K/V
+    (`replay_copies`: copy) or each layer's projection of the frozen exit hidden state (propagate).
 
     join_depth [B, T] (optional) runs a chunk of positions that are at different depths (the
     recompute of skipped layers): a token joins at layer join_depth and runs the layers from there;
@@ -84,7 +84,7 @@ def layer_loop(
             v = jnp.where(joined, v, _pool_rows(v_pool, i, write_page, write_off).astype(v.dtype))
         if kv_depth is not None:
             live = (i < kv_depth)[..., None, None]  # [B, T, 1, 1]
-            if missing_kv == "copy":
+            if replay_copies:
                 k, v = jnp.where(live, k, k_last), jnp.where(live, v, v_last)
             k_last, v_last = k, v
         if writes == "attend":
@@ -162,7 +162,7 @@ def paged_layers(model: EETransformer, pool, x, positions, block_tables, start: 
                       writes=backend.writes, join_depth=join_depth)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "missing_kv"), donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "replay_copies"), donate_argnames=("pool",))
 def prefill_step(
     state: dict,
     pool: dict,
@@ -177,15 +177,16 @@ def prefill_step(
     *,
     graph: ModelGraph,
     do_sample: bool,
-    missing_kv: str = "copy",
+    replay_copies: bool = True,
 ):
     """Prefill prompts packed into rows (several prompts per row, none before them in the cache).
     `graph`, `state`: the model (`modules.split_model`).
 
     tokens, positions (-1 = padding), segment_ids, write_page, write_off: [R, W];
     last_index: [Q] flat index (row * W + col) of each prompt's last token.
-    kv_depth [R, W] (optional): replay each position's early-exit depth (see `layer_loop`), so a
-    preempted request's recomputed cache equals the one it lost.
+    kv_depth [R, W] (optional): replay each position's early-exit depth (see `layer_loop`;
+    `replay_copies`: the missing-KV method copied), so a preempted request's recomputed cache
+    equals the one it lost.
     Returns (first generated token per prompt [Q], pool).
     """
     model = graph.merge(state)
@@ -200,7 +201,7 @@ def prefill_step(
         return attention_fn(cfg, q, k, v, mask)
 
     x, pool = layer_loop(model, pool, model.embed(tokens), positions, write_page, write_off, attend,
-                         0, cfg.num_layers, kv_depth, missing_kv, writes="after")
+                         0, cfg.num_layers, kv_depth, replay_copies, writes="after")
     last = x.reshape(R * W, -1)[last_index]
     return model.next_tokens(last, sampling, do_sample), pool
 

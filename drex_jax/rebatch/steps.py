@@ -76,10 +76,12 @@ def _write_targets(pool, block_tables, positions):
     return page, pos % page_size
 
 
-@functools.partial(jax.jit, static_argnames=("exit_layer",), donate_argnames=("pool",))
-def fill_copy(pool: dict, block_tables: jax.Array, positions: jax.Array, *, exit_layer: int):
+@functools.partial(jax.jit, static_argnames=("graph", "exit_layer"), donate_argnames=("pool",))
+def fill_copy(state, pool, hidden, slot_ids, block_tables, positions, *, graph: ModelGraph, exit_layer: int):
     """Copy layer exit_layer-1's K/V at each row's position into every layer >= exit_layer.
-    block_tables [B, P], positions [B] (-1 = padding). One batched scatter per K and V."""
+    block_tables [B, P], positions [B] (-1 = padding). One batched scatter per K and V. (The model,
+    hidden buffer and slots are unused: every fill takes the same arguments, `kv.missing`.)"""
+    del state, hidden, slot_ids, graph
     page, off = _write_targets(pool, block_tables, positions)
 
     def fill(c):

@@ -16,6 +16,7 @@ import numpy as np
 
 from drex_jax.early_exit import EEConfig
 from drex_jax.generation import GenerationConfig
+from drex_jax.kv.missing import get_method
 from drex_jax.kv.pages import bucket, pow2_upto
 from drex_jax.model.config import ModelConfig
 from drex_jax.rebatch.policies import ExitPolicy, get_policy, involuntary
@@ -81,7 +82,7 @@ class EarlyExitDecoder:
                  layout: BatchLayout):
         ee.validate(cfg.num_layers, cfg.vocab_size)
         policy = get_policy(policy) if isinstance(policy, str) else policy
-        self.recompute, self.verify = ee.missing_kv == "recompute", ee.verify
+        self.recompute, self.verify = get_method(ee.missing_kv).deferred, ee.verify
         if self.recompute and not policy.exact_kv:
             raise ValueError(f"missing_kv='recompute' runs with policy 'rebatching' (or 'off'), got {policy.name!r}: "
                              "a grouped policy moves the batch as one and has no per-row deep pass to recompute in")
