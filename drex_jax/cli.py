@@ -525,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     r = b.add_argument_group("roofline")
     r.add_argument("--roofline", action="store_true",
-                   help="decode steps (prefill excluded) vs this machine's measured roofline over batch x context; "
-                        "writes OUT/roofline.json, .md, .png")
+                   help="decode steps (prefill excluded) vs this machine's measured roofline over batch x context, "
+                        "and prefill calls vs the matmul peak; writes OUT/roofline.json, .md, .png")
     r.add_argument("--quick", action="store_true", help="roofline: a small grid (batch 1 8 32, context 128 512)")
     r.add_argument("--steps", type=int, default=5, help="roofline: timed decode steps per point (median)")
     r.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],

@@ -5,7 +5,9 @@ bytes = every weight once + every live K/V byte, FLOPs = 2 x matmul params x bat
 (4 x layers x heads x head_dim x context x batch). Peak and bandwidth are measured in the same
 run (a jitted XLA matmul, a jitted XLA reduction), so "% of roofline" is comparable across runs
 on a noisy machine. The analytic bytes and FLOPs are printed beside XLA's own `cost_analysis()`
-of the compiled step. Prefill is excluded: the pool is filled with random K/V for every row.
+of the compiled step. Decode points exclude prefill (the pool is filled with random K/V for every
+row); a prefill section (`bench.prefill`) times the prefill calls the engine plans for a batch of
+prompts x prompt length against the measured matmul peak.
 """
 from __future__ import annotations
 
@@ -247,8 +249,8 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
     from drex_jax.model.attention_backends import resolve_attention
 
     grid = QUICK_GRID if quick else FULL_GRID
-    cfg, params, _ = load_checkpoint(model or default_model_path())
-    params = decode_layout(params)
+    cfg, params_ckpt, _ = load_checkpoint(model or default_model_path())
+    params = decode_layout(params_ckpt)
     dtype = params["final_norm"].dtype
     attention = resolve_attention(attention, dtype)
     compare = ("xla",) if attention != "xla" else ()
@@ -282,13 +284,28 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
     seg = segment_pair(cfg, params, seg_b, seg_c, exit_layer, ramp_vocab, peak, bandwidth, steps, attention)
     seg.update(batch=seg_b, context=seg_c, exit_layer=exit_layer, ramp_vocab=ramp_vocab, full_ms=full["ms_per_step"],
                overhead_ms=seg["shallow"]["ms"] + seg["deep"]["ms"] - full["ms_per_step"])
+    prefill_rows = prefill_section(cfg, params_ckpt, peak, attention, progress)
     hf_res = hf_tok_s(grid["hf_batches"]) if hf else {}
     for r in rows:
         if r["batch"] in hf_res and r["context"] == grid["contexts"][0]:
             r["hf_tok_s"] = hf_res[r["batch"]]
     return {"machine": machine(), "dtype": str(jnp.dtype(dtype)), "attention": attention, "peak_flops": peak,
             "bandwidth": bandwidth, "steps_per_point": steps, "points": rows, "segments": seg, "hf_tok_s": hf_res,
+            "prefill": prefill_rows,
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+def prefill_section(cfg, params, peak: float, attention: str, progress: bool) -> list[dict]:
+    """Prefill calls the engine's scheduler plans for prompts x length (`bench.prefill`), vs the peak."""
+    from drex_jax.bench.prefill import POINTS, run_prefill
+    from drex_jax.engine import Engine
+
+    if progress:
+        print("[roofline] prefill section", file=sys.stderr, flush=True)
+    longest = max(n for _, n in POINTS)
+    eng = Engine.from_params(cfg, params, max_slots=max(b for b, _ in POINTS), max_seq_len=longest + 16,
+                             max_prefill_tokens_per_step=max(b * n for b, n in POINTS), attention=attention)
+    return run_prefill(eng, peak)
 
 
 def machine() -> str:
@@ -324,6 +341,10 @@ def markdown(res: dict) -> str:
                      f"{r['bytes'] / 1e6:.0f} | {r['flops'] / 1e9:.2f} | {r['xla_bytes'] / 1e6:.0f} | "
                      f"{r['xla_flops'] / 1e9:.2f} | {r['kv_bytes'] / 1e6:.0f} | {r['roofline_ms']:.1f} | {r['bound']} | "
                      f"**{r['pct_roofline']:.0f}%** | {kv_rate} | {xla_ms} | {eng} | {hf} |")
+    if res.get("prefill"):
+        from drex_jax.bench.prefill import markdown as prefill_markdown
+
+        lines += ["", prefill_markdown(res["prefill"], res["peak_flops"]).rstrip()]
     s = res["segments"]
     lines += ["", f"Early-exit segment pair at batch {s['batch']}, context {s['context']}, exit after layer "
               f"{s['exit_layer']} (ramp vocabulary {s['ramp_vocab'] or 'full'}): shallow {s['shallow']['ms']:.1f} ms "

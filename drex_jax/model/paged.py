@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from drex_jax.generation import SamplingParams
 from drex_jax.model.attention_backends import get_backend
 from drex_jax.model.modules import EETransformer, ModelGraph
-from drex_jax.model.ops import attention as attention_fn
+from drex_jax.model.ops import causal_attention
 from drex_jax.model.ops import from_stream, to_stream
 
 
@@ -198,7 +198,7 @@ def prefill_step(
     mask = same & causal & valid[:, :, None] & valid[:, None, :]  # [R, W, W] block-diagonal causal
 
     def attend(q, k, v, k_pool, v_pool, layer):  # prompts attend to their own fresh K/V only
-        return attention_fn(cfg, q, k, v, mask)
+        return causal_attention(cfg, q, k, v, mask)
 
     x, pool = layer_loop(model, pool, model.embed(tokens), positions, write_page, write_off, attend,
                          0, cfg.num_layers, kv_depth, replay_copies, writes="after")
