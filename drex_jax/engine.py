@@ -23,6 +23,7 @@ from drex_jax.kv.pool import pages_for_budget
 from drex_jax.model.attention_backends import get_backend, resolve_attention
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import check_params, decode_layout
+from drex_jax.prompts import encode_chat, encode_prompt
 from drex_jax.runner import DeviceRunner
 from drex_jax.sched.batch import BatchLayout
 from drex_jax.sched.decoding import FullDepthDecoder
@@ -168,6 +169,11 @@ class Engine:
         return self.decoder.describe() if hasattr(self.decoder, "describe") else None
 
     @property
+    def greedy_only(self) -> bool:
+        """Whether the engine refuses sampled requests (verify mode decodes greedily)."""
+        return self.decoder.greedy_only
+
+    @property
     def ee_stats(self):
         """Early-exit counters (`EEStats`) or None without early exit."""
         return getattr(self.decoder, "stats", None)
@@ -200,31 +206,13 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; give at least one character or token")
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer; pass prompts as lists of token ids")
-            if chat:
-                return self.encode_chat([{"role": "user", "content": prompt}])
-            return list(self.tokenizer(prompt).input_ids)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty; give at least one token")
-        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be ints in [0, {self.cfg.vocab_size}), got {bad[:5]}")
-        return [int(t) for t in ids]
+        """Token ids of a prompt (text, through the chat template if `chat`, or ids, checked)."""
+        return encode_prompt(self.tokenizer, self.cfg.vocab_size, prompt, chat)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation (`[{"role": ..., "content": ...}, ...]`) through the model's chat
         template, ending with the assistant's turn."""
-        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
-        if not messages:
-            raise ValueError("messages is empty; give at least one message")
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        return encode_chat(self.tokenizer, messages)
 
     def submit(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False) -> int:
         """Queue one request; returns its id. Raises ValueError (queue untouched) on bad input."""

@@ -171,7 +171,7 @@ class EngineWorker:
             if sub.max_tokens is not None and sub.max_tokens > room:
                 raise RequestError(f"max_tokens={sub.max_tokens} with a {len(ids)}-token prompt exceeds the context "
                                    f"limit of {eng.max_seq_len} tokens: allowed range [1, {room}]", param="max_tokens")
-            greedy_only = eng.early_exit is not None and eng.early_exit.get("verify")
+            greedy_only = eng.greedy_only
             config = sub.make_config(sub.max_tokens or room, default_temperature=0.0 if greedy_only else 1.0)
             if greedy_only and config.temperature > 0:
                 raise RequestError(f"temperature={config.temperature}: this server runs lossless early exit (verify "
