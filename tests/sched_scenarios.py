@@ -107,12 +107,21 @@ def _timing():
     return types.SimpleNamespace(start=0.0, end=0.0, seconds=1e-3)
 
 
+class CharTokenizer:
+    """Token t decodes to one letter: enough for stop strings without a real tokenizer."""
+
+    @staticmethod
+    def decode(ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + int(t) % 26) for t in ids)
+
+
 class Loop:
     """The engine's loop (schedule -> prefill -> decode -> commit) over the fake runner."""
 
-    def __init__(self, num_pages: int, verify: bool, max_slots: int = 4, page_size: int = 4):
+    def __init__(self, num_pages: int, verify: bool, max_slots: int = 4, page_size: int = 4, tokenizer=None):
         self.scheduler = Scheduler(num_pages=num_pages, page_size=page_size, max_slots=max_slots, max_seq_len=64,
-                                   max_prefill_tokens_per_step=64, num_layers=LAYERS, eos_ids=frozenset())
+                                   max_prefill_tokens_per_step=64, num_layers=LAYERS, eos_ids=frozenset(),
+                                   tokenizer=tokenizer)
         self.runner = FakeRunner(page_size)
         layout = BatchLayout(page_size, max_slots, None)
         if verify:
@@ -158,10 +167,10 @@ def prompts(n: int, seed: int) -> list[list[int]]:
     return [[int(t) for t in rng.integers(0, V, rng.integers(2, 10))] for _ in range(n)]
 
 
-def serve(loop: Loop, work: list[list[int]], new_tokens: int, cancel_at: dict | None = None) -> dict:
+def serve(loop: Loop, work: list[list[int]], new_tokens: int, cancel_at: dict | None = None, stop=()) -> dict:
     """Submit two prompts per step; `cancel_at` {step: "running" | "waiting"} cancels one then.
     Returns {prompt index: GenerationResult}."""
-    gc = GenerationConfig(max_new_tokens=new_tokens)
+    gc = GenerationConfig(max_new_tokens=new_tokens, stop=tuple(stop))
     ids, out, step, queue = {}, {}, 0, list(enumerate(work))
     while queue or loop.scheduler.has_work:
         for _ in range(2):
@@ -233,3 +242,31 @@ def verify_rollback() -> dict:
     assert loop.scheduler.num_preemptions > 0
     return {"drafts": sum(st.drafts_per_ramp), "accepted": sum(st.accepted_per_ramp),
             "preemptions": loop.scheduler.num_preemptions}
+
+
+def stop_strings_in_verify_mode() -> int:
+    """Verify mode with a stop string that ends some requests in the middle of a step's accepted
+    drafts: each output is the chain up to the token that completes the stop string, the text is cut
+    before it, and the decoder counted exactly the tokens the requests kept (nothing after a stop).
+    Returns how many requests stopped on it."""
+    work, n = prompts(12, 4), 16
+    texts = [CharTokenizer.decode(chain(p, n)) for p in work]
+    stop = texts[0][5:7]  # occurs in request 0 at least
+    loop = Loop(num_pages=64, verify=True, tokenizer=CharTokenizer())
+    out = serve(loop, work, n, stop=(stop,))
+    stopped = 0
+    for i, p in enumerate(work):
+        full, text = chain(p, n), texts[i]
+        at = text.find(stop)
+        if at >= 0:
+            stopped += 1
+            want = full[:at + len(stop)]
+            assert out[i].stats.finish_reason == "stop" and out[i].text == text[:at], (i, out[i].text, text, stop)
+        else:
+            want = full
+            assert out[i].text == text
+        assert out[i].token_ids == want, (i, out[i].token_ids, want)
+    st = loop.decoder.stats
+    assert st.tokens == sum(len(r.token_ids) - 1 for r in out.values()), "tokens counted past a stop string"
+    assert sum(st.accepted_per_ramp) > 0
+    return stopped

@@ -27,6 +27,10 @@ def test_verify_rollback_returns_rejected_pages():
     assert got["accepted"] < got["drafts"]
 
 
+def test_stop_strings_in_verify_mode_end_requests_mid_step():
+    assert sc.stop_strings_in_verify_mode() >= 1
+
+
 def test_fake_runner_catches_a_page_bug(monkeypatch):
     """The scenarios can fail: a scheduler that hands out a page still in use changes the tokens."""
     from drex_jax.kv.pages import PageAllocator
@@ -46,6 +50,7 @@ def test_fake_runner_catches_a_page_bug(monkeypatch):
 def test_scenarios_run_without_jax():
     code = ("import sys\nimport tests.sched_scenarios as sc\n"
             "sc.preemption(False); sc.preemption(True); sc.cancellation(True); sc.verify_rollback()\n"
+            "sc.stop_strings_in_verify_mode()\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
             "print(bad[:5]); sys.exit(1 if bad else 0)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -127,3 +132,51 @@ def test_stop_strings_and_split_characters(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, stop=("d. ST",))
     emitted = "".join(detok.add(t)[0] for t in ids[:-2])
     assert detok.stopped and emitted == full[:full.index("d. ST")]
+
+
+class _ByteTokenizer:
+    """Token t < 256 is the byte t; 256 a special token that decodes to nothing; 1000 is b"b\\xf0"
+    ("b" + the first byte of U+1F680) and 1001 the rest of that character, as byte-level BPE splits it."""
+
+    MULTI = {1000: b"b\xf0", 1001: b"\x9f\x9a\x80"}
+
+    def __init__(self):
+        self.decoded = []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded.append(len(ids))
+        raw = b"".join(self.MULTI.get(t, bytes([t]) if t < 256 else b"") for t in ids)
+        return raw.decode("utf-8", errors="replace")
+
+
+def test_stop_string_found_while_a_character_is_incomplete():
+    """The token that completes a stop string also starts a 4-byte character: the stop is found at
+    once, as in a full decode (which reads "xab\\ufffd" and cuts before "ab"), not tokens later."""
+    from drex_jax.sched.detokenize import IncrementalDetokenizer
+
+    tok = _ByteTokenizer()
+    d = IncrementalDetokenizer(tok, stop=("ab",))
+    assert d.add(ord("x")) == ("x", False)
+    assert d.add(ord("a")) == ("", False) and d.text == "xa"  # "a" may start the stop string: held back
+    assert d.would_stop([1000]) and not d.would_stop([ord("c")])
+    assert d.text == "xa" and d.ids == [ord("x"), ord("a")]  # a peek changes nothing
+    assert d.add(1000) == ("", True) and d.text == "x"
+    # without a stop string the character is held until complete, then emitted whole
+    d = IncrementalDetokenizer(tok)
+    assert [d.add(t) for t in (ord("x"), 1000, 1001)] == [("x", False), ("", False), ("b\U0001F680", False)]
+    assert d.text == tok.decode([ord("x"), 1000, 1001])
+
+
+def test_special_tokens_move_the_window_on():
+    """A run of tokens that decode to nothing (special tokens under ignore_eos) keeps the work per
+    token flat, and the text is unchanged by them."""
+    from drex_jax.sched.detokenize import IncrementalDetokenizer
+
+    tok = _ByteTokenizer()
+    d = IncrementalDetokenizer(tok)
+    d.add(ord("h"))
+    before = len(tok.decoded)
+    for _ in range(300):
+        assert d.add(256) == ("", False)
+    assert max(tok.decoded[before:]) <= 2 and d.text == "h"
+    assert d.add(ord("i")) == ("i", False) and d.text == "hi"

@@ -273,12 +273,14 @@ class EarlyExitDecoder:
                     and not (st.drafts and st.drafts[-1] in req.stop_ids))
         return True
 
-    def _emit(self, req: Request, token: int, exit_layer: int, kv_depth: int, before: int = 0) -> None:
-        """Hand a finalized token to the scheduler (`before`: tokens of this row emitted earlier in
-        this iteration)."""
+    def _emit(self, req: Request, token: int, exit_layer: int, kv_depth: int, before: list[int] = ()) -> bool:
+        """Hand a finalized token to the scheduler (`before`: this row's tokens emitted earlier in this
+        iteration); returns whether it ends the request (stop id, length, stop string)."""
         self._out.append(Emission(req, token, exit_layer, kv_depth))
-        if req.ends_with(token, before):
+        ends = req.ends_with(list(before) + [token])
+        if ends:
             self._ending.add(req.id)
+        return ends
 
     def _finalize(self, req: Request, token: int, segment: int, kv_depth: int | None = None) -> None:
         """Emit `token` for `req`, exited after `segment`; `kv_depth`: depth of the K/V its step
@@ -334,8 +336,7 @@ class EarlyExitDecoder:
             self.stats.wanted_per_ramp[seg if j < accepted else wanted] += 1
             if j < accepted:
                 self.stats.accepted_per_ramp[seg] += 1
-            self._emit(req, token, depth, L, before=j)
-            if req.ends_with(token, j):  # the rest is dropped
+            if self._emit(req, token, depth, L, before=emit[:j]):  # the rest is dropped
                 return
 
     # ------------------------------------------------------------------ scheduling

@@ -10,6 +10,7 @@ import dataclasses
 from typing import NamedTuple
 
 from drex_jax.generation import GenerationConfig
+from drex_jax.sched.detokenize import IncrementalDetokenizer
 
 
 @dataclasses.dataclass
@@ -68,6 +69,7 @@ class Request:
     admit_seq: int = -1  # order of first admission: preemption takes the highest first
     preemptions: int = 0
     ee: EarlyExitState = dataclasses.field(default_factory=EarlyExitState)
+    detok: IncrementalDetokenizer | None = None  # its text so far (None: no tokenizer)
 
     @property
     def context_ids(self) -> list[int]:
@@ -93,10 +95,12 @@ class Request:
         c = self.config
         return (float(c.temperature), c.top_k, float(c.top_p), c.seed, len(self.generated))
 
-    def ends_with(self, token: int, emitted_before: int = 0) -> bool:
-        """Whether `token`, emitted after `emitted_before` more tokens of this step, ends the request
-        by token id or length (stop strings are only known once detokenized, at commit)."""
-        return token in self.stop_ids or len(self.generated) + emitted_before + 1 >= self.config.max_new_tokens
+    def ends_with(self, tokens: list[int]) -> bool:
+        """Whether emitting `tokens` (this step's, in order) ends the request at the last one: by
+        stop id, length or stop string (the detokenizer peeks; nothing is recorded)."""
+        if tokens[-1] in self.stop_ids or len(self.generated) + len(tokens) >= self.config.max_new_tokens:
+            return True
+        return self.detok is not None and self.detok.would_stop(tokens)
 
 
 class Emission(NamedTuple):

@@ -73,7 +73,6 @@ class Scheduler:
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
-        self._detok: dict[int, IncrementalDetokenizer] = {}  # request id -> its detokenizer
         self._next_id = self._admitted = 0
         self.num_preemptions = 0
         self.peak_pages_used = 0
@@ -101,6 +100,8 @@ class Scheduler:
                              "raise num_pages / kv_memory_bytes or lower max_new_tokens")
         stop_ids = (frozenset() if config.ignore_eos else self.eos_ids) | frozenset(config.stop_token_ids)
         req = Request(self._next_id, list(prompt_ids), config, stop_ids, time.perf_counter())
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, config.stop)
         self._next_id += 1
         self._waiting.append(req)
         return req
@@ -287,13 +288,10 @@ class Scheduler:
         elif len(req.generated) >= req.config.max_new_tokens:
             done = "length"
         delta = ""
-        if self.tokenizer is not None:
-            detok = self._detok.get(req.id)
-            if detok is None:
-                detok = self._detok[req.id] = IncrementalDetokenizer(self.tokenizer, req.config.stop)
-            delta, stopped = detok.add(em.token, final=done is not None)
+        if req.detok is not None:
+            delta, stopped = req.detok.add(em.token, final=done is not None)
             done = "stop" if stopped else done
-            req.text = detok.text
+            req.text = req.detok.text + req.detok.pending
         result = None
         if done:
             req.finish_reason = done
@@ -305,7 +303,6 @@ class Scheduler:
         self.allocator.free(req.pages)
         self._free_slots.append(req.slot)
         req.pages, req.slot = [], -1
-        self._detok.pop(req.id, None)
         return self._result(req)
 
     @staticmethod
