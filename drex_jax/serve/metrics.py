@@ -76,6 +76,7 @@ def exit_summary(result: GenerationResult, num_layers: int) -> dict:
 
 
 def _depths(result: GenerationResult, num_layers: int) -> list[int]:
-    """Layers run per generated token (a full-depth engine records only prefill's: the rest ran all)."""
+    """Layers run per generated token (the result lists one per token; a shorter list is padded at
+    full depth)."""
     depths = list(result.exit_layers)[: result.stats.generated_tokens]
     return depths + [num_layers] * (result.stats.generated_tokens - len(depths))
