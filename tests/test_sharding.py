@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # 112 s on 2 cores: run by .ci/run in its second (slow) pass
 def test_tensor_parallel_cases_on_4_host_devices():
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +

@@ -6,7 +6,7 @@ from drex_jax.exit_heads import load_heads
 from drex_jax.train_exits import TrainExitsConfig, train_exit_heads
 
 
-@pytest.mark.slow
+@pytest.mark.manual  # 160 s on 2 cores; outside CI's time budget: run with -m manual
 def test_resume_equals_uninterrupted(tmp_path, default_model):
     cfg, params, tok = default_model
     tc = TrainExitsConfig(exit_layers=(10, 20), rank=8, num_humaneval=2, new_tokens=8, steps=6, batch_size=64,
