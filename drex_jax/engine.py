@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drex_jax import compile_counter
-from drex_jax.generation import GenerationConfig, GenerationResult, StreamEvent
+from drex_jax.generation import GenerationConfig, GenerationResult, StreamEvent, TokenLogprob
 from drex_jax.kv.pages import bucket, pages_needed, pow2_upto
 from drex_jax.kv.pool import pages_for_budget
 from drex_jax.model.attention_backends import get_backend, resolve_attention
@@ -214,6 +214,15 @@ class Engine:
         template, ending with the assistant's turn."""
         return encode_chat(self.tokenizer, messages)
 
+    def score(self, prompt: str | list[int], chat: bool = False) -> list[TokenLogprob]:
+        """Each prompt token's full-depth log-probability given the tokens before it, with its top
+        `TOP_LOGPROBS_MAX` alternatives (the first token's is None: nothing predicts it). A dense
+        forward pass outside the paged pool: requests in flight are untouched."""
+        ids = self.encode(prompt, chat)
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds the context limit max_seq_len={self.max_seq_len}")
+        return self.runner.score(ids)
+
     def submit(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False) -> int:
         """Queue one request; returns its id. Raises ValueError (queue untouched) on bad input."""
         config = config or GenerationConfig()
@@ -239,7 +248,8 @@ class Engine:
             b = plan.prefill
             first = self.runner.prefill(b.tokens, b.positions, b.segment_ids, b.write_page, b.write_off,
                                         b.last_index, b.sampling, b.kv_depth, do_sample=b.do_sample,
-                                        missing_kv=self.decoder.missing_kv if b.kv_depth is not None else "copy")
+                                        missing_kv=self.decoder.missing_kv if b.kv_depth is not None else "copy",
+                                        logprobs=b.logprobs)
             events += self.scheduler.commit(self.scheduler.prefill_emissions(b, first))
         rows = [r for r in plan.running if not r.finished]
         if rows:

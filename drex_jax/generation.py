@@ -7,6 +7,18 @@ from typing import NamedTuple
 
 import numpy as np
 
+TOP_LOGPROBS_MAX = 20  # alternatives per token a request may ask for (OpenAI's limit)
+
+
+class TokenLogprob(NamedTuple):
+    """One generated (or prompt) token's log-probability and its top alternatives (id, logprob),
+    most likely first (`drex_jax.logprobs` says which distribution). `logprob` None: the first
+    prompt token, which nothing predicts."""
+
+    logprob: float | None
+    top: tuple[tuple[int, float], ...]
+
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
@@ -18,6 +30,8 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first match
     seed: int = 0
     ignore_eos: bool = False
+    min_tokens: int = 0  # the first min_tokens tokens never end the request (stop ids and strings)
+    logprobs: int | None = None  # None: off; k in [0, 20]: each token's logprob and its k top alternatives
     deadline_ms: float | None = None  # per-token deadline, used by the early-exit flush policy
 
     def __post_init__(self):
@@ -42,6 +56,13 @@ class GenerationConfig:
             isinstance(t, int) and t >= 0 for t in self.stop_token_ids
         ):
             raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not (
+                0 <= self.min_tokens <= self.max_new_tokens):
+            raise ValueError(f"min_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_tokens!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= TOP_LOGPROBS_MAX):
+            raise ValueError(f"logprobs must be None or an integer in [0, {TOP_LOGPROBS_MAX}], got {self.logprobs!r}")
         if self.deadline_ms is not None and not (
             isinstance(self.deadline_ms, (int, float)) and math.isfinite(self.deadline_ms) and self.deadline_ms > 0
         ):
@@ -68,6 +89,7 @@ class GenerationResult:
     token_ids: list[int]
     stats: RequestStats
     exit_layers: list[int] = dataclasses.field(default_factory=list)  # depth each token ran to
+    logprobs: list[TokenLogprob] | None = None  # per token, when the config asked (`drex_jax.logprobs`)
 
 
 @dataclasses.dataclass
@@ -77,6 +99,8 @@ class StreamEvent:
     text: str  # newly final text since the previous event of this request
     finished: bool
     result: GenerationResult | None = None  # set on the last event
+    logprob: TokenLogprob | None = None  # this token's, when the config asked
+    exit_layer: int = -1  # the depth this token ran to
 
 
 class SamplingParams(NamedTuple):
@@ -98,3 +122,37 @@ class SamplingParams(NamedTuple):
             np.asarray(cols[0], np.float32), np.asarray(cols[1], np.int32), np.asarray(cols[2], np.float32),
             np.asarray(cols[3], np.uint32), np.asarray(cols[4], np.int32),
         )
+
+
+class LogprobRows(NamedTuple):
+    """Per row: the chosen token's log-probability and the `TOP_LOGPROBS_MAX` most likely tokens
+    (device arrays inside a jitted step, numpy on the host)."""
+
+    chosen: np.ndarray  # [B] f32
+    top_ids: np.ndarray  # [B, K] int32 token ids
+    top: np.ndarray  # [B, K] f32, descending
+
+
+class Sampled(NamedTuple):
+    """A step's tokens on the host: tokens [B] (or [B, T]), and `LogprobRows` of numpy arrays when
+    the step was asked for them."""
+
+    tokens: np.ndarray
+    logprobs: LogprobRows | None = None
+
+    @staticmethod
+    def from_device(out) -> "Sampled":
+        """A jitted step's token output (an array, or (tokens, LogprobRows)) fetched to the host."""
+        if isinstance(out, tuple):
+            return Sampled(np.asarray(out[0]), LogprobRows(*(np.asarray(a) for a in out[1])))
+        return Sampled(np.asarray(out))
+
+    def token(self, i: int) -> int:
+        return int(self.tokens[i])
+
+    def logprob(self, i: int) -> TokenLogprob | None:
+        """Row i's `TokenLogprob` (None when the step computed none)."""
+        if self.logprobs is None:
+            return None
+        lp = self.logprobs
+        return TokenLogprob(float(lp.chosen[i]), tuple(zip(lp.top_ids[i].tolist(), lp.top[i].tolist())))

@@ -17,10 +17,11 @@ import numpy as np
 
 from drex_jax import compile_counter
 from drex_jax.early_exit import EEConfig
-from drex_jax.generation import SamplingParams
+from drex_jax.generation import Sampled, SamplingParams
 from drex_jax.kv.pages import bucket
 from drex_jax.kv.missing import get_method
 from drex_jax.kv.pool import init_pool
+from drex_jax.logprobs import score_prompt
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.modules import split_model
 from drex_jax.model.paged import decode_step, prefill_step
@@ -73,21 +74,28 @@ class DeviceRunner:
 
     # ------------------------------------------------------------------ plain decoding
     def prefill(self, tokens, positions, segment_ids, write_page, write_off, last_index, sampling: SamplingParams,
-                kv_depth=None, *, do_sample: bool, missing_kv: str = "copy") -> np.ndarray:
-        """Prompts packed into rows [R, W] (see `model.paged.prefill_step`) -> first tokens [Q]."""
+                kv_depth=None, *, do_sample: bool, missing_kv: str = "copy", logprobs: bool = False) -> Sampled:
+        """Prompts packed into rows [R, W] (see `model.paged.prefill_step`) -> first tokens [Q]
+        (with their log-probabilities when `logprobs`)."""
         first, self.pool = prefill_step(self.state, self.pool, tokens, positions, segment_ids, write_page, write_off,
                                         last_index, sampling, kv_depth, graph=self.graph, do_sample=do_sample,
-                                        replay_copies=get_method(missing_kv).replay_copies)
-        return np.asarray(first)
+                                        replay_copies=get_method(missing_kv).replay_copies, logprobs=logprobs)
+        return Sampled.from_device(first)
 
-    def decode(self, batch: DecodeBatch, do_sample: bool) -> np.ndarray:
-        """One full-depth decode step -> next tokens [B]."""
+    def decode(self, batch: DecodeBatch, do_sample: bool, logprobs: bool = False) -> Sampled:
+        """One full-depth decode step -> next tokens [B] (with log-probabilities when `logprobs`)."""
         nxt, self.pool = decode_step(self.state, self.pool, batch.tokens, batch.positions, batch.block_tables,
-                                     batch.sampling, graph=self.graph, do_sample=do_sample, attention=self.attention)
-        return np.asarray(nxt)
+                                     batch.sampling, graph=self.graph, do_sample=do_sample, attention=self.attention,
+                                     logprobs=logprobs)
+        return Sampled.from_device(nxt)
 
-    def timed_decode(self, batch: DecodeBatch, do_sample: bool) -> tuple[np.ndarray, CallTiming]:
-        return self._timed(lambda: self.decode(batch, do_sample))
+    def score(self, token_ids: list[int]) -> list:
+        """Full-depth `TokenLogprob` of every token of a prompt (`logprobs.score_prompt`), compiled
+        per power-of-two length."""
+        return score_prompt(self.graph, self.state, token_ids, bucket(len(token_ids), 16))
+
+    def timed_decode(self, batch: DecodeBatch, do_sample: bool, logprobs: bool = False) -> tuple[Sampled, CallTiming]:
+        return self._timed(lambda: self.decode(batch, do_sample, logprobs))
 
     def sync(self) -> None:
         jax.block_until_ready(self.pool)
@@ -111,11 +119,12 @@ class DeviceRunner:
         self.measure = ee.confidence
 
     def run_layers(self, batch: DecodeBatch | ChunkBatch, start: int, end: int, ramp: int, do_sample: bool,
-                   every_position: bool = False) -> tuple[np.ndarray, np.ndarray, CallTiming]:
+                   every_position: bool = False, logprobs: bool = False) -> tuple[Sampled, np.ndarray, CallTiming]:
         """Layers [start, end) for the batch's rows, then ramp `ramp` (-1: the LM head). Returns
-        (tokens [B] (every_position: [B, T]), confidences [B], timing)."""
+        (tokens [B] (every_position: [B, T]; with log-probabilities when `logprobs`), confidences
+        [B], timing)."""
         static = dict(graph=self.ee_graph, start=start, end=end, ramp=ramp, measure=self.measure,
-                      do_sample=do_sample, attention=self.attention)
+                      do_sample=do_sample, attention=self.attention, logprobs=logprobs)
 
         def call():
             if isinstance(batch, ChunkBatch):
@@ -127,7 +136,7 @@ class DeviceRunner:
                 tok, conf, self.pool, self.hidden = segment_step(
                     self.ee_state, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
                     batch.block_tables, batch.sampling, self.ramp_tokens, **static)
-            return np.asarray(tok), np.asarray(conf)
+            return Sampled.from_device(tok), np.asarray(conf)
 
         (tok, conf), timing = self._timed(call)
         return tok, conf, timing

@@ -16,7 +16,7 @@ import types
 import numpy as np
 
 from drex_jax.early_exit import EEConfig
-from drex_jax.generation import GenerationConfig
+from drex_jax.generation import GenerationConfig, Sampled
 from drex_jax.kv.pages import pages_needed
 from drex_jax.sched.batch import BatchLayout, ChunkBatch
 from drex_jax.sched.decoding import FullDepthDecoder
@@ -55,24 +55,24 @@ class FakeRunner:
         return int(bt[i, p // self.page_size]), p % self.page_size
 
     def prefill(self, tokens, positions, segment_ids, write_page, write_off, last_index, sampling, kv_depth=None,
-                *, do_sample, missing_kv="copy"):
+                *, do_sample, missing_kv="copy", logprobs=False):
         for r, c in zip(*np.nonzero(positions >= 0)):
             self.mem[int(write_page[r, c]), int(write_off[r, c])] = int(tokens[r, c])
         flat_t, flat_p = tokens.reshape(-1), positions.reshape(-1)
-        return np.asarray([markov(flat_t[i], flat_p[i]) for i in last_index], np.int32)
+        return Sampled(np.asarray([markov(flat_t[i], flat_p[i]) for i in last_index], np.int32))
 
-    def decode(self, batch, do_sample):
+    def decode(self, batch, do_sample, logprobs=False):
         out = np.zeros(len(batch.slot_ids), np.int32)
         for i, p in enumerate(batch.positions):
             if p >= 0:
                 self.mem[self._addr(batch.block_tables, i, p)] = int(batch.tokens[i])
                 out[i] = markov(batch.tokens[i], p)
-        return out
+        return Sampled(out)
 
-    def timed_decode(self, batch, do_sample):
+    def timed_decode(self, batch, do_sample, logprobs=False):
         return self.decode(batch, do_sample), _timing()
 
-    def run_layers(self, batch, start, end, ramp, do_sample, every_position=False):
+    def run_layers(self, batch, start, end, ramp, do_sample, every_position=False, logprobs=False):
         self.calls += 1
         chunk = isinstance(batch, ChunkBatch)
         positions = batch.positions if chunk else batch.positions[:, None]
@@ -93,7 +93,7 @@ class FakeRunner:
                 t = self.mem[self._addr(batch.block_tables, i, p)]
                 cur[i] = full[i, valid[-1]] if ramp < 0 or not wrong_draft(t, p) else (full[i, valid[-1]] + 1) % V
         conf = np.full(B, np.inf if ramp < 0 else 1.0, np.float32)
-        return (full if every_position and ramp < 0 else cur), conf, _timing()
+        return Sampled(full if every_position and ramp < 0 else cur), conf, _timing()
 
     def fill(self, *args):
         raise AssertionError("recompute never fills")

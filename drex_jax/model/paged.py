@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from drex_jax.generation import SamplingParams
+from drex_jax.logprobs import head_tokens
 from drex_jax.model.attention_backends import get_backend
 from drex_jax.model.modules import EETransformer, ModelGraph
 from drex_jax.model.ops import causal_attention
@@ -162,7 +163,8 @@ def paged_layers(model: EETransformer, pool, x, positions, block_tables, start: 
                       writes=backend.writes, join_depth=join_depth)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "replay_copies"), donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "replay_copies", "logprobs"),
+                   donate_argnames=("pool",))
 def prefill_step(
     state: dict,
     pool: dict,
@@ -178,6 +180,7 @@ def prefill_step(
     graph: ModelGraph,
     do_sample: bool,
     replay_copies: bool = True,
+    logprobs: bool = False,
 ):
     """Prefill prompts packed into rows (several prompts per row, none before them in the cache).
     `graph`, `state`: the model (`modules.split_model`).
@@ -187,7 +190,7 @@ def prefill_step(
     kv_depth [R, W] (optional): replay each position's early-exit depth (see `layer_loop`;
     `replay_copies`: the missing-KV method copied), so a preempted request's recomputed cache
     equals the one it lost.
-    Returns (first generated token per prompt [Q], pool).
+    Returns (first generated token per prompt [Q], pool); with `logprobs`, (tokens, LogprobRows).
     """
     model = graph.merge(state)
     cfg = model.cfg
@@ -203,10 +206,11 @@ def prefill_step(
     x, pool = layer_loop(model, pool, model.embed(tokens), positions, write_page, write_off, attend,
                          0, cfg.num_layers, kv_depth, replay_copies, writes="after")
     last = x.reshape(R * W, -1)[last_index]
-    return model.next_tokens(last, sampling, do_sample), pool
+    return head_tokens(model, last, sampling, do_sample, logprobs), pool
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "attention"), donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "attention", "logprobs"),
+                   donate_argnames=("pool",))
 def decode_step(
     state: dict,
     pool: dict,
@@ -218,10 +222,11 @@ def decode_step(
     graph: ModelGraph,
     do_sample: bool,
     attention: str = "xla",
+    logprobs: bool = False,
 ):
     """One token per row: tokens [B], positions [B] (-1 = padding row) -> next tokens [B], pool.
-    `graph`, `state`: the model (`modules.split_model`)."""
+    `graph`, `state`: the model (`modules.split_model`); with `logprobs`, (tokens, LogprobRows)."""
     model = graph.merge(state)
     x = model.embed(tokens)[:, None]
     x, pool = paged_layers(model, pool, x, positions[:, None], block_tables, 0, model.cfg.num_layers, attention)
-    return model.next_tokens(x[:, 0], sampling, do_sample), pool
+    return head_tokens(model, x[:, 0], sampling, do_sample, logprobs), pool

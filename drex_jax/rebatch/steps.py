@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from drex_jax.generation import SamplingParams
+from drex_jax.logprobs import head_tokens, token_logprobs
 from drex_jax.model.modules import ModelGraph
 from drex_jax.model.paged import paged_layers, write_layers
 from drex_jax.model.ramps import confidence, to_token_ids
@@ -21,7 +22,7 @@ from drex_jax.sampling import sample
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graph", "start", "end", "ramp", "measure", "do_sample", "attention"),
+    jax.jit, static_argnames=("graph", "start", "end", "ramp", "measure", "do_sample", "attention", "logprobs"),
     donate_argnames=("pool", "hidden"),
 )
 def segment_step(
@@ -42,6 +43,7 @@ def segment_step(
     measure: str,
     do_sample: bool,
     attention: str = "xla",
+    logprobs: bool = False,
 ):
     """The model's segment: layers [start, end) for rows `slot_ids` [B], then the ramp `ramp` (or
     the LM head if -1). `graph`, `state`: the model with its ramps (`modules.split_model`).
@@ -50,22 +52,28 @@ def segment_step(
     hidden state is written back to `hidden[slot_ids]`. Returns (token [B], confidence [B],
     pool, hidden); confidence is +inf after the final layer. `ramp_tokens` [K]: the ramp scores
     only these candidates (None = whole vocabulary); the final LM head always scores all.
+    `logprobs`: the token output is (token, LogprobRows) (`drex_jax.logprobs`).
     """
     model = graph.merge(state)
     x = model.embed(tokens) if start == 0 else hidden[slot_ids]
     x, pool = paged_layers(model, pool, x[:, None], positions[:, None], block_tables, start, end, attention)
     x = x[:, 0]
     hidden = hidden.at[slot_ids].set(x.astype(hidden.dtype), mode="drop")
-    return _exit_head(model, x, sampling, ramp_tokens, ramp, measure, do_sample) + (pool, hidden)
+    return _exit_head(model, x, sampling, ramp_tokens, ramp, measure, do_sample, logprobs) + (pool, hidden)
 
 
-def _exit_head(model, x, sampling, ramp_tokens, ramp: int, measure: str, do_sample: bool):
+def _exit_head(model, x, sampling, ramp_tokens, ramp: int, measure: str, do_sample: bool, logprobs: bool = False):
     """(token [B], confidence [B]) of hidden states x [B, H] at ramp `ramp`, or from the LM head
-    after the last segment (ramp -1: confidence +inf, no ramp was asked)."""
+    after the last segment (ramp -1: confidence +inf, no ramp was asked). `logprobs`: token is
+    (token, LogprobRows) of the distribution it was drawn from."""
     if ramp < 0:
-        return model.next_tokens(x, sampling, do_sample), jnp.full(x.shape[:1], jnp.inf, jnp.float32)
+        return head_tokens(model, x, sampling, do_sample, logprobs), jnp.full(x.shape[:1], jnp.inf, jnp.float32)
     logits = model.ramp_logits(x, ramp, ramp_tokens)
-    return to_token_ids(sample(logits, sampling, do_sample), ramp_tokens), confidence(logits, measure)
+    cols = sample(logits, sampling, do_sample)
+    tokens = to_token_ids(cols, ramp_tokens)
+    if logprobs:
+        tokens = tokens, token_logprobs(logits, cols, sampling.temperature, ramp_tokens)
+    return tokens, confidence(logits, measure)
 
 
 def _write_targets(pool, block_tables, positions):
@@ -104,7 +112,8 @@ def fill_propagate(state, pool, hidden, slot_ids, block_tables, positions, *, gr
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graph", "start", "end", "ramp", "measure", "do_sample", "attention", "every_position"),
+    jax.jit, static_argnames=("graph", "start", "end", "ramp", "measure", "do_sample", "attention", "every_position",
+                              "logprobs"),
     donate_argnames=("pool", "ring"),
 )
 def chunk_step(
@@ -127,6 +136,7 @@ def chunk_step(
     do_sample: bool,
     attention: str = "xla",
     every_position: bool = False,
+    logprobs: bool = False,
 ):
     """Layers [start, end) for a chunk of consecutive positions per row (`missing_kv="recompute"`).
 
@@ -156,4 +166,4 @@ def chunk_step(
         B, T, H = x.shape
         final = jnp.full((B,), jnp.inf, jnp.float32)
         return model.greedy_tokens(x.reshape(B * T, H)).reshape(B, T), final, pool, ring
-    return _exit_head(model, xc, sampling, ramp_tokens, ramp, measure, do_sample) + (pool, ring)
+    return _exit_head(model, xc, sampling, ramp_tokens, ramp, measure, do_sample, logprobs) + (pool, ring)

@@ -16,6 +16,11 @@ from drex_jax.sched.batch import BatchLayout
 from drex_jax.sched.request import Emission, Request
 
 
+def wants_logprobs(rows: list[Request]) -> bool:
+    """Whether a step over `rows` must return log-probabilities (a static flag of its program)."""
+    return any(r.config.logprobs is not None for r in rows)
+
+
 class Decoder(Protocol):
     missing_kv: str  # how prefill replays a preempted request's early exits ("copy": none to replay)
     greedy_only: bool  # refuses sampling (verify mode)
@@ -47,8 +52,9 @@ class FullDepthDecoder:
 
     def step(self, rows: list[Request]) -> list[Emission]:
         batch = self.layout.decode(rows)
-        nxt = self.runner.decode(batch, any(r.config.temperature > 0 for r in rows))
-        return [Emission(r, int(nxt[i]), self.num_layers, self.num_layers) for i, r in enumerate(rows)]
+        nxt = self.runner.decode(batch, any(r.config.temperature > 0 for r in rows), wants_logprobs(rows))
+        return [Emission(r, nxt.token(i), self.num_layers, self.num_layers, nxt.logprob(i))
+                for i, r in enumerate(rows)]
 
     def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
         return [("decode", b, w) for b in pow2_upto(max_batch) for w in widths]

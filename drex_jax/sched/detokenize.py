@@ -56,7 +56,8 @@ class IncrementalDetokenizer:
         new, held, _ = self._step(list(tokens), False)
         return self._find_stop(self.text + new + held, len(self.text)) >= 0
 
-    def add(self, token: int, final: bool = False) -> tuple[str, bool]:
+    def add(self, token: int, final: bool = False, may_stop: bool = True) -> tuple[str, bool]:
+        """Append a token; `may_stop` False: stop strings are not searched yet (min_tokens)."""
         if self.stopped:
             raise ValueError("this request already hit a stop string; it takes no more tokens")
         new, held, taken = self._step([int(token)], final)
@@ -66,7 +67,7 @@ class IncrementalDetokenizer:
         if taken:
             self._prefix, self._read = self._read, len(self.ids)
         self.pending = held
-        if self.stop:
+        if self.stop and may_stop:
             # the held text counts too: a stop string is found at once, as in the full decode
             full = self.text + held
             cut = self._find_stop(full, searched)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from drex_jax.early_exit import EEConfig
-from drex_jax.generation import GenerationConfig
+from drex_jax.generation import GenerationConfig, Sampled
 from drex_jax.kv.missing import get_method
 from drex_jax.kv.pages import bucket, pow2_upto
 from drex_jax.model.config import ModelConfig
@@ -24,6 +24,7 @@ from drex_jax.sched.art import ARTProfiler
 from drex_jax.sched.batch import BatchLayout, ChunkBatch, DecodeBatch
 from drex_jax.sched.flush import FlushConfig, flush_reason
 from drex_jax.sched.ramp_gate import EE, FUSED, GateConfig, RampGate
+from drex_jax.sched.decoding import wants_logprobs
 from drex_jax.sched.request import Emission, Request
 
 
@@ -119,6 +120,9 @@ class EarlyExitDecoder:
                              checked_per_ramp=[0] * (n - 1), accepted_per_ramp=[0] * (n - 1))
 
     def check_request(self, config: GenerationConfig) -> None:
+        if self.verify and config.logprobs is not None:
+            raise ValueError(f"logprobs={config.logprobs} but this engine runs EEConfig(verify=True), whose tokens "
+                             "come from verifying drafts, not from one distribution: use an engine without verify")
         if self.verify and config.temperature > 0:
             raise ValueError(f"temperature={config.temperature} but this engine runs EEConfig(verify=True), which "
                              "verifies drafts greedily (speculative sampling is not implemented): use temperature=0 "
@@ -145,17 +149,18 @@ class EarlyExitDecoder:
             return self.layout.chunk(reqs, start, self.cfg.num_layers if end is None else end)
         return self.layout.decode(reqs)
 
-    def run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool):
-        """Layers [start, end) then ramp `ramp` (-1: LM head) on batch `arrays`; returns (tokens,
-        confidences, seconds or None when the call compiled)."""
+    def run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool, logprobs: bool = False):
+        """Layers [start, end) then ramp `ramp` (-1: LM head) on batch `arrays`; returns (tokens (a
+        `Sampled`), confidences, seconds or None when the call compiled)."""
         tok, conf, timing = self.runner.run_layers(arrays, start, end, ramp, do_sample,
-                                                   every_position=self.verify and ramp < 0)
+                                                   every_position=self.verify and ramp < 0, logprobs=logprobs)
         self._account(timing)
         return tok, conf, timing.seconds
 
     def _segment(self, s: int, arrays, do_sample: bool, reqs: list):
         last = s == self.num_segments - 1
-        tok, conf, dt = self.run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
+        tok, conf, dt = self.run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample,
+                                        wants_logprobs(reqs))
         if dt is not None:
             self.art.record_segment(s, self._art_key(arrays), dt)
         self.stats.segment_calls += 1
@@ -273,18 +278,20 @@ class EarlyExitDecoder:
                     and not (st.drafts and st.drafts[-1] in req.stop_ids))
         return True
 
-    def _emit(self, req: Request, token: int, exit_layer: int, kv_depth: int, before: list[int] = ()) -> bool:
+    def _emit(self, req: Request, token: int, exit_layer: int, kv_depth: int, before: list[int] = (),
+              logprob=None) -> bool:
         """Hand a finalized token to the scheduler (`before`: this row's tokens emitted earlier in this
         iteration); returns whether it ends the request (stop id, length, stop string)."""
-        self._out.append(Emission(req, token, exit_layer, kv_depth))
+        self._out.append(Emission(req, token, exit_layer, kv_depth, logprob))
         ends = req.ends_with(list(before) + [token])
         if ends:
             self._ending.add(req.id)
         return ends
 
-    def _finalize(self, req: Request, token: int, segment: int, kv_depth: int | None = None) -> None:
-        """Emit `token` for `req`, exited after `segment`; `kv_depth`: depth of the K/V its step
-        wrote, when not the exit depth (latency-only keeps computing)."""
+    def _finalize(self, req: Request, out: Sampled, i: int, segment: int, kv_depth: int | None = None) -> None:
+        """Emit row i of `out` for `req`, exited after `segment`; `kv_depth`: depth of the K/V its
+        step wrote, when not the exit depth (latency-only keeps computing)."""
+        token = out.token(i)
         depth = self.bounds[segment + 1]
         if self.verify and depth < self.cfg.num_layers:
             return self._draft(req, token, segment)
@@ -296,7 +303,7 @@ class EarlyExitDecoder:
         self.stats.exits_per_ramp[segment] += 1
         self.stats.wanted_per_ramp[req.ee.first_want if req.ee.first_want >= 0 else self.num_segments - 1] += 1
         req.ee.token_done()
-        self._emit(req, token, depth, kv_depth or depth)
+        self._emit(req, token, depth, kv_depth or depth, logprob=out.logprob(i))
 
     def _draft(self, req: Request, token: int, segment: int) -> None:
         """Verify mode: `token` exited at ramp `segment`: a draft, the row's next input, not output."""
@@ -386,25 +393,25 @@ class EarlyExitDecoder:
             r.ee.first_want = -1  # no ramp was asked
         if self.recompute and not any(r.ee.pending for r in reqs):
             # nothing to recompute: the plain decode step, plain decoding exactly
-            tok, timing = self.runner.timed_decode(self.layout.decode(reqs), do_sample)
+            tok, timing = self.runner.timed_decode(self.layout.decode(reqs), do_sample, wants_logprobs(reqs))
             self._account(timing)
             return self._finalize_all(reqs, tok)
         arrays = self._batch_arrays(reqs)
-        tok, _, dt = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
+        tok, _, dt = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample, wants_logprobs(reqs))
         if dt is not None:
             self.art.record_full(self._art_key(arrays), dt)
         self._progress(reqs, self.cfg.num_layers)
         self._finalize_all(reqs, tok)
 
-    def _finalize_all(self, reqs: list, tok: np.ndarray) -> None:
+    def _finalize_all(self, reqs: list, tok: Sampled) -> None:
         """Rows that ran the last layer: emit the LM head's token (verify mode: check the drafts)."""
         last = self.num_segments - 1
         for i, r in enumerate(reqs):
             r.ee.buffered_iter = -1
-            if self.verify:  # tok [B, T] from a chunk, or [B] from the plain decode step
-                self._verify(r, np.atleast_1d(tok[i]))
+            if self.verify:  # tokens [B, T] from a chunk, or [B] from the plain decode step
+                self._verify(r, np.atleast_1d(tok.tokens[i]))
             else:
-                self._finalize(r, int(tok[i]), last)
+                self._finalize(r, tok, i, last)
 
     def _run_pipeline(self, rows: list, ready: list, drain: bool = False) -> None:
         """DREX rebatching, shallow segments first so rows merge: ready rows run segment 0; at each
@@ -466,7 +473,7 @@ class EarlyExitDecoder:
         for i, r in enumerate(reqs):
             if wants[i]:
                 r.ee.buffered_iter = -1
-                self._finalize(r, int(tok[i]), s)
+                self._finalize(r, tok, i, s)
             else:
                 r.ee.stage, r.ee.buffered_iter = s + 1, self.iteration
                 rest.append(r)
@@ -478,7 +485,7 @@ class EarlyExitDecoder:
         arrays = self._batch_arrays(reqs)
         n = len(reqs)
         if not self.policy.evaluates_ramps:
-            tok, _, _ = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
+            tok, _, _ = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample, wants_logprobs(reqs))
             self._finalize_all(reqs, tok)
             return
         released = np.zeros(n, bool)  # latency-only: token already emitted
@@ -487,13 +494,13 @@ class EarlyExitDecoder:
             if s == self.num_segments - 1:
                 for i, r in enumerate(reqs):
                     if not released[i]:
-                        self._finalize(r, int(tok[i]), s)
+                        self._finalize(r, tok, i, s)
                 return
             wants = self._wants_exit(s, conf, reqs)
             if self.policy.releases_early:
                 new = wants & ~released
                 for i in np.flatnonzero(new):  # emitted now, but the row keeps computing real KV
-                    self._finalize(reqs[i], int(tok[i]), s, kv_depth=self.cfg.num_layers)
+                    self._finalize(reqs[i], tok, i, s, kv_depth=self.cfg.num_layers)
                     self.stats.layers_run += self.cfg.num_layers - self.bounds[s + 1]
                 released |= new
                 continue
@@ -507,5 +514,5 @@ class EarlyExitDecoder:
             if exit_all:
                 self._fill(self.bounds[s + 1], list(range(n)), arrays)
                 for i, r in enumerate(reqs):
-                    self._finalize(r, int(tok[i]), s)
+                    self._finalize(r, tok, i, s)
                 return

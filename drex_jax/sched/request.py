@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from drex_jax.generation import GenerationConfig
+from drex_jax.generation import GenerationConfig, TokenLogprob
 from drex_jax.sched.detokenize import IncrementalDetokenizer
 
 
@@ -70,6 +70,7 @@ class Request:
     preemptions: int = 0
     ee: EarlyExitState = dataclasses.field(default_factory=EarlyExitState)
     detok: IncrementalDetokenizer | None = None  # its text so far (None: no tokenizer)
+    logprobs: list | None = None  # TokenLogprob per generated token, when the config asks
 
     @property
     def context_ids(self) -> list[int]:
@@ -95,12 +96,20 @@ class Request:
         c = self.config
         return (float(c.temperature), c.top_k, float(c.top_p), c.seed, len(self.generated))
 
+    def may_stop(self, n: int) -> bool:
+        """Whether the request's n-th generated token may end it on a stop id or string: not
+        within the first `min_tokens`."""
+        return n > self.config.min_tokens
+
     def ends_with(self, tokens: list[int]) -> bool:
         """Whether emitting `tokens` (this step's, in order) ends the request at the last one: by
         stop id, length or stop string (the detokenizer peeks; nothing is recorded)."""
-        if tokens[-1] in self.stop_ids or len(self.generated) + len(tokens) >= self.config.max_new_tokens:
+        n = len(self.generated) + len(tokens)
+        if n >= self.config.max_new_tokens:
             return True
-        return self.detok is not None and self.detok.would_stop(tokens)
+        if not self.may_stop(n):
+            return False
+        return tokens[-1] in self.stop_ids or (self.detok is not None and self.detok.would_stop(tokens))
 
 
 class Emission(NamedTuple):
@@ -108,9 +117,11 @@ class Emission(NamedTuple):
 
     exit_layer: the depth the token's computation ran to (what `GenerationResult.exit_layers`
       reports). kv_depth: the depth of the K/V the step wrote at the token's input position (None
-      for prefill's first token: prefill wrote the prompt's K/V)."""
+      for prefill's first token: prefill wrote the prompt's K/V). logprob: its `TokenLogprob`
+      when the request asked for log-probabilities."""
 
     request: Request
     token: int
     exit_layer: int
     kv_depth: int | None
+    logprob: TokenLogprob | None = None

@@ -44,6 +44,7 @@ class PrefillBatch:
     kv_depth: np.ndarray | None
     sampling: SamplingParams
     do_sample: bool
+    logprobs: bool = False  # some request asks for log-probabilities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,8 @@ class Scheduler:
         req = Request(self._next_id, list(prompt_ids), config, stop_ids, time.perf_counter())
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, config.stop)
+        if config.logprobs is not None:
+            req.logprobs = []
         self._next_id += 1
         self._waiting.append(req)
         return req
@@ -245,12 +248,13 @@ class Scheduler:
         return PrefillBatch(tuple(group), tokens, positions, segment_ids, write_page, write_off, last_index,
                             kv_depth if (kv_depth < L).any() else None,
                             SamplingParams.build([r.sampling_row() for r in group], Q),
-                            any(r.config.temperature > 0 for r in group))
+                            any(r.config.temperature > 0 for r in group),
+                            any(r.config.logprobs is not None for r in group))
 
-    def prefill_emissions(self, batch: PrefillBatch, first: np.ndarray) -> list[Emission]:
-        """Prefill's sampled tokens [Q] as emissions: a new request's first token; a preempted
-        request's next token is already known, so its sample is dropped."""
-        return [Emission(r, int(first[j]), self.num_layers, None)
+    def prefill_emissions(self, batch: PrefillBatch, first) -> list[Emission]:
+        """Prefill's sampled tokens (a `logprobs.Sampled` of [Q]) as emissions: a new request's
+        first token; a preempted request's next token is already known, so its sample is dropped."""
+        return [Emission(r, first.token(j), self.num_layers, None, first.logprob(j))
                 for j, r in enumerate(batch.requests) if not r.generated]
 
     # ------------------------------------------------------------------ results
@@ -282,21 +286,24 @@ class Scheduler:
         req.last_token_time = now
         req.generated.append(em.token)
         req.exit_layers.append(em.exit_layer)
+        if req.logprobs is not None:
+            req.logprobs.append(em.logprob)
+        may_stop = req.may_stop(len(req.generated))
         done = None
-        if em.token in req.stop_ids:
+        if em.token in req.stop_ids and may_stop:
             done = "stop"
         elif len(req.generated) >= req.config.max_new_tokens:
             done = "length"
         delta = ""
         if req.detok is not None:
-            delta, stopped = req.detok.add(em.token, final=done is not None)
+            delta, stopped = req.detok.add(em.token, final=done is not None, may_stop=may_stop)
             done = "stop" if stopped else done
             req.text = req.detok.text + req.detok.pending
         result = None
         if done:
             req.finish_reason = done
             result = self._finish(req)
-        return StreamEvent(req.id, em.token, delta, done is not None, result)
+        return StreamEvent(req.id, em.token, delta, done is not None, result, em.logprob, em.exit_layer)
 
     def _finish(self, req: Request) -> GenerationResult:
         del self._running[req.slot]
@@ -315,4 +322,5 @@ class Scheduler:
             tpot_s=(req.last_token_time - req.first_token_time) / max(n - 1, 1),
             latency_s=end - req.submit_time, finish_reason=req.finish_reason, preemptions=req.preemptions,
         )
-        return GenerationResult(req.id, req.text, list(req.generated), stats, list(req.exit_layers))
+        return GenerationResult(req.id, req.text, list(req.generated), stats, list(req.exit_layers),
+                                None if req.logprobs is None else list(req.logprobs))
