@@ -1,6 +1,7 @@
 """`drex-jax serve`: the real `openai` client against a server on 127.0.0.1, outputs compared with
 offline `Engine.generate`, every error class, disconnects, back-pressure, the load test, SIGTERM."""
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -121,12 +122,19 @@ def test_stop_strings_cut_like_offline(smol):
 @pytest.mark.parametrize("kwargs,param,fragment", [
     (dict(temperature=5), "temperature", "less than or equal to 2"),
     (dict(top_p=0), "top_p", "greater than 0"),
-    (dict(max_tokens=0), "max_tokens", "greater than or equal to 1"),
+    (dict(max_tokens=0), "max_tokens", "only allowed with echo"),
     (dict(max_tokens=10_000), "max_tokens", "allowed range [1, "),
-    (dict(n=2), "n", "only n=1"),
+    (dict(n=17), "n", "less than or equal to 16"),
     (dict(seed=-1), "seed", "greater than or equal to 0"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
-    (dict(logprobs=2), "logprobs", "not supported"),
+    (dict(logprobs=21), "logprobs", "less than or equal to 20"),
+    (dict(presence_penalty=0.5), "presence_penalty", "not supported"),
+    (dict(frequency_penalty=-1), "frequency_penalty", "not supported"),
+    (dict(logit_bias={"5": 10}), "logit_bias", "not supported"),
+    (dict(best_of=3), "best_of", "only best_of equal to n"),
+    (dict(suffix="end"), "suffix", "not supported"),
+    (dict(extra_body={"response_format": {"type": "json_object"}}), "response_format", "constrained decoding"),
+    (dict(extra_body={"guided_json": {}}), "guided_json", "not supported"),
 ])
 def test_bad_completion_fields_are_400_naming_the_field(smol, kwargs, param, fragment):
     srv, _ = smol
@@ -134,6 +142,105 @@ def test_bad_completion_fields_are_400_naming_the_field(smol, kwargs, param, fra
         srv.client().completions.create(model="smol", prompt="one two three four five six seven", **kwargs)
     err = e.value.body
     assert e.value.status_code == 400 and err["param"] == param and fragment in err["message"], err
+
+
+def test_prompt_lists_token_lists_and_n_choices(smol):
+    """Every OpenAI prompt form; n choices per prompt, `index` in prompt-major order; usage counts each
+    prompt once; seeded samples are reproducible per choice and differ between choices."""
+    srv, offline = smol
+    want = offline.generate(PROMPTS[:2], GenerationConfig(max_new_tokens=6))
+    client = srv.client()
+    got = client.completions.create(model="smol", prompt=PROMPTS[:2], n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    assert [c.text for c in got.choices] == [want[0].text] * 2 + [want[1].text] * 2
+    assert got.usage.prompt_tokens == sum(w.stats.prompt_tokens for w in want)
+    assert got.usage.completion_tokens == 2 * sum(len(w.token_ids) for w in want)
+    ids = [offline.encode(p) for p in PROMPTS[:2]]
+    by_ids = client.completions.create(model="smol", prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in by_ids.choices] == [w.text for w in want]
+    sampled = [[c.text for c in client.completions.create(model="smol", prompt=PROMPTS[2], n=3, max_tokens=8,
+                                                           temperature=1.0, seed=11).choices] for _ in range(2)]
+    assert sampled[0] == sampled[1] and len(set(sampled[0])) > 1, sampled
+    chat = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": PROMPTS[0]}], n=2,
+                                          max_tokens=4, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_logprobs_echo_and_scoring_equal_offline(smol):
+    """Completions `logprobs` + `echo` (what lm-eval's loglikelihood sends) and chat `logprobs`, equal to
+    offline `Engine.score` / `generate(logprobs=...)`, streamed or not."""
+    srv, offline = smol
+    client = srv.client()
+    prompt = "Once upon a time, in a small village by the sea,"  # greedy goes on past 3 tokens
+    ids = offline.encode(prompt)
+    scores = offline.score(ids)
+    want = offline.generate([prompt], GenerationConfig(max_new_tokens=3, logprobs=2))[0]
+    assert want.stats.finish_reason == "length"
+    got = client.completions.create(model="smol", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    c = got.choices[0]
+    assert c.text == prompt + want.text
+    lp = c.logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expect = [s.logprob for s in scores[1:]] + [t.logprob for t in want.logprobs]
+    assert lp.token_logprobs[1:] == pytest.approx(expect, abs=1e-5)
+    assert "".join(lp.tokens) == c.text and lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for top, tok in zip(lp.top_logprobs[1:], lp.tokens[1:]):
+        assert 2 <= len(top) <= 3 and tok in top
+    assert c.model_extra["drex"]["exit_layers"] == [30, 30, 30]
+    # scoring only: max_tokens 0
+    only = client.completions.create(model="smol", prompt=[ids], max_tokens=0, logprobs=0, echo=True)
+    assert only.choices[0].text == offline.tokenizer.decode(ids) and only.usage.completion_tokens == 0
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expect[:len(ids) - 1], abs=1e-5)
+    # streamed: the same tokens and logprobs, spread over the chunks
+    chunks = list(client.completions.create(model="smol", prompt=prompt, max_tokens=3, temperature=0, logprobs=2,
+                                            stream=True))
+    streamed = [x for ch in chunks for x in (ch.choices[0].logprobs.token_logprobs if ch.choices[0].logprobs else [])]
+    assert streamed == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    # chat
+    chat = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": prompt}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    want_chat = offline.generate([prompt], GenerationConfig(max_new_tokens=3, logprobs=2), chat=True)[0]
+    content = chat.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx([t.logprob for t in want_chat.logprobs], abs=1e-5)
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in content)
+    assert "".join(e.token for e in content) == chat.choices[0].message.content
+    assert content[0].bytes == list(content[0].token.encode())
+
+
+def test_nulls_ignore_eos_min_tokens_and_bad_values(smol):
+    srv, offline = smol
+    r = httpx.post(srv.url + "/v1/completions", json={"model": "smol", "prompt": PROMPTS[1], "max_tokens": 3,
+                                                      "temperature": None, "top_p": None, "n": None, "stream": None,
+                                                      "seed": None, "stop": None, "logprobs": None, "user": "x"},
+                   timeout=120)
+    assert r.status_code == 200 and 1 <= r.json()["usage"]["completion_tokens"] <= 3, r.text  # null: defaults
+    free = offline.generate([PROMPTS[1]], GenerationConfig(max_new_tokens=64))[0]
+    assert free.stats.finish_reason == "stop", "the prompt must stop early for this test"
+    n = len(free.token_ids) + 4
+    client = srv.client()
+    long = client.completions.create(model="smol", prompt=PROMPTS[1], max_tokens=n, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == n and long.choices[0].finish_reason == "length"
+    held = client.completions.create(model="smol", prompt=PROMPTS[1], max_tokens=n, temperature=0,
+                                     extra_body={"min_tokens": n - 2})
+    assert held.usage.completion_tokens >= n - 2
+    for body, param, fragment in [
+        ({"prompt": [True]}, "prompt", "integer token ids"),
+        ({"prompt": [[1, 2.5]]}, "prompt", "integer token ids"),
+        ('"\\ud800"', "prompt", "lone surrogate"),  # valid JSON, not valid Unicode
+    ]:
+        raw = body if isinstance(body, str) else json.dumps(body["prompt"])
+        r = httpx.post(srv.url + "/v1/completions", content=f'{{"model": "smol", "prompt": {raw}}}'.encode(),
+                       headers={"content-type": "application/json"})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param and fragment in err["message"], err
+        assert "Error" not in err["message"]  # no internal exception text
+    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+                         ({"logprobs": False, "top_logprobs": 2}, "top_logprobs")]:
+        r = httpx.post(srv.url + "/v1/chat/completions",
+                       json={"model": "smol", "messages": [{"role": "user", "content": "hi"}], **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_bad_chat_input_unknown_model_and_bad_json(smol):

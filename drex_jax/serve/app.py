@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,10 +16,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from drex_jax.generation import GenerationResult, StreamEvent
+from drex_jax.generation import GenerationResult
 from drex_jax.serve.metrics import ServerMetrics, exit_summary
 from drex_jax.serve.protocol import (ChatCompletionRequest, CompletionRequest, RequestError, error_body,
                                      new_id)
+from drex_jax.serve.responses import TokenText, chat_logprobs, completion_logprobs, usage
 from drex_jax.serve.worker import EngineWorker, RequestHandle, Submission
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
@@ -90,99 +92,167 @@ def build_app(engine, model_name: str, *, max_waiting: int = 256, retry_after_s:
         return _model_card(model_name, engine)
 
     # ---------------------------------------------------------------- generation
+    text_of = TokenText(engine.tokenizer) if engine.tokenizer is not None else str
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, model_name)
-        handle = await worker.submit(Submission(body.prompt, False, body.max_tokens, body.generation_config))
-        return await _respond(request, handle, body, "cmpl", "text_completion", chat=False)
+        body.check_fields()
+        k = body.logprobs
+        subs = [Submission(p, False, body.max_tokens, functools.partial(body.generation_config, choice=j, logprobs=k),
+                           score_prompt=bool(body.echo) and k is not None)
+                for p in body.prompts for j in range(body.num_choices)]
+        handles = await worker.submit(subs)
+        prompts = [p for p in body.prompts for _ in range(body.num_choices)]
+
+        def prefix(h: RequestHandle) -> tuple[str, dict | None]:
+            """What a choice starts with: the prompt's text (and logprobs) with echo, else nothing."""
+            if not body.echo:
+                return "", None
+            p = prompts[h.index]
+            text = p if isinstance(p, str) else engine.tokenizer.decode(p) if engine.tokenizer else ""
+            lps = None if k is None else completion_logprobs(h.prompt_ids, h.prompt_logprobs, k, text_of)
+            return text, lps
+
+        def choice(h: RequestHandle, delta: str, tokens: list[int], lps: list, offset: int, first: bool) -> dict:
+            text, logprobs = prefix(h) if first else ("", None)
+            if k is not None:
+                gen = completion_logprobs(tokens, lps, k, text_of, offset + len(text))
+                logprobs = gen if logprobs is None else {f: logprobs[f] + gen[f] for f in gen}
+            return {"index": h.index, "text": text + delta, "logprobs": logprobs}
+
+        return await _respond(request, handles, body, "cmpl", "text_completion", choice, _prompt_tokens(handles, body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
-        handle = await worker.submit(Submission(body.message_dicts(), True, body.token_limit, body.generation_config))
-        return await _respond(request, handle, body, "chatcmpl", "chat.completion", chat=True)
+        body.check_fields()
+        k = body.num_logprobs
+        subs = [Submission(body.message_dicts(), True, body.token_limit,
+                           functools.partial(body.generation_config, choice=j, logprobs=k))
+                for j in range(body.num_choices)]
+        handles = await worker.submit(subs)
 
-    async def _respond(request: Request, handle: RequestHandle, body, prefix: str, obj: str, chat: bool):
+        def choice(h: RequestHandle, delta: str, tokens: list[int], lps: list, offset: int, first: bool) -> dict:
+            content = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
+            return {"index": h.index, ("message" if not body.stream else "delta"): content,
+                    "logprobs": None if k is None else chat_logprobs(tokens, lps, k, text_of)}
+
+        return await _respond(request, handles, body, "chatcmpl", "chat.completion", choice, handles[0].prompt_tokens)
+
+    async def _respond(request: Request, handles: list[RequestHandle], body, prefix: str, obj: str, choice,
+                       prompt_tokens: int):
         rid, created = new_id(prefix), int(time.time())
         if body.stream:
-            stream = _sse(request, handle, body, rid, created, obj + (".chunk" if chat else ""), chat)
-            return StreamingResponse(stream, media_type="text/event-stream",
+            chunks = _sse(request, handles, body, rid, created, obj + (".chunk" if prefix == "chatcmpl" else ""),
+                          choice, prompt_tokens)
+            return StreamingResponse(chunks, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            result = await _final_result(request, handle)
+            results = await _final_results(request, handles)
         finally:
-            handle.cancel()  # no-op once finished; frees the slot at once if the client left
-        if result is None:  # the client went away; nobody reads this
+            for h in handles:
+                h.cancel()  # no-op once finished; frees the slot at once if the client left
+        if results is None:  # the client went away; nobody reads this
             return Response(status_code=499)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}} if chat
-                  else {"index": 0, "text": result.text, "logprobs": None})
-        choice["finish_reason"] = result.stats.finish_reason
-        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
-                "usage": _usage(handle, result), "drex": exit_summary(result, num_layers)}
+        choices = []
+        for h, r in zip(handles, results):
+            c = choice(h, r.text, r.token_ids, r.logprobs or [], 0, True)
+            c["finish_reason"] = r.stats.finish_reason
+            if body.logprobs:
+                c["drex"] = {"exit_layers": list(r.exit_layers)}  # the depth each token (and its logprob) came from
+            choices.append(c)
+        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
+                "usage": usage(prompt_tokens, results), "drex": exit_summary(results, num_layers)}
 
-    async def _next_event(request: Request, handle: RequestHandle) -> StreamEvent | None:
-        """The request's next event; None if the client disconnected meanwhile. Raises RequestError
-        when the request was cancelled by shutdown or the engine failed."""
-        getter = asyncio.ensure_future(handle.events.get())
+    async def _next_event(request: Request, handles: list[RequestHandle]):
+        """The response's next (handle, event); None if the client disconnected meanwhile. Raises
+        RequestError when a request was cancelled by shutdown or the engine failed."""
+        getter = asyncio.ensure_future(handles[0].events.get())
         try:
             while not (await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S))[0]:
                 if await request.is_disconnected():
                     return None
         finally:
             getter.cancel()  # only if still pending: a cancelled get loses no event
-        item = getter.result()
+        handle, item = getter.result()
         if isinstance(item, Exception):
             raise RequestError(str(item), status=500, type="server_error")
         if item.finished and item.result.stats.finish_reason == "cancelled":
             raise RequestError("request cancelled: the server is shutting down", status=503, type="server_error")
-        return item
+        return handle, item
 
-    async def _final_result(request: Request, handle: RequestHandle) -> GenerationResult | None:
-        while True:
-            ev = await _next_event(request, handle)
-            if ev is None or ev.finished:
-                return None if ev is None else ev.result
+    async def _final_results(request: Request, handles: list[RequestHandle]) -> list[GenerationResult] | None:
+        results: dict[int, GenerationResult] = {}
+        while len(results) < len(handles):
+            got = await _next_event(request, handles)
+            if got is None:
+                return None
+            if got[1].finished:
+                results[got[0].index] = got[1].result
+        return [results[h.index] for h in handles]
 
-    async def _sse(request, handle, body, rid, created, obj, chat) -> AsyncIterator[str]:
+    async def _sse(request, handles, body, rid, created, obj, choice, prompt_tokens) -> AsyncIterator[str]:
         usage_field = {"usage": None} if body.include_usage else {}
 
-        def chunk(payload: dict, finish_reason=None, **extra) -> str:
-            choice = {"index": 0, **payload, "logprobs": None, "finish_reason": finish_reason}
-            msg = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
+        def chunk(choices: list[dict], **extra) -> str:
+            msg = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
                    **usage_field, **extra}
             return f"data: {json.dumps(msg)}\n\n"
 
+        # per choice: tokens (and logprobs) not yet sent, characters sent, whether it has started
+        pending = {h.index: ([], []) for h in handles}
+        offset = {h.index: 0 for h in handles}
+        results: dict[int, GenerationResult] = {}
         try:
-            if chat:
-                yield chunk({"delta": {"role": "assistant", "content": ""}})
-            while True:
+            for h in handles:  # each choice opens with its role (chat) or its echoed prompt
+                first = choice(h, "", [], [], 0, True)
+                if first.get("text") or first.get("delta"):
+                    offset[h.index] = len(first.get("text", ""))
+                    yield chunk([{**first, "finish_reason": None}])
+            while len(results) < len(handles):
                 try:
-                    ev = await _next_event(request, handle)
+                    got = await _next_event(request, handles)
                 except RequestError as e:
                     yield f"data: {json.dumps(error_body(e.message, None, e.type))}\n\n"
                     break
-                if ev is None:
+                if got is None:
                     return  # client gone: `finally` cancels
-                if ev.text or ev.finished:
-                    payload = {"delta": {"content": ev.text} if ev.text else {}} if chat else {"text": ev.text}
-                    if ev.finished:
-                        yield chunk(payload, ev.result.stats.finish_reason, drex=exit_summary(ev.result, num_layers))
-                        if body.include_usage:
-                            msg = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [],
-                                   "usage": _usage(handle, ev.result)}
-                            yield f"data: {json.dumps(msg)}\n\n"
-                        break
-                    yield chunk(payload)
+                h, ev = got
+                tokens, lps = pending[h.index]
+                if ev.token_id >= 0:
+                    tokens.append(ev.token_id)
+                    lps.append(ev.logprob)
+                if not (ev.text or ev.finished):
+                    continue
+                c = choice(h, ev.text, tokens, lps, offset[h.index], False)
+                offset[h.index] += len(ev.text)
+                pending[h.index] = ([], [])
+                c["finish_reason"] = ev.result.stats.finish_reason if ev.finished else None
+                if ev.finished:
+                    results[h.index] = ev.result
+                    extra = {"drex": exit_summary([ev.result], num_layers)}
+                    if body.logprobs:
+                        c["drex"] = {"exit_layers": list(ev.result.exit_layers)}
+                    yield chunk([c], **extra)
+                else:
+                    yield chunk([c])
+            else:
+                if body.include_usage:
+                    msg = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [],
+                           "usage": usage(prompt_tokens, list(results.values()))}
+                    yield f"data: {json.dumps(msg)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            handle.cancel()  # a client that disconnects mid-stream frees its slot and pages now
+            for h in handles:
+                h.cancel()  # a client that disconnects mid-stream frees its slots and pages now
 
     return app
 
 
-def _usage(handle: RequestHandle, result: GenerationResult) -> dict:
-    n = result.stats.generated_tokens
-    return {"prompt_tokens": handle.prompt_tokens, "completion_tokens": n, "total_tokens": handle.prompt_tokens + n}
+def _prompt_tokens(handles: list[RequestHandle], body: CompletionRequest) -> int:
+    """Prompt tokens of a completions request: each prompt counted once, whatever n."""
+    return sum(h.prompt_tokens for h in handles[::body.num_choices])
 
 
 def _check_model(name: str, served: str) -> None:

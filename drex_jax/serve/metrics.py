@@ -65,9 +65,10 @@ class ServerMetrics:
             self.mean_exit_depth.set(self._depth_sum / self._depth_tokens)
 
 
-def exit_summary(result: GenerationResult, num_layers: int) -> dict:
-    """The per-request early-exit extension field: tokens per exit depth and the mean depth."""
-    depths = _depths(result, num_layers)
+def exit_summary(results: list[GenerationResult], num_layers: int) -> dict:
+    """The per-response early-exit extension field: tokens per exit depth and the mean depth, over
+    the response's choices."""
+    depths = [d for r in results for d in _depths(r, num_layers)]
     counts: dict[str, int] = {}
     for depth in depths:
         counts[str(depth)] = counts.get(str(depth), 0) + 1

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 
-from drex_jax.generation import GenerationResult, StreamEvent
+from drex_jax.generation import GenerationResult, RequestStats, StreamEvent
 from drex_jax.serve.metrics import ServerMetrics
 from drex_jax.serve.protocol import RequestError
 
@@ -22,28 +22,36 @@ log = logging.getLogger("drex_jax.serve")
 
 @dataclasses.dataclass
 class Submission:
-    """What a handler asks for: `prompt` is text, token ids, or chat messages (`chat=True`);
-    `max_tokens` None = up to the context limit; `make_config(max_new_tokens)` builds the
-    request's GenerationConfig."""
+    """One choice a handler asks for: `prompt` is text, token ids, or chat messages (`chat=True`);
+    `max_tokens` None = up to the context limit, 0 = nothing generated (prompt scoring only);
+    `make_config(max_new_tokens, default_temperature)` builds its GenerationConfig; `score_prompt`:
+    also compute the prompt tokens' full-depth log-probabilities (`echo` with `logprobs`)."""
     prompt: str | list[int] | list[dict]
     chat: bool
     max_tokens: int | None
     make_config: object
+    score_prompt: bool = False
 
 
 class RequestHandle:
-    """A submitted request as its handler sees it: `request_id`, `prompt_tokens`, and `events`,
-    an asyncio queue of StreamEvents (the last has `finished`; an Exception ends it on failure)."""
+    """A submitted choice as its handler sees it: `index`, `request_id` (-1: nothing generated),
+    `prompt_ids`, `prompt_logprobs` (when asked). Its events arrive on `events`, an asyncio queue
+    it may share with the other choices of one response, as (handle, StreamEvent) pairs (the last
+    has `finished`; an Exception ends it on failure)."""
 
-    def __init__(self, worker: EngineWorker, loop: asyncio.AbstractEventLoop):
-        self.worker, self.loop = worker, loop
-        self.events: asyncio.Queue = asyncio.Queue()
+    def __init__(self, worker: EngineWorker, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int = 0):
+        self.worker, self.loop, self.events, self.index = worker, loop, events, index
         self.request_id = -1
-        self.prompt_tokens = 0
+        self.prompt_ids: list[int] = []
+        self.prompt_logprobs: list | None = None
         self.done = False
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
     def deliver(self, item) -> None:  # called on the engine thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self, item))
 
     def cancel(self) -> None:
         """Cancel if unfinished (client gone): the slot and pages are freed on the next loop turn."""
@@ -78,27 +86,29 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None and not self._stopping
 
-    async def submit(self, sub: Submission) -> RequestHandle:
-        """Queue a request; raises RequestError (400 bad input, 429 queue full, 503 not serving)
-        without touching any request in flight."""
+    async def submit(self, subs: list[Submission]) -> list[RequestHandle]:
+        """Queue the choices of one response, all or none; raises RequestError (400 bad input, 429
+        queue full, 503 not serving) without touching any request in flight."""
         if not self.alive:
             raise RequestError("the engine is not serving (shutting down or failed)", status=503,
                                type="server_error")
+        n = len(subs)
         with self._lock:
-            if self._in_flight >= self.capacity:
-                self.metrics.requests.labels(outcome="rejected").inc()
-                raise RequestError(f"server busy: {self._in_flight} requests in flight (limit {self.capacity}); "
-                                   "retry later", status=429, type="rate_limit_error")
-            self._in_flight += 1
-        handle = RequestHandle(self, asyncio.get_running_loop())
+            if self._in_flight + n > self.capacity:
+                self.metrics.requests.labels(outcome="rejected").inc(n)
+                raise RequestError(f"server busy: {self._in_flight} requests in flight and {n} more asked (limit "
+                                   f"{self.capacity}); retry later", status=429, type="rate_limit_error")
+            self._in_flight += n
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        handles = [RequestHandle(self, loop, events, i) for i in range(n)]
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("submit", sub, handle, accepted))
+        self._commands.put(("submit", subs, handles, accepted))
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:  # the client left while the engine was taking the request
-            accepted.add_done_callback(lambda f: f.cancelled() or f.exception() or self.cancel(f.result()))
+            accepted.add_done_callback(lambda f: f.cancelled() or f.exception() or [h.cancel() for h in f.result()])
             raise
-        return handle
+        return handles
 
     def cancel(self, request_id: int) -> None:
         self._commands.put(("cancel", request_id))
@@ -108,9 +118,9 @@ class EngineWorker:
         self._commands.put(("stop",))
         self._thread.join(timeout)
 
-    def _release(self) -> None:
+    def _release(self, n: int = 1) -> None:
         with self._lock:
-            self._in_flight -= 1
+            self._in_flight -= n
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -152,41 +162,65 @@ class EngineWorker:
             elif cmd[0] == "cancel":
                 self._cancel(cmd[1])
 
-    def _submit(self, sub: Submission, handle: RequestHandle, accepted: concurrent.futures.Future) -> None:
-        eng = self.engine
+    def _submit(self, subs: list[Submission], handles: list[RequestHandle],
+                accepted: concurrent.futures.Future) -> None:
+        """Check every choice, then queue them all (a refusal queues none)."""
         if not accepted.set_running_or_notify_cancel():  # the handler is already gone
-            self._release()
+            self._release(len(subs))
             return
         try:
-            if sub.chat:
-                ids = eng.encode_chat(sub.prompt)
-                field = "messages"
-            else:
-                ids = eng.encode(sub.prompt)
-                field = "prompt"
-            room = eng.max_seq_len - len(ids)
-            if room < 1:
-                raise RequestError(f"{field} is {len(ids)} tokens; the context limit is {eng.max_seq_len} tokens "
-                                   "(prompt + completion)", param=field)
-            if sub.max_tokens is not None and sub.max_tokens > room:
-                raise RequestError(f"max_tokens={sub.max_tokens} with a {len(ids)}-token prompt exceeds the context "
-                                   f"limit of {eng.max_seq_len} tokens: allowed range [1, {room}]", param="max_tokens")
-            greedy_only = eng.greedy_only
-            config = sub.make_config(sub.max_tokens or room, default_temperature=0.0 if greedy_only else 1.0)
-            if greedy_only and config.temperature > 0:
-                raise RequestError(f"temperature={config.temperature}: this server runs lossless early exit (verify "
-                                   "mode), which decodes greedily; send temperature 0 or omit it", param="temperature")
-            handle.request_id = eng.submit(ids, config)
-            handle.prompt_tokens = len(ids)
+            configs = [self._prepare(sub, h) for sub, h in zip(subs, handles)]
         except Exception as e:  # refused (bad input, a chat template that rejects the messages): nothing queued
-            self._release()
+            self._release(len(subs))
             if not isinstance(e, RequestError):
-                e = RequestError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}",
-                                 param="messages" if sub.chat else "prompt")
+                field = "messages" if subs[0].chat else "prompt"
+                if isinstance(e, ValueError):
+                    e = RequestError(str(e), param=field)
+                else:  # never hand an internal exception's text to the client
+                    log.exception("request refused")
+                    e = RequestError(f"{field} could not be processed (the tokenizer or chat template rejected it)",
+                                     param=field)
             accepted.set_exception(e)
             return
-        self._handles[handle.request_id] = handle
-        accepted.set_result(handle.request_id)
+        for h, config in zip(handles, configs):
+            if config is None:  # nothing to generate: the choice is its prompt (echo)
+                h.done = True
+                self._release()
+                h.deliver(StreamEvent(-1, -1, "", True, GenerationResult(
+                    -1, "", [], RequestStats(h.prompt_tokens, 0, 0.0, 0.0, 0.0, "length"), [], [])))
+                continue
+            h.request_id = self.engine.submit(h.prompt_ids, config)
+            self._handles[h.request_id] = h
+        accepted.set_result(handles)
+
+    def _prepare(self, sub: Submission, handle: RequestHandle):
+        """Encode and check one choice (RequestError naming the field); its config, None when it
+        generates nothing."""
+        eng = self.engine
+        ids = eng.encode_chat(sub.prompt) if sub.chat else eng.encode(sub.prompt)
+        field = "messages" if sub.chat else "prompt"
+        room = eng.max_seq_len - len(ids)
+        if room < (1 if sub.max_tokens != 0 else 0):
+            raise RequestError(f"{field} is {len(ids)} tokens; the context limit is {eng.max_seq_len} tokens "
+                               "(prompt + completion)", param=field)
+        if sub.max_tokens is not None and sub.max_tokens > room:
+            raise RequestError(f"max_tokens={sub.max_tokens} with a {len(ids)}-token prompt exceeds the context "
+                               f"limit of {eng.max_seq_len} tokens: allowed range [1, {room}]", param="max_tokens")
+        handle.prompt_ids = ids
+        if sub.score_prompt:
+            handle.prompt_logprobs = eng.score(ids)
+        if sub.max_tokens == 0:
+            return None
+        greedy_only = eng.greedy_only
+        config = sub.make_config(sub.max_tokens or room, default_temperature=0.0 if greedy_only else 1.0)
+        if greedy_only and config.temperature > 0:
+            raise RequestError(f"temperature={config.temperature}: this server runs lossless early exit (verify "
+                               "mode), which decodes greedily; send temperature 0 or omit it", param="temperature")
+        try:
+            eng.decoder.check_request(config)
+        except ValueError as e:
+            raise RequestError(str(e), param="logprobs" if config.logprobs is not None else None) from None
+        return config
 
     def _cancel(self, request_id: int) -> None:
         handle = self._handles.pop(request_id, None)
