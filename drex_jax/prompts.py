@@ -13,7 +13,10 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: str | list[int], chat: boo
             raise ValueError("this engine has no tokenizer; pass prompts as lists of token ids")
         if chat:
             return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
-        return list(tokenizer(prompt).input_ids)
+        ids = list(tokenizer(prompt).input_ids)
+        if not ids:  # e.g. control characters the tokenizer drops
+            raise ValueError(f"prompt {prompt[:40]!r} encodes to no tokens; give text the tokenizer keeps")
+        return ids
     ids = list(prompt)
     if not ids:
         raise ValueError("prompt is empty; give at least one token")

@@ -131,7 +131,7 @@ def test_stop_strings_cut_like_offline(smol):
     (dict(presence_penalty=0.5), "presence_penalty", "not supported"),
     (dict(frequency_penalty=-1), "frequency_penalty", "not supported"),
     (dict(logit_bias={"5": 10}), "logit_bias", "not supported"),
-    (dict(best_of=3), "best_of", "only best_of equal to n"),
+    (dict(best_of=3), "best_of", "less than or equal to 1"),
     (dict(suffix="end"), "suffix", "not supported"),
     (dict(extra_body={"response_format": {"type": "json_object"}}), "response_format", "constrained decoding"),
     (dict(extra_body={"guided_json": {}}), "guided_json", "not supported"),
@@ -227,6 +227,7 @@ def test_nulls_ignore_eos_min_tokens_and_bad_values(smol):
     for body, param, fragment in [
         ({"prompt": [True]}, "prompt", "integer token ids"),
         ({"prompt": [[1, 2.5]]}, "prompt", "integer token ids"),
+        ({"prompt": "\x04\x06"}, "prompt", "encodes to no tokens"),  # control characters the tokenizer drops
         ('"\\ud800"', "prompt", "lone surrogate"),  # valid JSON, not valid Unicode
     ]:
         raw = body if isinstance(body, str) else json.dumps(body["prompt"])

@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from drex_jax.generation import GenerationResult
+from drex_jax.serve import openapi
 from drex_jax.serve.metrics import ServerMetrics, exit_summary
+from drex_jax.serve.openapi import openapi_document
 from drex_jax.serve.protocol import (ChatCompletionRequest, CompletionRequest, RequestError, error_body,
                                      new_id)
 from drex_jax.serve.responses import TokenText, chat_logprobs, completion_logprobs, usage
@@ -42,6 +44,7 @@ def build_app(engine, model_name: str, *, max_waiting: int = 256, retry_after_s:
             await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="drex_jax", lifespan=lifespan)
+    app.openapi = lambda: openapi_document(app, model_name, engine.cfg.vocab_size, engine.max_seq_len)
     app.state.worker, app.state.metrics, app.state.model_name = worker, metrics, model_name
 
     # ---------------------------------------------------------------- errors, OpenAI-style
@@ -68,17 +71,18 @@ def build_app(engine, model_name: str, *, max_waiting: int = 256, retry_after_s:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), None, kind), status_code=e.status_code)
+        # e.headers: the `Allow` of a 405
+        return JSONResponse(error_body(str(e.detail), None, kind), status_code=e.status_code, headers=e.headers)
 
     # ---------------------------------------------------------------- plain endpoints
-    @app.get("/health")
+    @app.get("/health", responses=openapi.HEALTH)
     async def health():
         if worker.alive:
             return {"status": "ok"}
         return JSONResponse({"status": "unavailable", "error": repr(worker.error) if worker.error else None},
                             status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=openapi.METRICS)
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -86,7 +90,7 @@ def build_app(engine, model_name: str, *, max_waiting: int = 256, retry_after_s:
     async def models():
         return {"object": "list", "data": [_model_card(model_name, engine)]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", responses=openapi.MODEL)
     async def model(name: str):
         _check_model(name, model_name)
         return _model_card(model_name, engine)
@@ -94,7 +98,7 @@ def build_app(engine, model_name: str, *, max_waiting: int = 256, retry_after_s:
     # ---------------------------------------------------------------- generation
     text_of = TokenText(engine.tokenizer) if engine.tokenizer is not None else str
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=openapi.GENERATION)
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         body.check_fields()
@@ -123,7 +127,7 @@ def build_app(engine, model_name: str, *, max_waiting: int = 256, retry_after_s:
 
         return await _respond(request, handles, body, "cmpl", "text_completion", choice, _prompt_tokens(handles, body))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=openapi.GENERATION)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
         body.check_fields()

@@ -182,15 +182,27 @@ class EngineWorker:
                                      param=field)
             accepted.set_exception(e)
             return
+        queued = []
+        try:
+            for h, config in zip(handles, configs):
+                if config is not None:
+                    h.request_id = self.engine.submit(h.prompt_ids, config)
+                    queued.append(h)
+        except ValueError as e:  # checked above, so not expected: refuse the whole response, keep serving
+            log.exception("engine refused a checked request")
+            for h in queued:
+                self.engine.cancel(h.request_id)
+            self._release(len(subs))
+            accepted.set_exception(RequestError(f"request refused: {e}"))
+            return
         for h, config in zip(handles, configs):
             if config is None:  # nothing to generate: the choice is its prompt (echo)
                 h.done = True
                 self._release()
                 h.deliver(StreamEvent(-1, -1, "", True, GenerationResult(
                     -1, "", [], RequestStats(h.prompt_tokens, 0, 0.0, 0.0, 0.0, "length"), [], [])))
-                continue
-            h.request_id = self.engine.submit(h.prompt_ids, config)
-            self._handles[h.request_id] = h
+            else:
+                self._handles[h.request_id] = h
         accepted.set_result(handles)
 
     def _prepare(self, sub: Submission, handle: RequestHandle):
@@ -199,6 +211,8 @@ class EngineWorker:
         eng = self.engine
         ids = eng.encode_chat(sub.prompt) if sub.chat else eng.encode(sub.prompt)
         field = "messages" if sub.chat else "prompt"
+        if not ids:
+            raise RequestError(f"{field} encodes to no tokens; give at least one", param=field)
         room = eng.max_seq_len - len(ids)
         if room < (1 if sub.max_tokens != 0 else 0):
             raise RequestError(f"{field} is {len(ids)} tokens; the context limit is {eng.max_seq_len} tokens "
