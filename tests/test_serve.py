@@ -279,6 +279,12 @@ def test_models_health_and_metrics(smol):
                  'drex_exits_total{layer="30"}', "drex_preemptions_total"):
         assert name in m, name
     assert m["drex_mean_exit_depth"] == 30.0 and m["drex_generated_tokens_total"] > 0
+    r = httpx.get(srv.url + "/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(srv.url + "/metrics").headers["content-type"].startswith("text/plain")
+    doc = httpx.get(srv.url + "/openapi.json").json()
+    responses = doc["paths"]["/v1/completions"]["post"]["responses"]
+    assert "422" not in responses and {"200", "400", "404", "429", "503"} <= set(responses)
 
 
 def test_disconnect_mid_stream_frees_slot_and_pages(smol):
