@@ -52,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 
 PEERS_DIR = os.environ.get("DREX_PEERS_DIR", "/work/peers")
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers_runner.py")
@@ -70,6 +71,8 @@ def prompt_ids(tokenizer, n: int) -> list[list[int]]:
     from drex_jax.prompts import encode_chat
 
     ids = [encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in humaneval_prompts()[HUMANEVAL_TRAIN:]]
+    if n > len(ids):
+        raise ValueError(f"{n} prompts asked for; HumanEval holds {len(ids)} held-out problems")
     keep = sorted(sorted(range(len(ids)), key=lambda i: len(ids[i]))[:n])
     return [ids[i] for i in keep]
 
@@ -110,6 +113,7 @@ class Drex:
         from drex_jax import GenerationConfig, compile_counter
 
         gc = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+        self.engine.reset_stats()
         t0 = time.perf_counter()
         rids = [self.engine.submit(p, gc) for p in prompts]
         first, last, ids = {}, {}, {}
@@ -122,21 +126,29 @@ class Drex:
         t1 = time.perf_counter()
         return {"first_s": [first[r] for r in rids], "last_s": [last[r] for r in rids],
                 "token_ids": [ids[r] for r in rids], "wall_s": t1 - t0,
-                "compile_s": compile_counter.seconds_between(t0, t1)}  # XLA compiles inside the timed run
+                "compile_s": compile_counter.seconds_between(t0, t1),  # XLA compiles inside the timed run
+                **self.ee_counts()}
+
+    def ee_counts(self) -> dict:
+        """Early exit: layers run per decode token, and the iterations the ramp gate ran fused at
+        full depth because exiting did not pay at that batch shape (of ~new_tokens iterations)."""
+        st = self.engine.ee_stats
+        return {} if st is None else {"mean_depth": st.mean_depth(), "gate_fused_iterations": st.fused_iterations}
 
 
 class Peer:
     """A `peers_runner.py` worker on another venv's python; `error` set (and no process) if it could
     not start."""
 
-    def __init__(self, kind: str, python: str, setup: dict, env: dict):
+    def __init__(self, kind: str, python: str, setup, env: dict):
+        """`setup()`: the runner's setup line (called only once `python` is found: it may write files)."""
         self.proc, self.error, self.version = None, None, None
         if not os.path.exists(python):
             self.error = f"no {python} (see this script's docstring to install it)"
             return
         self.proc = subprocess.Popen([python, RUNNER, kind], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
-        self.proc.stdin.write(json.dumps(setup) + "\n")
+        self.proc.stdin.write(json.dumps(setup()) + "\n")
         self.proc.stdin.flush()
         hello = self._read()
         if "error" in hello:
@@ -165,13 +177,15 @@ class Peer:
             self.proc = None
 
 
-def peer_env(threads: int, venv_python: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
-               VLLM_CPU_KVCACHE_SPACE="2", TOKENIZERS_PARALLELISM="false")
-    site = glob.glob(os.path.join(os.path.dirname(os.path.dirname(venv_python)), "lib", "libiomp5.so"))
-    tcmalloc = glob.glob("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
-    if "vllm" in venv_python and (site or tcmalloc):
-        env["LD_PRELOAD"] = ":".join(tcmalloc + site + [env.get("LD_PRELOAD", "")]).rstrip(":")
+def peer_env(kind: str, python: str, threads: int) -> dict:
+    """The worker's environment: T OpenMP threads; for vLLM its thread binding (its default binds
+    one core), KV space, and the libraries its warnings ask for in LD_PRELOAD."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    if kind == "vllm":
+        preload = (glob.glob("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+                   + glob.glob(os.path.join(os.path.dirname(os.path.dirname(python)), "lib", "libiomp5.so")))
+        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}", VLLM_CPU_KVCACHE_SPACE="2",
+                   LD_PRELOAD=":".join(preload + [os.environ.get("LD_PRELOAD", "")]).rstrip(":"))
     return env
 
 
@@ -243,7 +257,7 @@ def agreement(ids: list[list[int]], ref: list[list[int]]) -> dict:
 # ------------------------------------------------------------------ report
 def markdown(res: dict) -> str:
     m = res["meta"]
-    lines = [f"# drex_jax vs vLLM vs llama.cpp ({m['machine']}, {m['threads']} threads)", "",
+    lines = [f"# drex_jax vs vLLM vs llama.cpp ({m['machine']}, {m['threads']} thread(s))", "",
              f"SmolLM2-135M-Instruct, {m['new_tokens']} greedy new tokens (EOS ignored), held-out HumanEval "
              f"prompts as chat; medians of {m['rounds']} rounds after a warm-up round. Versions: "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", "",
@@ -252,7 +266,8 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         ag = r.get("agreement_vs_drex_full")
         lines.append(f"| {r['engine']} | {r['batch']} | {r['prompt_tokens_mean']:.0f} | {r['decode_tok_s']:.1f} | "
-                     f"{r['ttft_all_s']:.2f} | {r['ttft_median_s']:.2f} | {r['e2e_tok_s']:.1f} | {r['others_cpus']:.2f} | "
+                     f"{r['ttft_all_s']:.2f} | {r['ttft_median_s']:.2f} | {r['e2e_tok_s']:.1f} | "
+                     f"{r['others_cpus']:.2f} | "
                      + (agree_cell(ag) if ag else "-") + " |")
     lines += ["", "drex early-exit: the shipped heads at their calibrated thresholds, rebatching (`drex-jax generate "
               "--early-exit`). vLLM: its LLMEngine stepped in its own process tree, fp32, prefix caching off, its "
@@ -262,6 +277,10 @@ def markdown(res: dict) -> str:
               "OpenMP engines, vLLM and llama.cpp, slow down many times when a core is taken from them). "
               "Identical: share of requests whose greedy tokens equal drex full depth's (mean common prefix; "
               "first divergence as request/token)."]
+    depth = [f"b{r['batch']} {r['mean_depth']:.1f} ({r['gate_fused_iterations']:.0f} iterations fused by the ramp gate)"
+             for r in res["rows"] if "mean_depth" in r]
+    if depth:
+        lines += ["", "drex early-exit layers run per decode token (of 30): " + ", ".join(depth)]
     compiled = [f"{r['engine']} b{r['batch']}" for r in res["rows"] if any(x["compile_s"] > 0.05 for x in r["rounds"])]
     if compiled:
         lines += ["", "XLA compiled inside a timed round (slower figures) at: " + ", ".join(compiled)]
@@ -284,18 +303,22 @@ def plot(res: dict, path: str) -> None:
     except ImportError:
         log("matplotlib missing: no PNG")
         return
-    keys = [("decode_tok_s", "decode tok/s"), ("ttft_all_s", "TTFT, all requests (s)"), ("e2e_tok_s", "end-to-end tok/s")]
+    keys = [("decode_tok_s", "decode tok/s"), ("ttft_all_s", "TTFT, all requests (s)"),
+            ("e2e_tok_s", "end-to-end tok/s")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (k, title) in zip(axes, keys):
         for eng in dict.fromkeys(r["engine"] for r in res["rows"]):
             rows = [r for r in res["rows"] if r["engine"] == eng]
             ax.plot([r["batch"] for r in rows], [r[k] for r in rows], "o-", label=eng)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(res["meta"]["batches"], [str(b) for b in res["meta"]["batches"]])
         ax.set_xlabel("batch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M fp32, {res['meta']['new_tokens']} new tokens, {res['meta']['machine']}")
+    others = statistics.median(r["others_cpus"] for r in res["rows"])
+    fig.suptitle(f"SmolLM2-135M fp32, {res['meta']['new_tokens']} new tokens, {res['meta']['machine']}, "
+                 f"{res['meta']['threads']} threads; other processes kept {others:.1f} CPUs busy (median)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -326,8 +349,6 @@ def main(argv=None) -> int:
     import jax
 
     max_b = max(args.batches)
-    from importlib.metadata import version
-
     engines, skipped = {}, {}
     versions = {"drex_jax": version("drex_jax") + " @ " + git_head(), "jax": jax.__version__}
     if "drex full" in args.engines:
@@ -349,7 +370,7 @@ def main(argv=None) -> int:
     for name, (kind, python, model) in peer_models.items():
         if name not in args.engines:
             continue
-        peer = Peer(kind, python, {**setup, "model": model()}, peer_env(args.threads, python))
+        peer = Peer(kind, python, lambda: {**setup, "model": model()}, peer_env(kind, python, args.threads))
         if peer.error:
             skipped[name] = peer.error
             log(f"{name}: skipped ({peer.error})")
@@ -364,10 +385,12 @@ def main(argv=None) -> int:
                 j0, t0 = busy_jiffies(os.getpid()), time.perf_counter()
                 res = eng.run(prompts[:b], args.new_tokens)
                 others = others_cpus(j0, busy_jiffies(os.getpid()), time.perf_counter() - t0)
-                m = {**metrics(res, args.new_tokens), "compile_s": res.get("compile_s", 0.0), "others_cpus": others}
+                m = {**metrics(res, args.new_tokens), "compile_s": res.get("compile_s", 0.0), "others_cpus": others,
+                     **{k: res[k] for k in ("mean_depth", "gate_fused_iterations") if k in res}}
                 log(f"round {rnd or 'warm-up'} batch {b:>2} {name:>15}: decode {m['decode_tok_s']:6.1f} tok/s, "
                     f"TTFT all {m['ttft_all_s']:6.2f}s, e2e {m['e2e_tok_s']:6.1f} tok/s, other processes "
                     f"{others:.2f} CPUs" + (f", waited {waited:.0f}s for quiet" if waited > 1.5 else "")
+                    + (f", mean depth {m['mean_depth']:.1f}" if "mean_depth" in m else "")
                     + (f" ({m['compile_s']:.1f}s compiling)" if m["compile_s"] else ""))
                 if rnd:
                     runs.setdefault((name, b), []).append({**m, "token_ids": res["token_ids"]})
@@ -381,6 +404,8 @@ def main(argv=None) -> int:
                **{k: statistics.median(r[k] for r in rs) for k in ("ttft_all_s", "ttft_median_s", "decode_tok_s",
                                                                     "e2e_tok_s", "others_cpus")},
                "rounds": [{k: v for k, v in r.items() if k != "token_ids"} for r in rs]}
+        if "mean_depth" in rs[0]:
+            row.update({k: statistics.median(r[k] for r in rs) for k in ("mean_depth", "gate_fused_iterations")})
         if ("drex full", b) in runs and name != "drex full":
             row["agreement_vs_drex_full"] = agreement(rs[0]["token_ids"], runs[("drex full", b)][0]["token_ids"])
         rows.append(row)
