@@ -101,7 +101,9 @@ def test_recompute_under_preemption_matches_reference(tiny4):
     assert small.num_free_pages == small.allocator.capacity and small.num_free_slots == 8
 
 
-@pytest.mark.parametrize("attention", ["ffi", pytest.param("xla", marks=pytest.mark.slow)])
+# the xla case is manual (47 s, outside CI's budget): the attention paths are compared token for token
+# by tests/test_kernels.py
+@pytest.mark.parametrize("attention", ["ffi", pytest.param("xla", marks=pytest.mark.manual)])
 def test_verify_equals_full_depth_with_arrivals(tiny4, attention):
     from drex_jax.model.kernels import ffi
 
