@@ -37,28 +37,6 @@ SEED = 1234
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def hf_copy(cache: str) -> str:
-    """An fp32 `transformers` checkpoint of the bundled GGUF (what lm-eval's hf backend loads)."""
-    out = os.path.join(cache, "lm_eval", "smollm2-135m-instruct-hf")
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
-    import torch
-    import transformers
-
-    from drex_jax.default_model import default_gguf_path
-
-    d, f = os.path.split(default_gguf_path())
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    cfg = loaded.config
-    if hasattr(cfg, "quantization_config"):  # a gguf-loaded model refuses save_pretrained
-        del cfg.quantization_config
-    model = type(loaded)(cfg).to(torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(out)
-    return out
-
-
 def run_lm_eval(lm_eval: str, model: str, model_args: str, out: str, env: dict) -> dict:
     """Run lm-eval on TASKS; returns {"results": ..., "samples": {task: [sample, ...]}}."""
     cmd = [lm_eval, "run", "--model", model, "--model_args", model_args, "--batch_size", "1",
@@ -133,9 +111,9 @@ def main(argv=None) -> int:
         print("lm-eval not found: install it in its own venv (see this script's docstring) and pass --lm-eval",
               file=sys.stderr)
         return 2
-    from drex_jax.default_model import DEFAULT_MODEL_NAME, cache_dir, default_model_path
+    from drex_jax.default_model import DEFAULT_MODEL_NAME, default_hf_copy, default_model_path
 
-    ref_dir = hf_copy(cache_dir())
+    ref_dir = default_hf_copy()
     tokenizer = os.path.join(default_model_path(), "tokenizer")
     work = tempfile.mkdtemp(prefix="lm_eval_server-")
     env = {**os.environ, **OFFLINE, "HF_HOME": os.path.join(work, "hf_home")}

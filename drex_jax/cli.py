@@ -285,6 +285,11 @@ def _bench(args) -> int:
     t0 = time.perf_counter()
     if args.url:
         md = _load_test(args)
+    elif args.peers:
+        from drex_jax.bench import peers
+
+        return peers.main(["--batches", *map(str, args.peers_batches), "--rounds", str(args.peers_rounds),
+                           "--new-tokens", str(args.peers_new_tokens), "--out", args.out])
     elif args.roofline:
         from drex_jax.bench import roofline
 
@@ -551,6 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--exit-heads", default=None, help="verify: trained heads dir (default: MODEL/exit_heads or bundled)")
     vf.add_argument("--no-gate", action="store_true",
                     help="verify: never fall back to plain decoding (the ramp gate off)")
+    pe = b.add_argument_group("side by side with the CPU peers (vLLM's CPU build, llama.cpp)")
+    pe.add_argument("--peers", action="store_true",
+                    help="drex_jax (full depth, early exit) vs vLLM CPU vs llama.cpp on the same weights and prompt ids: "
+                         "decode tok/s, TTFT, end-to-end tok/s per batch; peers run from their own venvs "
+                         "($DREX_PEERS_DIR, install lines in drex_jax/bench/peers.py) or are skipped; writes OUT/peers.*")
+    pe.add_argument("--peers-batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    pe.add_argument("--peers-rounds", type=int, default=2, help="peers: timed rounds after the warm-up (medians)")
+    pe.add_argument("--peers-new-tokens", type=int, default=128, help="peers: greedy tokens per request, EOS ignored")
     lt = b.add_argument_group("load test of a running `drex-jax serve`")
     lt.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000: run the load test "
                                                 "(writes OUT/load.json, load.md)")

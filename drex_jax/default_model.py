@@ -45,3 +45,25 @@ def default_model_path(verbose: bool = True) -> str:
         if verbose:
             print(f"[drex_jax] converted in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return dst
+
+
+def default_hf_copy() -> str:
+    """An fp32 `transformers` checkpoint of the bundled GGUF in the cache, made on first use: what
+    HF-based peers load (lm-eval's hf backend, vLLM in `drex-jax bench --peers`). Needs torch."""
+    out = os.path.join(cache_dir(), "lm_eval", "smollm2-135m-instruct-hf")  # the path earlier runs made
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import torch
+    import transformers
+
+    d, f = os.path.split(default_gguf_path())
+    print(f"[drex_jax] writing an fp32 transformers copy of {f} -> {out} (once)", file=sys.stderr)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):  # a gguf-loaded model refuses save_pretrained
+        del cfg.quantization_config
+    model = type(loaded)(cfg).to(torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(out)
+    return out

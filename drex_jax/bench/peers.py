@@ -1,17 +1,18 @@
 """drex_jax vs vLLM (CPU build) vs llama.cpp: decode tok/s, TTFT and end-to-end tok/s per batch size,
 same run, same weights, same prompt token ids.
 
-    .venv/bin/python -m benchmarks.peers [--batches 1 8 32 64] [--new-tokens 128] [--rounds 2] [--out DIR]
+    .venv/bin/drex-jax bench --peers [--peers-batches 1 8 32 64] [--out DIR]
+    .venv/bin/python -m drex_jax.bench.peers [--batches 1 8 32 64] [--new-tokens 128] [--rounds 2] [--out DIR]
 
 Engines: drex_jax at full depth (`Engine()`) and with early exit as `drex-jax generate --early-exit`
 builds it (the shipped heads, their calibrated thresholds, rebatching), in this process; vLLM (the
-HF fp32 copy of the bundled weights, `benchmarks.lm_eval_server.hf_copy`, dtype float32) and
+HF fp32 copy of the bundled weights, `drex_jax.default_model.default_hf_copy`, dtype float32) and
 llama.cpp (an F32 GGUF of the same weights, plus the bundled Q4_1 GGUF as a labelled extra row),
-each a worker process on its own venv's python (`benchmarks/peers_runner.py`, which says how each
+each a worker process on its own venv's python (`drex_jax/bench/peers_runner.py`, which says how each
 is driven). A peer whose venv is missing or fails to load is skipped with one line.
 
 Workload: the 64 shortest held-out HumanEval problems (index >= 64: the exit heads never trained on
-them; as chat 73-194 tokens, mean 148), token ids made once by drex_jax's tokenizer and chat
+them; as chat ~150 tokens on average), token ids made once by drex_jax's tokenizer and chat
 template and given as ids to every engine; batch B takes the first B; `--new-tokens` greedy tokens,
 EOS ignored. A warm-up round (compiles), then `--rounds` timed rounds; within a round each batch
 size runs every engine in turn, so machine noise hits all alike; figures are medians over rounds.
@@ -341,10 +342,9 @@ def main(argv=None) -> int:
 
     os.sched_setaffinity(0, range(args.threads))  # before jax starts its pool; the workers inherit it
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from benchmarks.lm_eval_server import hf_copy
     from drex_jax import Engine
     from drex_jax.cli import _build_engine, build_parser
-    from drex_jax.default_model import cache_dir, default_gguf_path
+    from drex_jax.default_model import default_gguf_path, default_hf_copy
 
     import jax
 
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
         f"min {min(map(len, prompts))}, max {max(map(len, prompts))}")
 
     setup = {"prompts": prompts, "threads": args.threads, "max_seq_len": MAX_SEQ_LEN, "max_batch": max_b}
-    peer_models = {"vllm": ("vllm", args.vllm_python, lambda: hf_copy(cache_dir())),
+    peer_models = {"vllm": ("vllm", args.vllm_python, default_hf_copy),
                    "llama.cpp F32": ("llamacpp", args.llama_python, lambda: f32_gguf(
                        default_gguf_path(), os.path.join(PEERS_DIR, "SmolLM2-135M-Instruct.F32.gguf"))),
                    "llama.cpp Q4_1": ("llamacpp", args.llama_python, default_gguf_path)}

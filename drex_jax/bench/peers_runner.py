@@ -1,8 +1,8 @@
-"""A peer engine (vLLM or llama.cpp) as a worker process for `benchmarks/peers.py`.
+"""A peer engine (vLLM or llama.cpp) as a worker process for `drex_jax/bench/peers.py`.
 
 Runs with the peer's own venv python, never the project's (it imports nothing from drex_jax):
 
-    PYTHON benchmarks/peers_runner.py {vllm|llamacpp}
+    PYTHON drex_jax/bench/peers_runner.py {vllm|llamacpp}
 
 Protocol, one JSON object a line. stdin, first line: the setup
 `{"model": PATH, "prompts": [[token ids], ...], "threads": T, "max_seq_len": N, "max_batch": B}`;
