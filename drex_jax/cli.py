@@ -288,8 +288,13 @@ def _bench(args) -> int:
     elif args.peers:
         from drex_jax.bench import peers
 
+        def early_exit_engine(max_slots: int, max_seq_len: int):
+            ee_args = build_parser().parse_args(["generate", "--early-exit", "--max-slots", str(max_slots),
+                                                 "--max-seq-len", str(max_seq_len)])
+            return _build_engine(ee_args)[0]
+
         return peers.main(["--batches", *map(str, args.peers_batches), "--rounds", str(args.peers_rounds),
-                           "--new-tokens", str(args.peers_new_tokens), "--out", args.out])
+                           "--new-tokens", str(args.peers_new_tokens), "--out", args.out], early_exit_engine)
     elif args.roofline:
         from drex_jax.bench import roofline
 

@@ -102,3 +102,32 @@ def test_prefix_agreement_against_greedy_reference(tiny_llama):
     assert prefix_agreement(params, cfg, prompts, outs) == 1.0
     bad = [outs[0], outs[1][:-1] + [(outs[1][-1] + 1) % cfg.vocab_size]]
     assert prefix_agreement(params, cfg, prompts, bad) == 11 / 12
+
+
+@pytest.mark.slow
+def test_bench_peers_runs_drex_and_skips_missing_peers(tmp_path, monkeypatch, default_model):
+    """`drex-jax bench --peers` where no peer venv exists: each peer is skipped with its reason, the
+    drex_jax rows are measured, and full depth's greedy tokens equal a plain `Engine.generate`."""
+    from drex_jax import Engine, GenerationConfig
+    from drex_jax.bench import peers
+    from drex_jax.cli import main
+
+    monkeypatch.setattr(peers, "PEERS_DIR", str(tmp_path / "no-peers"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # main() sets it for the peer workers
+    out = tmp_path / "peers"
+    assert main(["bench", "--peers", "--peers-batches", "1", "--peers-rounds", "1", "--peers-new-tokens", "4",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "peers.json").read_text())
+    assert set(data["skipped"]) == {"vllm", "llama.cpp F32", "llama.cpp Q4_1"}
+    assert all("no-peers" in why for why in data["skipped"].values())
+    rows = {r["engine"]: r for r in data["rows"]}
+    assert set(rows) == {"drex full", "drex early-exit"}
+    for r in rows.values():
+        assert r["batch"] == 1 and r["decode_tok_s"] > 0 and r["e2e_tok_s"] > 0 and r["ttft_all_s"] > 0
+    assert 1 <= rows["drex early-exit"]["mean_depth"] <= 30
+    engine = Engine(max_slots=1)
+    prompt = peers.prompt_ids(engine.tokenizer, peers.N_PROMPTS)[0]
+    assert data["meta"]["prompt_tokens"] == [len(prompt)]
+    ref = engine.generate([prompt], GenerationConfig(max_new_tokens=4, ignore_eos=True))[0].token_ids
+    assert data["greedy_tokens"]["drex full b1"] == [ref]
+    assert "| drex full | 1 |" in (out / "peers.md").read_text() and os.path.getsize(out / "peers.png") > 1000

@@ -1,8 +1,8 @@
 """drex_jax vs vLLM (CPU build) vs llama.cpp: decode tok/s, TTFT and end-to-end tok/s per batch size,
 same run, same weights, same prompt token ids.
 
-    .venv/bin/drex-jax bench --peers [--peers-batches 1 8 32 64] [--out DIR]
-    .venv/bin/python -m drex_jax.bench.peers [--batches 1 8 32 64] [--new-tokens 128] [--rounds 2] [--out DIR]
+    .venv/bin/drex-jax bench --peers [--peers-batches 1 8 32 64] [--peers-new-tokens 128]
+                                     [--peers-rounds 2] [--out DIR]
 
 Engines: drex_jax at full depth (`Engine()`) and with early exit as `drex-jax generate --early-exit`
 builds it (the shipped heads, their calibrated thresholds, rebatching), in this process; vLLM (the
@@ -325,7 +325,9 @@ def plot(res: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------ main
-def main(argv=None) -> int:
+def main(argv: list[str], early_exit_engine) -> int:
+    """`drex-jax bench --peers`. early_exit_engine(max_slots, max_seq_len): the Engine
+    `drex-jax generate --early-exit` runs (the CLI builds it: this module does not import the CLI)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -343,7 +345,6 @@ def main(argv=None) -> int:
     os.sched_setaffinity(0, range(args.threads))  # before jax starts its pool; the workers inherit it
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from drex_jax import Engine
-    from drex_jax.cli import _build_engine, build_parser
     from drex_jax.default_model import default_gguf_path, default_hf_copy
 
     import jax
@@ -354,9 +355,7 @@ def main(argv=None) -> int:
     if "drex full" in args.engines:
         engines["drex full"] = Drex(Engine(max_slots=max_b, max_seq_len=MAX_SEQ_LEN))
     if "drex early-exit" in args.engines:
-        ee_args = build_parser().parse_args(["generate", "--early-exit", "--max-slots", str(max_b),
-                                             "--max-seq-len", str(MAX_SEQ_LEN)])
-        engines["drex early-exit"] = Drex(_build_engine(ee_args)[0])
+        engines["drex early-exit"] = Drex(early_exit_engine(max_b, MAX_SEQ_LEN))
     tok = next(iter(engines.values())).engine.tokenizer if engines else Engine(max_slots=1).tokenizer
     prompts = prompt_ids(tok, max(N_PROMPTS, max_b))[:max_b]  # one set, whatever --batches
     log(f"{len(prompts)} prompts, chat tokens mean {statistics.mean(map(len, prompts)):.0f}, "
@@ -427,6 +426,3 @@ def main(argv=None) -> int:
     log(f"wrote {args.out}/peers.json, peers.md, peers.png")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
