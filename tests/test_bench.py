@@ -71,6 +71,7 @@ def test_scale_mode_small_shape(tmp_path):
         run_scale("gpt-5", str(trace))
 
 
+@pytest.mark.slow  # 24 s: the default suite stays under CI's 12 minutes
 def test_bench_cli_end_to_end(tmp_path, capsys, default_model):
     from drex_jax.cli import main
 
