@@ -43,7 +43,7 @@ def _generate(args) -> int:
     if ee_kwargs and not args.no_compare:  # the same model at full depth: what early exit costs and buys
         full = Engine.from_params(engine.cfg, engine.params, engine.tokenizer, dtype=args.dtype,
                                   max_slots=args.max_slots, max_seq_len=args.max_seq_len, mesh=mesh,
-                                  attention=args.attention)
+                                  attention=args.attention, **_prefill_kwargs(args))
         runs.append(("full depth", full, *_timed_generate(full, encoded, cfg, "full depth")))
     if args.json:
         print(json.dumps([{"prompt": p, **{name: {"text": r[i].text, "token_ids": r[i].token_ids,
@@ -77,8 +77,14 @@ def _build_engine(args):
     model_dir, mcfg, params, tok = load_model(args.model)
     ee_kwargs = _early_exit_kwargs(args, mcfg, params, model_dir)
     engine = Engine.from_params(mcfg, params, tok, dtype=args.dtype, max_slots=args.max_slots,
-                                max_seq_len=args.max_seq_len, mesh=mesh, attention=args.attention, **ee_kwargs)
+                                max_seq_len=args.max_seq_len, mesh=mesh, attention=args.attention,
+                                **_prefill_kwargs(args), **ee_kwargs)
     return engine, ee_kwargs, mesh
+
+
+def _prefill_kwargs(args) -> dict:
+    return {"max_prefill_tokens_per_step": args.max_prefill_tokens,
+            "max_prefill_tokens_while_decoding": args.max_prefill_tokens_while_decoding}
 
 
 def _serve(args) -> int:
@@ -359,6 +365,11 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
     g.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                    help="decode attention over the paged KV pool (auto: Pallas on a GPU, the C++ kernel on a CPU)")
     g.add_argument("--max-seq-len", type=int, default=1024)
+    g.add_argument("--max-prefill-tokens", type=int, default=2048,
+                   help="prompt tokens one step prefills when nothing decodes (longer prompts come in chunks)")
+    g.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None, metavar="N",
+                   help="the same while requests decode (default: --max-prefill-tokens); smaller keeps running "
+                        "requests streaming while long prompts arrive, at the cost of slower admission")
     m = g.add_argument_group("devices")
     m.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices; splits heads and MLP)")
     m.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port (jax.distributed)")

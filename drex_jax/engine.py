@@ -28,6 +28,7 @@ from drex_jax.runner import DeviceRunner
 from drex_jax.sched.batch import BatchLayout
 from drex_jax.sched.decoding import FullDepthDecoder
 from drex_jax.sched.scheduler import Scheduler
+from drex_jax.sched.step import engine_step
 
 
 class Engine:
@@ -41,8 +42,12 @@ class Engine:
       num_pages / kv_memory_bytes: pool size (pages, or a byte budget); default fits
         `max_slots` sequences of `max_seq_len` tokens.
       max_seq_len: context limit per request (prompt + new tokens).
-      max_prefill_tokens_per_step: prompt tokens prefilled between two decode steps (at
-        least one prompt is always admitted), bounding how long the running batch waits.
+      max_prefill_tokens_per_step: context tokens one step prefills when nothing is decoding; a
+        longer context is prefilled in chunks over several steps.
+      max_prefill_tokens_while_decoding: the same while requests decode (default: the same
+        figure): each step runs this much prefill and then one decode step, so it bounds how
+        long running requests wait for their next token while prompts arrive (smaller: smoother
+        streaming, slower admission; BENCHMARKS.md "chunked prefill" measures the trade).
       mesh: a ("dp"=1, "tp") `jax.sharding.Mesh` (drex_jax.sharding.make_mesh): params and the
         KV pool are split over tp; None = one device.
       attention: decode attention over the paged pool: "auto" (default: Pallas kernel on a GPU,
@@ -70,7 +75,8 @@ class Engine:
         return eng
 
     def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
-               num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024,
+               num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=2048,
+               max_prefill_tokens_while_decoding=None,
                ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
                ramp_tokens=None, attention="auto", gate=None):
         if mesh is not None:
@@ -97,16 +103,19 @@ class Engine:
             num_pages = 1 + max_slots * pages_needed(self.max_seq_len, page_size)
         eos = frozenset(cfg.eos_token_ids) | (
             {int(tokenizer.eos_token_id)} if tokenizer is not None and tokenizer.eos_token_id is not None else set())
-        self.scheduler = Scheduler(num_pages=num_pages, page_size=page_size, max_slots=max_slots,
-                                   max_seq_len=self.max_seq_len, max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-                                   num_layers=cfg.num_layers, tokenizer=tokenizer, eos_ids=eos)
-        self.page_size, self.max_slots = page_size, max_slots
-        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         # block-table widths the decode programs take: a backend whose cost follows each row's
         # length takes one width (the longest sequence's) for every batch, one program per batch
         # bucket; the others a power-of-two bucket per batch
         max_width = bucket(pages_needed(self.max_seq_len, page_size))
         self.table_width = max_width if get_backend(self.attention).fixed_table_width else None
+        self.scheduler = Scheduler(num_pages=num_pages, page_size=page_size, max_slots=max_slots,
+                                   max_seq_len=self.max_seq_len, max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+                                   num_layers=cfg.num_layers, tokenizer=tokenizer, eos_ids=eos,
+                                   max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding,
+                                   table_width=self.table_width)
+        self.page_size, self.max_slots = page_size, max_slots
+        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
+        self.max_prefill_tokens_while_decoding = self.scheduler.max_prefill_tokens_while_decoding
         self.page_widths = [max_width] if self.table_width else pow2_upto(max_width)
         params = decode_layout(params)  # the compiled steps read per-layer weights, [out, in]; one copy only
         if mesh is not None:
@@ -242,19 +251,7 @@ class Engine:
     def step(self) -> list[StreamEvent]:
         """One engine iteration: schedule -> prefill -> decode -> commit; each finished token is a
         `StreamEvent`."""
-        plan = self.scheduler.schedule()
-        events = []
-        if plan.prefill is not None:
-            b = plan.prefill
-            first = self.runner.prefill(b.tokens, b.positions, b.segment_ids, b.write_page, b.write_off,
-                                        b.last_index, b.sampling, b.kv_depth, do_sample=b.do_sample,
-                                        missing_kv=self.decoder.missing_kv if b.kv_depth is not None else "copy",
-                                        logprobs=b.logprobs)
-            events += self.scheduler.commit(self.scheduler.prefill_emissions(b, first))
-        rows = [r for r in plan.running if not r.finished]
-        if rows:
-            events += self.scheduler.commit(self.decoder.step(rows))
-        return events
+        return engine_step(self.scheduler, self.runner, self.decoder)
 
     def warmup(self, progress: bool = False, sampling: bool = True) -> int:
         """Compile every decode (or early-exit segment, fill and ART) shape and prompt bucket ahead of
@@ -263,7 +260,8 @@ class Engine:
         from drex_jax.warmup import warmup
 
         return warmup(self.runner, self.decoder, max_slots=self.max_slots, max_seq_len=self.max_seq_len,
-                      prefill_budget=self.max_prefill_tokens_per_step, page_widths=self.page_widths,
+                      prefill_budget=max(self.max_prefill_tokens_per_step, self.max_prefill_tokens_while_decoding),
+                      page_widths=self.page_widths,
                       num_pages=self.scheduler.allocator.num_pages, progress=progress, sampling=sampling)
 
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,

@@ -24,11 +24,11 @@ from drex_jax.kv.pool import init_pool
 from drex_jax.logprobs import score_prompt
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.modules import split_model
-from drex_jax.model.paged import decode_step, prefill_step
+from drex_jax.model.paged import decode_step, head_step, prefill_chunk_step, prefill_step
 from drex_jax.model.ramps import check_ramp_tokens
 from drex_jax.rebatch import steps
 from drex_jax.rebatch.steps import chunk_step, segment_step
-from drex_jax.sched.batch import ChunkBatch, DecodeBatch
+from drex_jax.sched.batch import ChunkBatch, DecodeBatch, PrefillChunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +75,23 @@ class DeviceRunner:
     # ------------------------------------------------------------------ plain decoding
     def prefill(self, tokens, positions, segment_ids, write_page, write_off, last_index, sampling: SamplingParams,
                 kv_depth=None, *, do_sample: bool, missing_kv: str = "copy", logprobs: bool = False) -> Sampled:
-        """Prompts packed into rows [R, W] (see `model.paged.prefill_step`) -> first tokens [Q]
-        (with their log-probabilities when `logprobs`)."""
-        first, self.pool = prefill_step(self.state, self.pool, tokens, positions, segment_ids, write_page, write_off,
-                                        last_index, sampling, kv_depth, graph=self.graph, do_sample=do_sample,
-                                        replay_copies=get_method(missing_kv).replay_copies, logprobs=logprobs)
-        return Sampled.from_device(first)
+        """Contexts packed into rows [R, W] (see `model.paged.prefill_step`) -> their next tokens
+        [Q = the sampling rows] (with their log-probabilities when `logprobs`)."""
+        hidden, self.pool = prefill_step(self.state, self.pool, tokens, positions, segment_ids, write_page, write_off,
+                                         last_index, kv_depth, graph=self.graph,
+                                         replay_copies=get_method(missing_kv).replay_copies)
+        return self.head(hidden, sampling, do_sample, logprobs)
+
+    def prefill_chunk(self, batch: PrefillChunk, *, do_sample: bool, logprobs: bool = False) -> Sampled:
+        """The next chunk of contexts already partly in the pool (`model.paged.prefill_chunk_step`)
+        -> the token after each row's chunk [R] (used where the chunk ends its context)."""
+        hidden, self.pool = prefill_chunk_step(self.state, self.pool, batch.tokens, batch.positions,
+                                               batch.block_tables, graph=self.graph, attention=self.attention)
+        return self.head(hidden, batch.sampling, do_sample, logprobs)
+
+    def head(self, hidden, sampling: SamplingParams, do_sample: bool, logprobs: bool = False) -> Sampled:
+        return Sampled.from_device(head_step(self.state, hidden, sampling, graph=self.graph, do_sample=do_sample,
+                                             logprobs=logprobs))
 
     def decode(self, batch: DecodeBatch, do_sample: bool, logprobs: bool = False) -> Sampled:
         """One full-depth decode step -> next tokens [B] (with log-probabilities when `logprobs`)."""

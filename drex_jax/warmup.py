@@ -3,7 +3,8 @@
 Padding rows write nothing (their KV writes are dropped, their hidden rows are out of range), so
 the pool is untouched. The decode shapes come from the engine's decoder (full depth: the fused
 step; early exit: every segment, K/V fill and the ART/gate fused step); the prefill shapes from
-the scheduler's packing rule (row width W, rows R, prompts Q).
+the scheduler's packing rule (row width W, rows R), the prefill chunks (chunk width C, block-table
+width P) and the LM head over their last positions (Q sampled rows).
 """
 from __future__ import annotations
 
@@ -12,28 +13,42 @@ import sys
 import numpy as np
 
 from drex_jax.generation import SamplingParams
-from drex_jax.kv.pages import bucket, pow2_upto, row_buckets_upto
+from drex_jax.kv.pages import block_table_array, bucket, pow2_upto, row_buckets_upto
+from drex_jax.sched.batch import PrefillChunk
+from drex_jax.sched.scheduler import prefill_widths
 
 
-def prefill_shapes(max_slots: int, max_seq_len: int, prefill_budget: int) -> list[tuple]:
-    """("prefill", Q, W, R) for every packing the scheduler can produce."""
-    max_rows = bucket(max_slots)
-    budget = max(prefill_budget, max_seq_len)
+def prefill_shapes(max_slots: int, max_seq_len: int, prefill_budget: int, page_widths: list[int]) -> list[tuple]:
+    """("prefill", W, R) for every packing the scheduler can produce (first-fit rows are more than
+    half full, except one; a context wider than the budget is a replay, alone in its row);
+    ("chunk", C, P) for every prefill chunk (one context per step continues: C <= the budget);
+    ("head", Q, rows) for the LM head on their last positions."""
     shapes = []
-    for W in pow2_upto(bucket(max_seq_len, 16)):
-        if W < 16:
-            continue
-        # first-fit rows are more than half full, except the last
-        for R in row_buckets_upto(min(max_slots, 2 * -(-budget // W))):
-            shapes += [("prefill", q, W, R) for q in pow2_upto(max_rows) if q >= R]
-    return shapes
+    for W in prefill_widths(max_seq_len):
+        rows = 1 if W > prefill_budget else min(max_slots, 2 * -(-prefill_budget // W) + 1)
+        shapes += [("prefill", W, R) for R in row_buckets_upto(rows)]
+    shapes += [("chunk", C, P) for C in pow2_upto(bucket(min(prefill_budget, max_seq_len), 16)) if C >= 16
+               for P in page_widths]
+    prefill_rows = bucket(max_slots)
+    shapes += [("head", q, prefill_rows) for q in pow2_upto(prefill_rows)]
+    return shapes + [("head", 1, 1)] if prefill_rows > 1 else shapes
 
 
-def run_prefill_shape(runner, shape: tuple, num_pages: int, do_sample: bool) -> None:
-    _, q, W, R = shape
-    pad, zero = np.full((R, W), -1, np.int32), np.zeros((R, W), np.int32)
-    runner.prefill(zero, pad, pad, np.full((R, W), num_pages, np.int32), zero, np.zeros(q, np.int32),
-                   SamplingParams.build([], q), None, do_sample=do_sample)
+def run_prefill_shape(runner, shape: tuple, num_pages: int, prefill_rows: int, do_sample: bool) -> None:
+    kind, a, b = shape
+    if kind == "prefill":
+        W, R = a, b
+        pad, zero = np.full((R, W), -1, np.int32), np.zeros((R, W), np.int32)
+        runner.prefill(zero, pad, pad, np.full((R, W), num_pages, np.int32), zero, np.zeros(prefill_rows, np.int32),
+                       SamplingParams.build([], 1), None, do_sample=False)
+    elif kind == "chunk":
+        C, P = a, b
+        runner.prefill_chunk(PrefillChunk((None,), (False,), np.zeros((1, C), np.int32), np.full((1, C), -1, np.int32),
+                                          block_table_array([[]], P), SamplingParams.build([], 1), False, False),
+                             do_sample=False)
+    else:
+        q, rows = a, b
+        runner.head(np.zeros((rows, runner.cfg.hidden_size), runner.dtype), SamplingParams.build([], q), do_sample)
 
 
 def warmup(runner, decoder, *, max_slots: int, max_seq_len: int, prefill_budget: int, page_widths: list[int],
@@ -41,14 +56,14 @@ def warmup(runner, decoder, *, max_slots: int, max_seq_len: int, prefill_budget:
     """Compile every decode and prefill shape; returns the number of programs run."""
     from tqdm import tqdm
 
-    shapes = (decoder.warmup_shapes(bucket(max_slots), page_widths)
-              + prefill_shapes(max_slots, max_seq_len, prefill_budget))
     variants = (False, True) if sampling and not decoder.greedy_only else (False,)
-    for shape in tqdm(shapes, desc="compiling", disable=not progress, file=sys.stderr):
-        for do_sample in variants:
-            if shape[0] == "prefill":
-                run_prefill_shape(runner, shape, num_pages, do_sample)
-            else:
-                decoder.warmup_one(shape, do_sample)
+    jobs = [(shape, v) for shape in decoder.warmup_shapes(bucket(max_slots), page_widths) for v in variants]
+    for shape in prefill_shapes(max_slots, max_seq_len, prefill_budget, page_widths):
+        jobs += [(shape, v) for v in (variants if shape[0] == "head" else (False,))]
+    for shape, do_sample in tqdm(jobs, desc="compiling", disable=not progress, file=sys.stderr):
+        if shape[0] in ("prefill", "chunk", "head"):
+            run_prefill_shape(runner, shape, num_pages, bucket(max_slots), do_sample)
+        else:
+            decoder.warmup_one(shape, do_sample)
     runner.sync()
-    return len(variants) * len(shapes)
+    return len(jobs)

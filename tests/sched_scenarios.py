@@ -23,6 +23,7 @@ from drex_jax.sched.decoding import FullDepthDecoder
 from drex_jax.sched.ee_decoder import EarlyExitDecoder
 from drex_jax.sched.ramp_gate import GateConfig
 from drex_jax.sched.scheduler import Scheduler
+from drex_jax.sched.step import engine_step
 
 V, LAYERS = 97, 4
 
@@ -60,6 +61,17 @@ class FakeRunner:
             self.mem[int(write_page[r, c]), int(write_off[r, c])] = int(tokens[r, c])
         flat_t, flat_p = tokens.reshape(-1), positions.reshape(-1)
         return Sampled(np.asarray([markov(flat_t[i], flat_p[i]) for i in last_index], np.int32))
+
+    def prefill_chunk(self, batch, *, do_sample, logprobs=False):
+        out = np.zeros(len(batch.requests), np.int32)
+        for i in range(len(batch.requests)):
+            valid = np.flatnonzero(batch.positions[i] >= 0)
+            for j in valid:  # the earlier positions must already be in the pool (read back below)
+                self.mem[self._addr(batch.block_tables, i, int(batch.positions[i, j]))] = int(batch.tokens[i, j])
+            p = int(batch.positions[i, valid[-1]])
+            assert all(self._addr(batch.block_tables, i, q) in self.mem for q in range(p)), "chunk before its prefix"
+            out[i] = markov(self.mem[self._addr(batch.block_tables, i, p)], p)
+        return Sampled(out)
 
     def decode(self, batch, do_sample, logprobs=False):
         out = np.zeros(len(batch.slot_ids), np.int32)
@@ -118,10 +130,11 @@ class CharTokenizer:
 class Loop:
     """The engine's loop (schedule -> prefill -> decode -> commit) over the fake runner."""
 
-    def __init__(self, num_pages: int, verify: bool, max_slots: int = 4, page_size: int = 4, tokenizer=None):
+    def __init__(self, num_pages: int, verify: bool, max_slots: int = 4, page_size: int = 4, tokenizer=None,
+                 budget: int = 64, budget_while_decoding: int | None = None):
         self.scheduler = Scheduler(num_pages=num_pages, page_size=page_size, max_slots=max_slots, max_seq_len=64,
-                                   max_prefill_tokens_per_step=64, num_layers=LAYERS, eos_ids=frozenset(),
-                                   tokenizer=tokenizer)
+                                   max_prefill_tokens_per_step=budget, num_layers=LAYERS, eos_ids=frozenset(),
+                                   tokenizer=tokenizer, max_prefill_tokens_while_decoding=budget_while_decoding)
         self.runner = FakeRunner(page_size)
         layout = BatchLayout(page_size, max_slots, None)
         if verify:
@@ -133,16 +146,7 @@ class Loop:
             self.decoder = FullDepthDecoder(self.runner, layout, LAYERS)
 
     def step(self):
-        plan = self.scheduler.schedule()
-        events = []
-        if plan.prefill is not None:
-            b = plan.prefill
-            first = self.runner.prefill(b.tokens, b.positions, b.segment_ids, b.write_page, b.write_off,
-                                        b.last_index, b.sampling, b.kv_depth, do_sample=False)
-            events += self.scheduler.commit(self.scheduler.prefill_emissions(b, first))
-        rows = [r for r in plan.running if not r.finished]
-        if rows:
-            events += self.scheduler.commit(self.decoder.step(rows))
+        events = engine_step(self.scheduler, self.runner, self.decoder)
         self.check_pages()
         return events
 
@@ -153,7 +157,8 @@ class Loop:
         assert len(held) == len(set(held)) and 0 not in held, "a page is held twice (or the dummy page)"
         assert len(held) + s.allocator.num_free == s.allocator.capacity, "pages leaked"
         for r in s.running:
-            assert len(r.pages) <= pages_needed(r.cache_len + 1, s.page_size), (r.id, r.cache_len, r.pages)
+            upto = len(r.context_ids) if r.prefilling else r.cache_len  # mid-prefill: its context and next token
+            assert len(r.pages) <= pages_needed(upto + 1, s.page_size), (r.id, r.cache_len, r.pages)
 
 
 def _flush():
@@ -162,9 +167,9 @@ def _flush():
     return FlushConfig()
 
 
-def prompts(n: int, seed: int) -> list[list[int]]:
+def prompts(n: int, seed: int, lengths=(2, 10)) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(0, V, rng.integers(2, 10))] for _ in range(n)]
+    return [[int(t) for t in rng.integers(0, V, rng.integers(*lengths))] for _ in range(n)]
 
 
 def serve(loop: Loop, work: list[list[int]], new_tokens: int, cancel_at: dict | None = None, stop=()) -> dict:
@@ -270,3 +275,33 @@ def stop_strings_in_verify_mode() -> int:
     assert st.tokens == sum(len(r.token_ids) - 1 for r in out.values()), "tokens counted past a stop string"
     assert sum(st.accepted_per_ramp) > 0
     return stopped
+
+
+def chunked_prefill(verify: bool = False, num_pages: int = 64) -> dict:
+    """Prompts longer than a step's prefill budget (16 tokens; 5 while others decode) are prefilled
+    in chunks over several steps while the running requests decode one token per step: outputs
+    equal the chain, no step prefills more than its budget, and a request decodes in every step
+    while a long prompt is being prefilled. Returns counts of what happened."""
+    work, n = prompts(8, 3, lengths=(12, 40)), 10
+    loop = Loop(num_pages=num_pages, verify=verify, budget=16, budget_while_decoding=5)
+    s, counts = loop.scheduler, {"chunk_steps": 0, "cut_steps": 0, "stalled_steps": 0}
+    real_schedule = s.schedule
+
+    def schedule():
+        decoding_before = bool(s.decoding)
+        plan = real_schedule()
+        tokens = (0 if plan.prefill is None else int((plan.prefill.positions >= 0).sum())) + (
+            0 if plan.chunk is None else int((plan.chunk.positions >= 0).sum()))
+        budget = 5 if decoding_before else 16
+        assert tokens <= budget or (plan.prefill is not None and plan.prefill.kv_depth is not None), (tokens, budget)
+        counts["chunk_steps"] += plan.chunk is not None
+        counts["cut_steps"] += plan.prefill is not None and not all(plan.prefill.ends_context)
+        if decoding_before and not plan.running and not plan.preempted:
+            counts["stalled_steps"] += 1  # somebody was decoding and nobody decodes now
+        return plan
+
+    s.schedule = schedule
+    out = serve(loop, work, n)
+    check_against_chain(work, out, n)
+    assert s.allocator.num_free == s.allocator.capacity and s.num_free_slots == 4 and not s.has_work
+    return {**counts, "preemptions": s.num_preemptions}

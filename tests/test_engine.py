@@ -28,6 +28,33 @@ def test_greedy_matches_unbatched_reference_with_arrivals(tiny_llama):
     assert engine.num_free_pages == engine.allocator.capacity and engine.num_free_slots == 4
 
 
+@pytest.mark.parametrize("attention", ["xla", "ffi"])
+def test_chunked_prefill_matches_unbatched_reference(tiny_llama, attention):
+    """Prompts longer than a step's prefill budget (16 tokens; 6 while others decode) are cut and
+    prefilled over several steps through the pool, interleaved with decode: same greedy tokens
+    as the unbatched reference."""
+    cfg, params = tiny_llama
+    engine = Engine.from_params(cfg, params, max_slots=4, page_size=4, attention=attention,
+                                max_prefill_tokens_per_step=16, max_prefill_tokens_while_decoding=6)
+    prompts = _prompts(8, seed=11)
+    configs = [GenerationConfig(max_new_tokens=int(n)) for n in np.random.default_rng(2).integers(1, 16, 8)]
+    chunks = 0
+    step = engine.scheduler.schedule
+
+    def counting_schedule():
+        nonlocal chunks
+        plan = step()
+        chunks += plan.chunk is not None
+        return plan
+
+    engine.scheduler.schedule = counting_schedule
+    got = _run_with_arrivals(engine, prompts, configs)
+    assert chunks > 3, "the budgets were meant to cut prompts into chunks"
+    for i, p in enumerate(prompts):
+        assert got[i] == greedy_reference(params, cfg, p, configs[i].max_new_tokens), f"request {i}"
+    assert engine.num_free_pages == engine.allocator.capacity and engine.num_free_slots == 4
+
+
 def test_output_independent_of_batch_mates(tiny_llama):
     cfg, params = tiny_llama
     target = _prompts(1, seed=5)[0]
@@ -57,9 +84,12 @@ def test_waits_for_pages_when_pool_is_small(tiny_llama):
     assert small.num_free_pages == 13
 
 
-def test_steady_state_compiles_nothing(tiny_llama):
+@pytest.mark.parametrize("budgets", [{}, {"max_prefill_tokens_per_step": 16, "max_prefill_tokens_while_decoding": 8}])
+def test_steady_state_compiles_nothing(tiny_llama, budgets):
+    """After warmup() nothing compiles, with the default budgets and with budgets small enough to
+    chunk prompts."""
     cfg, params = tiny_llama
-    engine = Engine.from_params(cfg, params, max_slots=4, page_size=8, max_seq_len=32)
+    engine = Engine.from_params(cfg, params, max_slots=4, page_size=8, max_seq_len=32, **budgets)
     c = GenerationConfig(max_new_tokens=12)
     engine.warmup()  # every prompt bucket and every (decode batch, page width) bucket
     before = compile_counter.count()
@@ -67,7 +97,7 @@ def test_steady_state_compiles_nothing(tiny_llama):
         _run_with_arrivals(engine, _prompts(8, seed=20 + seed, max_len=20), [c] * 8, every=2)
     assert compile_counter.count() == before
     # sanity: the counter does see compilations (another engine config = new shapes)
-    other = Engine.from_params(cfg, params, max_slots=2, page_size=4, max_seq_len=24)
+    other = Engine.from_params(cfg, params, max_slots=2, page_size=4, max_seq_len=24, num_pages=17 + len(budgets))
     other.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=3))
     assert compile_counter.count() > before
 

@@ -2,6 +2,7 @@
 the decode fixture against the engine's decode step semantics."""
 import jax
 import numpy as np
+import pytest
 
 from drex_jax.bench import roofline
 from drex_jax.model.config import config_from_hf
@@ -53,16 +54,18 @@ def test_fixture_rows_attend_to_their_context():
     assert fx.block_tables.shape == (3, 4) and int(fx.positions[0]) == 40
 
 
-def test_causal_blocks_equal_dense_attention():
-    """Prefill's causal query blocks skip only score blocks the mask zeroes: packed rows of several
-    prompts (block-diagonal causal masks) give what dense attention over the whole row gives."""
+@pytest.mark.parametrize("W", [384, 320])
+def test_causal_blocks_equal_dense_attention(W):
+    """Prefill's causal query blocks (128 wide at W=384, 64 at W=320) skip only score blocks the mask
+    zeroes: packed rows of several prompts (block-diagonal causal masks) give what dense attention
+    over the whole row gives."""
     import jax.numpy as jnp
 
     from drex_jax.model.ops import attention, causal_attention
 
     cfg, _ = _one_layer()
     rng = np.random.default_rng(0)
-    B, W, D = 3, 384, cfg.head_dim
+    B, D = 3, cfg.head_dim
     q = jnp.asarray(rng.standard_normal((B, W, cfg.num_heads, D)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, W, cfg.num_kv_heads, D)), jnp.float32) for _ in range(2))
     seg = np.zeros((B, W), np.int32)
@@ -74,7 +77,7 @@ def test_causal_blocks_equal_dense_attention():
     mask = ((seg[:, :, None] == seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])
             & valid[:, :, None] & valid[:, None, :])
     dense = attention(cfg, q, k, v, jnp.asarray(mask))
-    blocked = causal_attention(cfg, q, k, v, jnp.asarray(mask), block=128)
+    blocked = causal_attention(cfg, q, k, v, jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(blocked)[valid], np.asarray(dense)[valid], rtol=1e-5, atol=1e-6)
     # and both equal a plain per-head softmax for one query (hand-computed reference)
     b, t, h = 1, 170, cfg.num_heads - 1

@@ -22,6 +22,21 @@ def test_cancellation_returns_slot_and_pages(verify):
     sc.cancellation(verify)
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_chunked_prefill_interleaves_with_decode(verify):
+    counts = sc.chunked_prefill(verify)
+    assert counts["chunk_steps"] > 5 and counts["cut_steps"] > 0, counts
+    assert counts["stalled_steps"] == 0, counts
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_chunked_prefill_under_preemption(verify):
+    """A pool too small for everyone while prompts arrive in chunks: requests mid-prefill can be
+    preempted too; outputs still equal the chain and every page comes back."""
+    counts = sc.chunked_prefill(verify, num_pages=16)
+    assert counts["preemptions"] > 0 and counts["chunk_steps"] > 0, counts
+
+
 def test_verify_rollback_returns_rejected_pages():
     got = sc.verify_rollback()
     assert got["accepted"] < got["drafts"]

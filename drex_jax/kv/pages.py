@@ -52,6 +52,12 @@ def row_bucket(n: int) -> int:
     return b * 3 // 4 if b >= 4 and n <= b * 3 // 4 else b
 
 
+def causal_block(W: int) -> int:
+    """Query block of `ops.causal_attention` over W-wide packed rows: 128, else 64 (widths like 192,
+    320), else the whole row."""
+    return next((b for b in (128, 64) if W > b and W % b == 0), W)
+
+
 def row_buckets_upto(n: int) -> list[int]:
     out, k = [], 1
     while True:

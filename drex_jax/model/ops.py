@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drex_jax.kv.pages import causal_block
 from drex_jax.model.config import ModelConfig
 
 
@@ -83,13 +84,13 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: 
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads * D).astype(q.dtype)
 
 
-def causal_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                     block: int = 128) -> jax.Array:
+def causal_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """`attention` over fresh, causally masked rows (q, k, v all [B, W, ...], mask [B, W, W] with no
-    key after its query): query block i of `block` positions attends keys [0, (i+1) block) only,
-    skipping the score blocks the mask would zero (about half of them for long rows)."""
+    key after its query): query block i of `causal_block(W)` positions attends keys [0, (i+1) block)
+    only, skipping the score blocks the mask would zero (about half of them for long rows)."""
     W = q.shape[1]
-    if W <= block or W % block:
+    block = causal_block(W)
+    if block == W:
         return attention(cfg, q, k, v, mask)
     outs = [attention(cfg, q[:, i:i + block], k[:, :i + block], v[:, :i + block], mask[:, i:i + block, :i + block])
             for i in range(0, W, block)]

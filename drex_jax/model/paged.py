@@ -163,8 +163,7 @@ def paged_layers(model: EETransformer, pool, x, positions, block_tables, start: 
                       writes=backend.writes, join_depth=join_depth)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "replay_copies", "logprobs"),
-                   donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("graph", "replay_copies"), donate_argnames=("pool",))
 def prefill_step(
     state: dict,
     pool: dict,
@@ -174,23 +173,21 @@ def prefill_step(
     write_page: jax.Array,
     write_off: jax.Array,
     last_index: jax.Array,
-    sampling: SamplingParams,
     kv_depth: jax.Array | None = None,
     *,
     graph: ModelGraph,
-    do_sample: bool,
     replay_copies: bool = True,
-    logprobs: bool = False,
 ):
-    """Prefill prompts packed into rows (several prompts per row, none before them in the cache).
+    """Prefill contexts packed into rows (several per row, none with K/V in the pool yet).
     `graph`, `state`: the model (`modules.split_model`).
 
     tokens, positions (-1 = padding), segment_ids, write_page, write_off: [R, W];
-    last_index: [Q] flat index (row * W + col) of each prompt's last token.
+    last_index: [Q] flat index (row * W + col) of each context's last token (Q is fixed per
+    engine, so programs differ by (R, W) only; `head_step` samples from the rows it needs).
     kv_depth [R, W] (optional): replay each position's early-exit depth (see `layer_loop`;
     `replay_copies`: the missing-KV method copied), so a preempted request's recomputed cache
     equals the one it lost.
-    Returns (first generated token per prompt [Q], pool); with `logprobs`, (tokens, LogprobRows).
+    Returns (the final hidden state at each last_index [Q, H], pool).
     """
     model = graph.merge(state)
     cfg = model.cfg
@@ -200,13 +197,35 @@ def prefill_step(
     causal = positions[:, None, :] <= positions[:, :, None]
     mask = same & causal & valid[:, :, None] & valid[:, None, :]  # [R, W, W] block-diagonal causal
 
-    def attend(q, k, v, k_pool, v_pool, layer):  # prompts attend to their own fresh K/V only
+    def attend(q, k, v, k_pool, v_pool, layer):  # contexts attend to their own fresh K/V only
         return causal_attention(cfg, q, k, v, mask)
 
     x, pool = layer_loop(model, pool, model.embed(tokens), positions, write_page, write_off, attend,
                          0, cfg.num_layers, kv_depth, replay_copies, writes="after")
-    last = x.reshape(R * W, -1)[last_index]
-    return head_tokens(model, last, sampling, do_sample, logprobs), pool
+    return x.reshape(R * W, -1)[last_index], pool
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "attention"), donate_argnames=("pool",))
+def prefill_chunk_step(state: dict, pool: dict, tokens: jax.Array, positions: jax.Array, block_tables: jax.Array,
+                       *, graph: ModelGraph, attention: str = "xla"):
+    """The next chunk of contexts whose earlier positions are already in the pool (chunked prefill):
+    tokens, positions [R, C] (consecutive per row from where the pool stops, -1 = padding at the
+    end); block_tables [R, P]. Each row attends through its pages (`paged_layers`).
+    Returns (the final hidden state at each row's last valid position [R, H], pool)."""
+    model = graph.merge(state)
+    x, pool = paged_layers(model, pool, model.embed(tokens), positions, block_tables, 0, model.cfg.num_layers,
+                           attention)
+    last = jnp.maximum(jnp.sum(positions >= 0, axis=1) - 1, 0)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0], pool
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "do_sample", "logprobs"))
+def head_step(state: dict, hidden: jax.Array, sampling: SamplingParams, *, graph: ModelGraph, do_sample: bool,
+              logprobs: bool = False):
+    """The LM head's next tokens for the first Q rows of hidden [>= Q, H] (Q = the sampling rows):
+    tokens [Q], or (tokens, LogprobRows) with `logprobs`."""
+    model = graph.merge(state)
+    return head_tokens(model, hidden[:sampling.temperature.shape[0]], sampling, do_sample, logprobs)
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "do_sample", "attention", "logprobs"),

@@ -73,6 +73,37 @@ def chunk_batch(reqs: list, start: int, end: int, page_size: int, num_slots: int
     return ChunkBatch(plain.slot_ids, tokens, positions, plain.block_tables, plain.sampling, depths)
 
 
+class PrefillChunk(NamedTuple):
+    """Chunked prefill: the next piece of contexts whose earlier positions are already in the pool
+    (a context longer than one step's prefill budget is prefilled over several steps)."""
+    requests: tuple  # one per row
+    ends_context: tuple  # per row: this piece is its context's last (the row's next token is emitted)
+    tokens: np.ndarray  # [R, C] int32
+    positions: np.ndarray  # [R, C] int32 consecutive from the first position not in the pool, -1 = padding
+    block_tables: np.ndarray  # [R, width] int32
+    sampling: SamplingParams  # [R]
+    do_sample: bool
+    logprobs: bool
+
+
+def prefill_chunk(pieces: list, page_size: int, width: int | None = None) -> PrefillChunk:
+    """Rows for pieces (request, start, end) of contexts (`context_ids`) whose positions < start are
+    in the pool. C is the power-of-two bucket (>= 16) of the longest piece; the block-table width
+    covers each row's pages up to `end` (bucketed, or the fixed `width`)."""
+    R, C = len(pieces), bucket(max(e - s for _, s, e in pieces), 16)
+    need = max(pages_needed(e, page_size) for _, _, e in pieces)
+    if width is not None and width < need:
+        raise ValueError(f"block-table width {width} < {need} pages needed")
+    tokens, positions = np.zeros((R, C), np.int32), np.full((R, C), -1, np.int32)
+    for i, (r, s, e) in enumerate(pieces):
+        tokens[i, :e - s], positions[i, :e - s] = r.context_ids[s:e], np.arange(s, e)
+    reqs = tuple(r for r, _, _ in pieces)
+    return PrefillChunk(reqs, tuple(e == len(r.context_ids) for r, _, e in pieces), tokens, positions,
+                        block_table_array([r.pages for r in reqs], bucket(need) if width is None else width),
+                        SamplingParams.build([r.sampling_row() for r in reqs], R),
+                        any(r.config.temperature > 0 for r in reqs), any(r.config.logprobs is not None for r in reqs))
+
+
 class BatchLayout(NamedTuple):
     """How an engine lays out decode batches: tokens per page, KV slots (= the padding rows' slot
     id) and the block-table width (fixed by the attention backend, or None: bucketed per batch)."""

@@ -67,6 +67,10 @@ class Request:
     # recompute after preemption must replay
     kv_depths: list[int] = dataclasses.field(default_factory=list)
     admit_seq: int = -1  # order of first admission: preemption takes the highest first
+    # chunked prefill: context tokens whose K/V prefill has written (or planned this step), and
+    # whether more remain (then the request holds a slot but does not decode yet)
+    prefilled: int = 0
+    prefilling: bool = False
     preemptions: int = 0
     ee: EarlyExitState = dataclasses.field(default_factory=EarlyExitState)
     detok: IncrementalDetokenizer | None = None  # its text so far (None: no tokenizer)

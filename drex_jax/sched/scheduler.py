@@ -3,9 +3,12 @@
 No jax here. Each engine step asks `schedule()` for a `StepPlan`: first every running request
 gets the page its next token needs (oldest first), preempting the most recently admitted
 requests when the pool runs out (their slot and pages return; they go back to the front of the
-queue and are recomputed by prefill when pages free up); then waiting requests are admitted in
-FIFO order into free slots while pages and the prefill token budget last, and packed into one
-prefill batch. The plan is data: the prefill arrays and the running requests to decode. The
+queue and are recomputed by prefill when pages free up); then the step's prefill token budget
+goes first to a context whose prefill is under way, then to waiting requests admitted in FIFO
+order into free slots while pages last. A context longer than what is left of the budget is cut:
+its first piece is packed with the others (one prefill call), the rest comes in later steps as
+chunks that attend through the pool (chunked prefill), so running requests keep decoding between
+them. The plan is data: the prefill arrays and the running requests to decode. The
 device work happens elsewhere (the engine's runner and decoder); what it produced comes back as
 `Emission`s to `commit()`, which records tokens, detokenizes incrementally, finishes requests
 (stop token, length, stop string) and returns their slot and pages at once.
@@ -19,20 +22,24 @@ import time
 import numpy as np
 
 from drex_jax.generation import GenerationConfig, GenerationResult, RequestStats, SamplingParams, StreamEvent
-from drex_jax.kv.pages import PageAllocator, bucket, pages_needed, row_bucket
+from drex_jax.kv.pages import PageAllocator, bucket, causal_block, pages_needed, row_bucket
+from drex_jax.sched.batch import PrefillChunk, prefill_chunk
 from drex_jax.sched.detokenize import IncrementalDetokenizer
 from drex_jax.sched.request import Emission, Request
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillBatch:
-    """Contexts packed into rows [R, W] (first-fit decreasing), one prefill call.
+    """Contexts (or the first piece of a context cut at the budget) packed into rows [R, W]
+    (first-fit decreasing), one prefill call.
 
-    requests: the admitted requests, prompt index j = position in this tuple. tokens, positions
-    (-1 = padding), segment_ids (= j), write_page (num_pages = no write), write_off: [R, W] int32;
-    last_index [Q]: flat index (row * W + col) of each context's last token; kv_depth [R, W]: the
+    requests: the admitted requests, context index j = position in this tuple; ends_context[j]:
+    whether its whole context is here (then its next token is emitted). tokens, positions (-1 =
+    padding), segment_ids (= j), write_page (num_pages = no write), write_off: [R, W] int32;
+    last_index [prefill_rows]: flat index (row * W + col) of each context's last token here (a
+    fixed length per engine, so the compiled programs differ by (R, W) only); kv_depth [R, W]: the
     depth to replay at each position (a preempted request's early exits), None when all are full
-    depth. Q = bucket(len(requests)): padded prompts."""
+    depth. The sampling rows: Q = bucket(len(requests))."""
 
     requests: tuple[Request, ...]
     tokens: np.ndarray
@@ -45,17 +52,69 @@ class PrefillBatch:
     sampling: SamplingParams
     do_sample: bool
     logprobs: bool = False  # some request asks for log-probabilities
+    ends_context: tuple[bool, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """What one engine step runs: a prefill batch (or None), then a decode over `running` (slot
-    order; it includes the requests prefilled this step; those that finish on their first token
-    drop out at commit)."""
+    """What one engine step runs: a packed prefill batch (or None), a prefill chunk of contexts
+    already partly in the pool (or None), then a decode over `running` (slot order: the requests
+    whose context is in the pool, including those whose prefill ended this step; those that finish
+    on their first token drop out at commit)."""
 
     prefill: PrefillBatch | None
     running: tuple[Request, ...]
     preempted: int = 0
+    chunk: PrefillChunk | None = None
+
+
+# Row widths a packed prefill may take: fine steps where prompts usually lie, powers of two above.
+PACKED_WIDTHS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
+
+
+def prefill_widths(max_seq_len: int) -> list[int]:
+    """Every row width a packed prefill of contexts up to `max_seq_len` tokens may take."""
+    top = bucket(max_seq_len, 16)
+    out, w = [w for w in PACKED_WIDTHS if w <= top], 1024
+    while w <= top:
+        out.append(w)
+        w *= 2
+    return out
+
+
+def attention_keys(W: int) -> float:
+    """Mean keys a query of a W-wide packed row scores (`ops.causal_attention`'s query blocks)."""
+    block = causal_block(W)
+    return block * (W // block + 1) / 2
+
+
+def first_fit(lengths: list[int], W: int) -> list[list[int]]:
+    """First-fit-decreasing: indices of `lengths` per row of width W."""
+    rows, room = [], []
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        k = next((k for k, free in enumerate(room) if free >= lengths[j]), None)
+        if k is None:
+            rows.append([]), room.append(W)
+            k = len(rows) - 1
+        rows[k].append(j)
+        room[k] -= lengths[j]
+    return rows
+
+
+def packing(lengths: list[int], max_seq_len: int) -> tuple[int, list[list[int]]]:
+    """(W, rows): the row width whose first-fit packing costs least, counting padded tokens (rows
+    come in `row_bucket`s) and their attention keys (a token's projections cost about as much as
+    scoring ~1,000 keys on this model: `drex-jax bench --roofline`'s prefill profile). Ties go to
+    the narrower width."""
+    best = None
+    for W in prefill_widths(max_seq_len):
+        if W < max(lengths):
+            continue
+        rows = first_fit(lengths, W)
+        cost = row_bucket(len(rows)) * W * (1 + attention_keys(W) / 1024)
+        if best is None or cost < best[0]:
+            best = (cost, W, rows)
+    return best[1], best[2]
 
 
 class Scheduler:
@@ -65,11 +124,17 @@ class Scheduler:
     detokenization and stop strings (None: token ids only). eos_ids: the model's end tokens."""
 
     def __init__(self, *, num_pages: int, page_size: int, max_slots: int, max_seq_len: int,
-                 max_prefill_tokens_per_step: int, num_layers: int, tokenizer=None, eos_ids=frozenset()):
+                 max_prefill_tokens_per_step: int, num_layers: int, tokenizer=None, eos_ids=frozenset(),
+                 max_prefill_tokens_while_decoding: int | None = None, table_width: int | None = None):
         self.check_sizes(max_slots=max_slots, page_size=page_size, max_prefill_tokens_per_step=max_prefill_tokens_per_step)
+        if max_prefill_tokens_while_decoding is not None:
+            self.check_sizes(max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding)
         self.allocator = PageAllocator(int(num_pages))
         self.page_size, self.max_slots, self.max_seq_len = page_size, max_slots, max_seq_len
         self.max_prefill_tokens_per_step, self.num_layers = max_prefill_tokens_per_step, num_layers
+        self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding or max_prefill_tokens_per_step
+        self.table_width = table_width  # fixed block-table width of the attention backend (None: bucketed)
+        self.prefill_rows = bucket(max_slots)  # last_index length: every program samples from this many
         self.tokenizer, self.eos_ids = tokenizer, frozenset(eos_ids)
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._waiting: collections.deque[Request] = collections.deque()
@@ -124,8 +189,13 @@ class Scheduler:
 
     @property
     def running(self) -> list[Request]:
-        """Requests holding a slot, in slot order."""
+        """Requests holding a slot, in slot order (some may still be prefilling)."""
         return [self._running[s] for s in sorted(self._running)]
+
+    @property
+    def decoding(self) -> list[Request]:
+        """Running requests whose context is in the pool (they decode), in slot order."""
+        return [r for r in self.running if not r.prefilling]
 
     @property
     def waiting(self) -> list[Request]:
@@ -145,12 +215,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ planning
     def schedule(self) -> StepPlan:
-        """Pages for every running request's next token (preempting when out), then admission."""
+        """Pages for every running request's next token (preempting when out), then prefill: the
+        context under way first, then admission."""
         preempted = self._grow_pages()
-        prefill = None
+        prefill = chunk = None
         if not (preempted and self._running):  # re-admitting a victim at once would only thrash
-            prefill = self._admit()
-        return StepPlan(prefill, tuple(self.running), preempted)
+            prefill, chunk = self._prefill_plan()
+        return StepPlan(prefill, tuple(self.decoding), preempted, chunk)
 
     def _grow_pages(self) -> int:
         preempted = 0
@@ -172,6 +243,7 @@ class Scheduler:
         self.allocator.free(req.pages)
         self._free_slots.append(req.slot)
         req.pages, req.slot = [], -1
+        req.prefilled, req.prefilling = 0, False
         req.ee.reset()
         req.preemptions += 1
         self.num_preemptions += 1
@@ -180,16 +252,29 @@ class Scheduler:
     def _note_pages(self) -> None:
         self.peak_pages_used = max(self.peak_pages_used, self.allocator.capacity - self.allocator.num_free)
 
-    def _admit(self) -> PrefillBatch | None:
-        """Waiting requests (FIFO) into free slots while pages and the prefill budget last. A request
-        gets the pages of its context and next token now; later ones come as it grows."""
-        group: list[Request] = []
-        budget = self.max_prefill_tokens_per_step
-        while self._waiting and self._free_slots:
+    def _prefill_plan(self) -> tuple[PrefillBatch | None, PrefillChunk | None]:
+        """Spend this step's prefill budget (smaller while requests decode, so they keep streaming):
+        the contexts under way continue first (as a chunk through the pool), then waiting requests
+        are admitted (FIFO) into free slots while pages last; the one that does not fit what is left
+        of the budget is cut there. A preempted request replaying early exits is never cut (it
+        exceeds the budget when it comes alone)."""
+        budget = step_budget = (self.max_prefill_tokens_while_decoding if self.decoding
+                                else self.max_prefill_tokens_per_step)
+        chunks: list[tuple[Request, int, int]] = []
+        for req in sorted((r for r in self._running.values() if r.prefilling), key=lambda r: r.admit_seq):
+            if budget <= 0:
+                break
+            start = req.prefilled
+            end = min(len(req.context_ids), start + budget)
+            chunks.append((req, start, end))
+            budget -= end - start
+        fresh: list[tuple[Request, int, int]] = []
+        while self._waiting and self._free_slots and budget > 0:
             req = self._waiting[0]
             n = len(req.context_ids)
-            if group and n > budget:
-                break
+            replay = any(d < self.num_layers for d in req.kv_depths)  # early exits to replay
+            if n > budget and (replay and (fresh or chunks) or budget < min(64, step_budget)):
+                break  # a replay waits for a step of its own; a sliver of budget is not worth a cut
             pages = self.allocator.alloc(pages_needed(n + 1, self.page_size))
             if pages is None:  # wait for pages to come back
                 break
@@ -198,64 +283,56 @@ class Scheduler:
             self._running[req.slot] = req
             if req.admit_seq < 0:
                 req.admit_seq, self._admitted = self._admitted, self._admitted + 1
-            group.append(req)
-            budget -= n
-        if not group:
-            return None
+            end = n if replay else min(n, budget)
+            fresh.append((req, 0, end))
+            budget -= end
+        for req, _, end in chunks + fresh:
+            req.prefilled, req.prefilling = end, end < len(req.context_ids)
         self._note_pages()
-        return self._pack(group)
+        return (self._pack(fresh) if fresh else None,
+                prefill_chunk(chunks, self.page_size, self.table_width) if chunks else None)
 
-    def prefill_width(self, lengths: list[int]) -> int:
-        """Row width for contexts of these lengths: fits the longest; up to 128 when there is that
-        much to pack."""
-        widest = min(128, bucket(sum(lengths), 16), bucket(self.max_seq_len, 16))
-        return max(bucket(max(lengths), 16), widest)
-
-    def _pack(self, group: list[Request]) -> PrefillBatch:
-        """First-fit-decreasing packing of the contexts into rows; a preempted request's context
-        replays the depth of every early exit, so its cache is rebuilt as it was."""
-        lengths = [len(r.context_ids) for r in group]
-        W = self.prefill_width(lengths)
-        rows: list[list[int]] = []
-        room: list[int] = []
-        for j in sorted(range(len(group)), key=lambda j: -lengths[j]):
-            k = next((k for k, free in enumerate(room) if free >= lengths[j]), None)
-            if k is None:
-                rows.append([]), room.append(W)
-                k = len(rows) - 1
-            rows[k].append(j)
-            room[k] -= lengths[j]
+    def _pack(self, pieces: list[tuple[Request, int, int]]) -> PrefillBatch:
+        """First-fit-decreasing packing of context pieces [0, end) into rows of the width that
+        costs least (`packing`); a preempted request's context replays the depth of every early
+        exit, so its cache is rebuilt as it was."""
+        group = [r for r, _, _ in pieces]
+        lengths = [e for _, _, e in pieces]
+        W, rows = packing(lengths, self.max_seq_len)
         R, Q, L = row_bucket(len(rows)), bucket(len(group)), self.num_layers
         tokens = np.zeros((R, W), np.int32)
         positions = np.full((R, W), -1, np.int32)
         segment_ids = np.full((R, W), -1, np.int32)
         write_page = np.full((R, W), self.allocator.num_pages, np.int32)  # out of range = no write
         write_off = np.zeros((R, W), np.int32)
-        last_index = np.zeros(Q, np.int32)
+        last_index = np.zeros(self.prefill_rows, np.int32)
         kv_depth = np.full((R, W), L, np.int32)
         for row, members in enumerate(rows):
             o = 0
             for j in members:
                 r = group[j]
-                ctx = r.context_ids
-                n, pos = len(ctx), np.arange(len(ctx))
+                n = lengths[j]
+                ctx, pos = r.context_ids[:n], np.arange(n)
                 tokens[row, o:o + n], positions[row, o:o + n], segment_ids[row, o:o + n] = ctx, pos, j
                 write_page[row, o:o + n] = np.asarray(r.pages)[pos // self.page_size]
                 write_off[row, o:o + n] = pos % self.page_size
-                kv_depth[row, o + len(r.prompt_ids):o + n] = r.kv_depths
+                if r.kv_depths and n == len(r.context_ids):  # a cut piece is never a replay (all full depth)
+                    kv_depth[row, o + len(r.prompt_ids):o + n] = r.kv_depths
                 last_index[j] = row * W + o + n - 1
                 o += n
         return PrefillBatch(tuple(group), tokens, positions, segment_ids, write_page, write_off, last_index,
                             kv_depth if (kv_depth < L).any() else None,
                             SamplingParams.build([r.sampling_row() for r in group], Q),
                             any(r.config.temperature > 0 for r in group),
-                            any(r.config.logprobs is not None for r in group))
+                            any(r.config.logprobs is not None for r in group),
+                            tuple(n == len(r.context_ids) for r, n in zip(group, lengths)))
 
-    def prefill_emissions(self, batch: PrefillBatch, first) -> list[Emission]:
-        """Prefill's sampled tokens (a `logprobs.Sampled` of [Q]) as emissions: a new request's
-        first token; a preempted request's next token is already known, so its sample is dropped."""
+    def prefill_emissions(self, batch: PrefillBatch | PrefillChunk, first) -> list[Emission]:
+        """Prefill's sampled tokens (a `logprobs.Sampled`, one per context) as emissions, for the
+        contexts whose last piece ran: a new request's first token; a preempted request's next
+        token is already known, so its sample is dropped."""
         return [Emission(r, first.token(j), self.num_layers, None, first.logprob(j))
-                for j, r in enumerate(batch.requests) if not r.generated]
+                for j, (r, ends) in enumerate(zip(batch.requests, batch.ends_context)) if ends and not r.generated]
 
     # ------------------------------------------------------------------ results
     def commit(self, emissions: list[Emission]) -> list[StreamEvent]:
