@@ -365,7 +365,7 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
     g.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                    help="decode attention over the paged KV pool (auto: Pallas on a GPU, the C++ kernel on a CPU)")
     g.add_argument("--max-seq-len", type=int, default=1024)
-    g.add_argument("--max-prefill-tokens", type=int, default=2048,
+    g.add_argument("--max-prefill-tokens", type=int, default=1024,
                    help="prompt tokens one step prefills when nothing decodes (longer prompts come in chunks)")
     g.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None, metavar="N",
                    help="the same while requests decode (default: --max-prefill-tokens); smaller keeps running "

@@ -75,7 +75,7 @@ class Engine:
         return eng
 
     def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
-               num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=2048,
+               num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024,
                max_prefill_tokens_while_decoding=None,
                ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
                ramp_tokens=None, attention="auto", gate=None):

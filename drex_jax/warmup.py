@@ -27,7 +27,7 @@ def prefill_shapes(max_slots: int, max_seq_len: int, prefill_budget: int, page_w
     for W in prefill_widths(max_seq_len):
         rows = 1 if W > prefill_budget else min(max_slots, 2 * -(-prefill_budget // W) + 1)
         shapes += [("prefill", W, R) for R in row_buckets_upto(rows)]
-    shapes += [("chunk", C, P) for C in pow2_upto(bucket(min(prefill_budget, max_seq_len), 16)) if C >= 16
+    shapes += [("chunk", C, P) for C in pow2_upto(bucket(min(prefill_budget, max_seq_len), 64)) if C >= 64
                for P in page_widths]
     prefill_rows = bucket(max_slots)
     shapes += [("head", q, prefill_rows) for q in pow2_upto(prefill_rows)]

@@ -195,3 +195,19 @@ def test_special_tokens_move_the_window_on():
         assert d.add(256) == ("", False)
     assert max(tok.decoded[before:]) <= 2 and d.text == "h"
     assert d.add(ord("i")) == ("i", False) and d.text == "hi"
+
+
+def test_packing_follows_prompt_lengths():
+    """Prefill rows take the cheapest width: a 150-token prompt goes in a 192-wide row, not 256; six
+    of them pad 22 % (the power-of-two rule put each in a 256-wide row: 41 %); eight HumanEval-like
+    prompts are all placed, each row holding what fits."""
+    from drex_jax.kv.pages import row_bucket
+    from drex_jax.sched.scheduler import packing
+
+    assert packing([150], 512)[0] == 192
+    W, rows = packing([150] * 6, 512)
+    assert 1 - 900 / (row_bucket(len(rows)) * W) < 0.25, (W, rows)
+    lengths = [98, 151, 194, 120, 133, 176, 162, 142]
+    W, rows = packing(lengths, 512)
+    assert sorted(j for r in rows for j in r) == list(range(8))
+    assert all(sum(lengths[j] for j in r) <= W for r in rows) and W >= 194

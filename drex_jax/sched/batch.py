@@ -88,9 +88,9 @@ class PrefillChunk(NamedTuple):
 
 def prefill_chunk(pieces: list, page_size: int, width: int | None = None) -> PrefillChunk:
     """Rows for pieces (request, start, end) of contexts (`context_ids`) whose positions < start are
-    in the pool. C is the power-of-two bucket (>= 16) of the longest piece; the block-table width
+    in the pool. C is the power-of-two bucket (>= 64) of the longest piece; the block-table width
     covers each row's pages up to `end` (bucketed, or the fixed `width`)."""
-    R, C = len(pieces), bucket(max(e - s for _, s, e in pieces), 16)
+    R, C = len(pieces), bucket(max(e - s for _, s, e in pieces), 64)
     need = max(pages_needed(e, page_size) for _, _, e in pieces)
     if width is not None and width < need:
         raise ValueError(f"block-table width {width} < {need} pages needed")
