@@ -39,7 +39,7 @@ def prefill_point(engine, batch: int, length: int, repeats: int = 3, seed: int =
         engine.submit([int(t) for t in rng.integers(0, cfg.vocab_size, length)], gc)
     plan = engine.scheduler.schedule()
     b = plan.prefill
-    if b is None or len(b.requests) != batch:
+    if b is None or len(b.requests) != batch or not all(b.ends_context):
         raise RuntimeError(f"the scheduler admitted {0 if b is None else len(b.requests)} of {batch} prompts in one "
                            "prefill: raise max_prefill_tokens_per_step / max_slots for this point")
 

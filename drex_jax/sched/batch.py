@@ -86,11 +86,17 @@ class PrefillChunk(NamedTuple):
     logprobs: bool
 
 
-def prefill_chunk(pieces: list, page_size: int, width: int | None = None) -> PrefillChunk:
+def chunk_min_width(while_decoding_budget: int) -> int:
+    """Narrowest chunk program: 64 positions, or the power-of-two bucket of a smaller budget
+    while decoding (chunks that small are what keeps running requests streaming)."""
+    return min(64, bucket(while_decoding_budget))
+
+
+def prefill_chunk(pieces: list, page_size: int, width: int | None = None, min_width: int = 64) -> PrefillChunk:
     """Rows for pieces (request, start, end) of contexts (`context_ids`) whose positions < start are
-    in the pool. C is the power-of-two bucket (>= 64) of the longest piece; the block-table width
+    in the pool. C is the power-of-two bucket (>= min_width) of the longest piece; the block-table width
     covers each row's pages up to `end` (bucketed, or the fixed `width`)."""
-    R, C = len(pieces), bucket(max(e - s for _, s, e in pieces), 64)
+    R, C = len(pieces), bucket(max(e - s for _, s, e in pieces), min_width)
     need = max(pages_needed(e, page_size) for _, _, e in pieces)
     if width is not None and width < need:
         raise ValueError(f"block-table width {width} < {need} pages needed")

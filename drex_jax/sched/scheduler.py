@@ -23,7 +23,7 @@ import numpy as np
 
 from drex_jax.generation import GenerationConfig, GenerationResult, RequestStats, SamplingParams, StreamEvent
 from drex_jax.kv.pages import PageAllocator, bucket, causal_block, pages_needed, row_bucket
-from drex_jax.sched.batch import PrefillChunk, prefill_chunk
+from drex_jax.sched.batch import PrefillChunk, chunk_min_width, prefill_chunk
 from drex_jax.sched.detokenize import IncrementalDetokenizer
 from drex_jax.sched.request import Emission, Request
 
@@ -292,7 +292,8 @@ class Scheduler:
             req.prefilled, req.prefilling = end, end < len(req.context_ids)
         self._note_pages()
         return (self._pack(fresh) if fresh else None,
-                prefill_chunk(chunks, self.page_size, self.table_width) if chunks else None)
+                prefill_chunk(chunks, self.page_size, self.table_width,
+                              chunk_min_width(self.max_prefill_tokens_while_decoding)) if chunks else None)
 
     def _pack(self, pieces: list[tuple[Request, int, int]]) -> PrefillBatch:
         """First-fit-decreasing packing of context pieces [0, end) into rows of the width that
