@@ -257,12 +257,11 @@ class Engine:
         """Compile every decode (or early-exit segment, fill and ART) shape and prompt bucket ahead of
         time on all-padding batches (the pool is untouched). Returns the number of programs run;
         afterwards a steady stream compiles nothing (`sampling=False`: greedy programs only)."""
-        from drex_jax.sched.batch import chunk_min_width
         from drex_jax.warmup import warmup
 
         return warmup(self.runner, self.decoder, max_slots=self.max_slots, max_seq_len=self.max_seq_len,
                       prefill_budget=max(self.max_prefill_tokens_per_step, self.max_prefill_tokens_while_decoding),
-                      page_widths=self.page_widths, chunk_min=chunk_min_width(self.max_prefill_tokens_while_decoding),
+                      page_widths=self.page_widths, chunk_min=self.scheduler.chunk_min,
                       num_pages=self.scheduler.allocator.num_pages, progress=progress, sampling=sampling)
 
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,

@@ -42,6 +42,7 @@ class PrefillBatch:
     depth. The sampling rows: Q = bucket(len(requests))."""
 
     requests: tuple[Request, ...]
+    ends_context: tuple[bool, ...]
     tokens: np.ndarray
     positions: np.ndarray
     segment_ids: np.ndarray
@@ -51,8 +52,7 @@ class PrefillBatch:
     kv_depth: np.ndarray | None
     sampling: SamplingParams
     do_sample: bool
-    logprobs: bool = False  # some request asks for log-probabilities
-    ends_context: tuple[bool, ...] = ()
+    logprobs: bool  # some request asks for log-probabilities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +136,7 @@ class Scheduler:
         self.max_prefill_tokens_per_step, self.num_layers = max_prefill_tokens_per_step, num_layers
         self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding or max_prefill_tokens_per_step
         self.table_width = table_width  # fixed block-table width of the attention backend (None: bucketed)
+        self.chunk_min = chunk_min_width(self.max_prefill_tokens_while_decoding)  # narrowest chunk program
         self.prefill_rows = bucket(max_slots)  # last_index length: every program samples from this many
         self.tokenizer, self.eos_ids = tokenizer, frozenset(eos_ids)
         self._free_slots = list(range(max_slots - 1, -1, -1))
@@ -292,8 +293,7 @@ class Scheduler:
             req.prefilled, req.prefilling = end, end < len(req.context_ids)
         self._note_pages()
         return (self._pack(fresh) if fresh else None,
-                prefill_chunk(chunks, self.page_size, self.table_width,
-                              chunk_min_width(self.max_prefill_tokens_while_decoding)) if chunks else None)
+                prefill_chunk(chunks, self.page_size, self.table_width, self.chunk_min) if chunks else None)
 
     def _pack(self, pieces: list[tuple[Request, int, int]]) -> PrefillBatch:
         """First-fit-decreasing packing of context pieces [0, end) into rows of the width that
@@ -323,12 +323,12 @@ class Scheduler:
                     kv_depth[row, o + len(r.prompt_ids):o + n] = r.kv_depths
                 last_index[j] = row * W + o + n - 1
                 o += n
-        return PrefillBatch(tuple(group), tokens, positions, segment_ids, write_page, write_off, last_index,
+        return PrefillBatch(tuple(group), tuple(n == len(r.context_ids) for r, n in zip(group, lengths)),
+                            tokens, positions, segment_ids, write_page, write_off, last_index,
                             kv_depth if (kv_depth < L).any() else None,
                             SamplingParams.build([r.sampling_row() for r in group], Q),
                             any(r.config.temperature > 0 for r in group),
-                            any(r.config.logprobs is not None for r in group),
-                            tuple(n == len(r.context_ids) for r, n in zip(group, lengths)))
+                            any(r.config.logprobs is not None for r in group))
 
     def prefill_emissions(self, batch: PrefillBatch | PrefillChunk, first) -> list[Emission]:
         """Prefill's sampled tokens (a `logprobs.Sampled`, one per context) as emissions, for the
