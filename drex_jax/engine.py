@@ -88,7 +88,7 @@ class Engine:
                                  "Engine per drex_jax.sharding.replica_meshes(mesh)")
         self.cfg, self.tokenizer, self.mesh, self.verbose = cfg, tokenizer, mesh, verbose
         self.dtype = _dtype(dtype)
-        self.attention = resolve_attention(attention, self.dtype, mesh)
+        self.attention = resolve_attention(attention, self.dtype, mesh, cfg, page_size)
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 2048))
         if not 1 < self.max_seq_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] for this model, "

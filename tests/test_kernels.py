@@ -87,9 +87,69 @@ def test_pallas_kernel_interpret_matches_numpy():
     for b in range(2):
         k[1][:, bt[b, pos[b, 0] // PS], pos[b, 0] % PS] = k_new[b, 0]
         v[1][:, bt[b, pos[b, 0] // PS], pos[b, 0] % PS] = v_new[b, 0]
-    got = paged_attention_pallas(q, jnp.asarray(k[1]), jnp.asarray(v[1]), bt, pos, interpret=True)
+    got = paged_attention_pallas(q, jnp.asarray(k), jnp.asarray(v), bt, pos, layer=1, interpret=True)
     want = _numpy_attention(q, k, v, k_new, v_new, bt, pos, 1).reshape(3, 1, NH * D)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+def _numpy_decode_attention(q, k, v, bt, positions, layer):
+    """One query per row over its pool keys 0..position (fp64); padding rows (-1) give zeros."""
+    B = len(positions)
+    out = np.zeros((B, 1, NH, D), np.float64)
+    for b in range(B):
+        p = positions[b, 0]
+        if p < 0:
+            continue
+        keys = k[layer][:, bt[b]].reshape(KV, -1, D)[:, : p + 1].astype(np.float64)
+        vals = v[layer][:, bt[b]].reshape(KV, -1, D)[:, : p + 1].astype(np.float64)
+        for h in range(NH):
+            s = keys[h // (NH // KV)] @ q[b, 0, h] / np.sqrt(D)
+            w = np.exp(s - s.max())
+            out[b, 0, h] = (w / w.sum()) @ vals[h // (NH // KV)]
+    return out.reshape(B, 1, NH * D)
+
+
+@pytest.mark.parametrize("P,positions", [(16, [63, 0, 35, -1]), (2, [7, 1, -1, 4])])
+def test_pallas_kernel_splits_and_bf16(P, positions):
+    """Several splits of the block table (P=16: 8 splits of 2 pages), rows ending in different
+    splits, the first position, a padding row; fp32 and bf16 against an fp64 numpy softmax."""
+    rng = np.random.default_rng(3)
+    B = len(positions)
+    k = rng.normal(size=(L, KV, 80, PS, D)).astype(np.float32)
+    v = rng.normal(size=(L, KV, 80, PS, D)).astype(np.float32)
+    bt = rng.permutation(80)[: B * P].reshape(B, P).astype(np.int32)
+    q = rng.normal(size=(B, 1, NH, D)).astype(np.float32)
+    pos = np.asarray(positions, np.int32).reshape(B, 1)
+    want = _numpy_decode_attention(q, k, v, bt, pos, 2)
+    for dtype, atol in ((jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)):
+        got = paged_attention_pallas(jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), bt, pos,
+                                     layer=2, interpret=True)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=atol)
+
+
+def test_pallas_lowered_for_cuda_reads_the_pool_in_place(tiny_llama):
+    """Lowered for CUDA from this CPU process (no GPU, no CUDA plugin): each layer's Triton call
+    takes the donated K and V pools whole (no slice of them), and no interpreter is in the program."""
+    from drex_jax.generation import SamplingParams
+    from drex_jax.model.modules import split_model
+
+    cfg, params = tiny_llama
+    graph, state = split_model(cfg, decode_layout(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)))
+    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
+    pool_shape = (cfg.num_layers, cfg.num_kv_heads, 33, 16, cfg.head_dim)
+    pool = {n: jax.ShapeDtypeStruct(pool_shape, jnp.bfloat16) for n in ("k", "v")}
+    B = 4
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    text = decode_step.trace(
+        jax.tree.map(spec, state), pool, i32(B), i32(B), i32(B, 8), jax.tree.map(spec, SamplingParams.build([], B)),
+        graph=graph, do_sample=False, attention="pallas",
+    ).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "triton" in line and "custom_call" in line]
+    assert len(calls) == cfg.num_layers
+    pool_type = "tensor<{}xbf16>".format("x".join(map(str, pool_shape)))
+    assert all(line.count(pool_type) >= 2 for line in calls), calls[0]
+    assert not re.search(r"stablehlo\.(dynamic_)?slice[^\n]*" + re.escape(pool_type) + r"\) ->", text)
 
 
 def test_ffi_build_failure_is_reported(monkeypatch, tmp_path):
@@ -116,7 +176,7 @@ def test_engine_attention_paths_give_identical_tokens(tiny_llama):
     runs = {}
     for attention in ("xla", "ffi", "pallas"):
         eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, attention=attention)
-        assert eng.attention == attention
+        assert eng.attention == (attention if attention != "pallas" else "pallas_interpret")  # no GPU here
         res = serve_with_arrivals(eng, prompts, gc, first=0, every=2, per_arrival=2)
         runs[attention] = [res[i].token_ids for i in range(len(prompts))]
     assert runs["ffi"] == runs["xla"] and runs["pallas"] == runs["xla"]

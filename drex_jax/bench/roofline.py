@@ -252,7 +252,7 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
     cfg, params_ckpt, _ = load_checkpoint(model or default_model_path())
     params = decode_layout(params_ckpt)
     dtype = params["final_norm"].dtype
-    attention = resolve_attention(attention, dtype)
+    attention = resolve_attention(attention, dtype, cfg=cfg, page_size=16)
     compare = ("xla",) if attention != "xla" else ()
     if progress:
         print(f"[roofline] attention={attention}; measuring matmul peak and read bandwidth", file=sys.stderr, flush=True)
