@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drex_jax import compile_counter
+from drex_jax import compile_cache, compile_counter
 from drex_jax.generation import GenerationConfig, GenerationResult, StreamEvent, TokenLogprob
 from drex_jax.kv.pages import bucket, pages_needed, pow2_upto
 from drex_jax.kv.pool import pages_for_budget
@@ -88,6 +88,7 @@ class Engine:
                                  "Engine per drex_jax.sharding.replica_meshes(mesh)")
         self.cfg, self.tokenizer, self.mesh, self.verbose = cfg, tokenizer, mesh, verbose
         self.dtype = _dtype(dtype)
+        self.compile_cache = compile_cache.enable()  # before the first program compiles
         self.attention = resolve_attention(attention, self.dtype, mesh, cfg, page_size)
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 2048))
         if not 1 < self.max_seq_len <= cfg.max_position_embeddings:
@@ -112,7 +113,7 @@ class Engine:
                                    max_seq_len=self.max_seq_len, max_prefill_tokens_per_step=max_prefill_tokens_per_step,
                                    num_layers=cfg.num_layers, tokenizer=tokenizer, eos_ids=eos,
                                    max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding,
-                                   table_width=self.table_width)
+                                   table_width=self.table_width, replay_depths=ee is not None)
         self.page_size, self.max_slots = page_size, max_slots
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self.max_prefill_tokens_while_decoding = self.scheduler.max_prefill_tokens_while_decoding
@@ -262,7 +263,8 @@ class Engine:
         return warmup(self.runner, self.decoder, max_slots=self.max_slots, max_seq_len=self.max_seq_len,
                       prefill_budget=max(self.max_prefill_tokens_per_step, self.max_prefill_tokens_while_decoding),
                       page_widths=self.page_widths, chunk_min=self.scheduler.chunk_min,
-                      num_pages=self.scheduler.allocator.num_pages, progress=progress, sampling=sampling)
+                      num_pages=self.scheduler.allocator.num_pages, progress=progress, sampling=sampling,
+                      replay_layers=self.cfg.num_layers if self.scheduler.replay_depths else None)
 
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,
                chat: bool = False) -> Iterator[StreamEvent]:

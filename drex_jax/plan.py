@@ -32,6 +32,11 @@ PRESETS = {
                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    # the bundled default model's shape (SmolLM2-135M-Instruct)
+    "smollm2-135m": dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, tie_word_embeddings=True),
     # a small shape for smoke-testing scale mode on a CPU
     "tiny-llama": dict(architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=128, intermediate_size=256,
                        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,

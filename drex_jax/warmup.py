@@ -36,10 +36,12 @@ def prefill_shapes(max_slots: int, max_seq_len: int, prefill_budget: int, page_w
 
 
 def run_prefill_shape(runner, shape: tuple, num_pages: int, prefill_rows: int, do_sample: bool,
-                      chunk_min: int = 64, page_width: int = 1) -> None:
+                      chunk_min: int = 64, page_width: int = 1, replay_layers: int | None = None,
+                      missing_kv: str = "copy") -> None:
     """Run one prefill, chunk or head shape on all-padding input. A head shape runs behind the
     narrowest prefill (or chunk) program, so it sees the hidden states those programs return (their
-    placement, which under a mesh is part of the compiled program's key)."""
+    placement, which under a mesh is part of the compiled program's key). `replay_layers`: the
+    engine's prefills carry kv_depth (early exit: `Scheduler.replay_depths`) for `missing_kv`."""
     kind, a, b = shape
     if kind == "chunk" or (kind == "head" and b == 1 and prefill_rows > 1):
         C, P = (a, b) if kind == "chunk" else (chunk_min, page_width)
@@ -49,12 +51,15 @@ def run_prefill_shape(runner, shape: tuple, num_pages: int, prefill_rows: int, d
         return
     W, R, q = (a, b, 1) if kind == "prefill" else (32, 1, a)
     pad, zero = np.full((R, W), -1, np.int32), np.zeros((R, W), np.int32)
+    kv_depth = None if replay_layers is None else np.full((R, W), replay_layers, np.int32)
     runner.prefill(zero, pad, pad, np.full((R, W), num_pages, np.int32), zero, np.zeros(prefill_rows, np.int32),
-                   SamplingParams.build([], q), None, do_sample=do_sample and kind == "head")
+                   SamplingParams.build([], q), kv_depth, do_sample=do_sample and kind == "head",
+                   missing_kv=missing_kv if kv_depth is not None else "copy")
 
 
 def warmup(runner, decoder, *, max_slots: int, max_seq_len: int, prefill_budget: int, page_widths: list[int],
-           num_pages: int, progress: bool = False, sampling: bool = True, chunk_min: int = 64) -> int:
+           num_pages: int, progress: bool = False, sampling: bool = True, chunk_min: int = 64,
+           replay_layers: int | None = None) -> int:
     """Compile every decode and prefill shape; returns the number of programs run."""
     from tqdm import tqdm
 
@@ -64,7 +69,8 @@ def warmup(runner, decoder, *, max_slots: int, max_seq_len: int, prefill_budget:
         jobs += [(shape, v) for v in (variants if shape[0] == "head" else (False,))]
     for shape, do_sample in tqdm(jobs, desc="compiling", disable=not progress, file=sys.stderr):
         if shape[0] in ("prefill", "chunk", "head"):
-            run_prefill_shape(runner, shape, num_pages, bucket(max_slots), do_sample, chunk_min, page_widths[-1])
+            run_prefill_shape(runner, shape, num_pages, bucket(max_slots), do_sample, chunk_min, page_widths[-1],
+                              replay_layers, getattr(decoder, "missing_kv", "copy"))
         else:
             decoder.warmup_one(shape, do_sample)
     runner.sync()

@@ -1,4 +1,6 @@
 """Continuous batching on a tiny random model against an unbatched cache-free reference."""
+import os
+
 import numpy as np
 import pytest
 
@@ -189,3 +191,25 @@ def test_bfloat16_engine_tracks_fp32(tiny_llama):
     assert engine.pool["k"].dtype == jnp.bfloat16
     res = engine.generate(_prompts(2, seed=1, max_len=10), GenerationConfig(max_new_tokens=6))
     assert all(len(r.token_ids) == 6 for r in res)
+
+
+@pytest.mark.parametrize("setting,expect", [("", "xla-cache"), ("off", None)])
+def test_engines_turn_on_the_persistent_compile_cache(tmp_path, setting, expect):
+    """A fresh process: an Engine puts XLA's compilation cache under DREX_JAX_CACHE unless told not
+    to (DREX_JAX_COMPILE_CACHE=off); a directory the process configured itself is kept."""
+    import subprocess
+    import sys
+
+    code = ("import jax; from drex_jax import compile_cache; print(compile_cache.enable()); "
+            "print(jax.config.jax_compilation_cache_dir)")
+    env = {**os.environ, "DREX_JAX_CACHE": str(tmp_path), "DREX_JAX_COMPILE_CACHE": setting, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    used, configured = out.split()
+    if expect is None:
+        assert used == "None" and configured == "None"
+    else:
+        assert used == configured == str(tmp_path / expect) and (tmp_path / expect).is_dir()
+    kept = subprocess.run([sys.executable, "-c", "import jax; jax.config.update('jax_compilation_cache_dir', "
+                           f"'{tmp_path}/mine'); " + code], env=env, capture_output=True, text=True, check=True)
+    assert kept.stdout.split() == [f"{tmp_path}/mine"] * 2

@@ -230,14 +230,16 @@ def test_off_and_latency_only_run_full_depth(tiny4):
 
 
 @pytest.mark.slow  # run by .ci/run in its second (slow) pass
-@pytest.mark.parametrize("extra", [{}, dict(missing_kv="recompute", verify=True, max_draft=3)])
-def test_warmup_covers_early_exit_programs(tiny4, extra):
+@pytest.mark.parametrize("extra,num_pages", [({}, None), (dict(missing_kv="recompute", verify=True, max_draft=3), None),
+                                             ({}, 13)])
+def test_warmup_covers_early_exit_programs(tiny4, extra, num_pages):
     """After warmup() a rebatching engine (ART on; verify mode: the gate on) serves a steady stream
-    without compiling."""
+    without compiling; with a pool too small for the stream, preempted requests' replays (their
+    early-exit depths) run warmed-up programs too."""
     from drex_jax import compile_counter
 
     cfg, params = tiny4
-    eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=32,
+    eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=32, num_pages=num_pages,
                              ee=EEConfig(EE_LAYERS, EE_THR, **extra), policy="rebatching")
     eng.warmup(sampling=False)  # greedy serving needs the greedy programs only
     before = compile_counter.count()
@@ -245,3 +247,4 @@ def test_warmup_covers_early_exit_programs(tiny4, extra):
         _serve_with_arrivals(eng, _prompts(6, seed=40 + seed), GenerationConfig(max_new_tokens=12))
     assert compile_counter.count() == before
     assert sum(eng.ee_stats.exits_per_ramp[:-1]) > 0
+    assert (eng.scheduler.num_preemptions > 0) == (num_pages is not None)

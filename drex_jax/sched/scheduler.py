@@ -127,7 +127,8 @@ class Scheduler:
 
     def __init__(self, *, num_pages: int, page_size: int, max_slots: int, max_seq_len: int,
                  max_prefill_tokens_per_step: int, num_layers: int, tokenizer=None, eos_ids=frozenset(),
-                 max_prefill_tokens_while_decoding: int | None = None, table_width: int | None = None):
+                 max_prefill_tokens_while_decoding: int | None = None, table_width: int | None = None,
+                 replay_depths: bool = False):
         self.check_sizes(max_slots=max_slots, page_size=page_size, max_prefill_tokens_per_step=max_prefill_tokens_per_step)
         if max_prefill_tokens_while_decoding is not None:
             self.check_sizes(max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding)
@@ -136,6 +137,9 @@ class Scheduler:
         self.max_prefill_tokens_per_step, self.num_layers = max_prefill_tokens_per_step, num_layers
         self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding or max_prefill_tokens_per_step
         self.table_width = table_width  # fixed block-table width of the attention backend (None: bucketed)
+        # early-exit engines: every packed prefill carries kv_depth, so a preempted request's replay
+        # runs the same (warmed-up) program as any prefill instead of compiling its own
+        self.replay_depths = replay_depths
         self.chunk_min = chunk_min_width(self.max_prefill_tokens_while_decoding)  # narrowest chunk program
         self.prefill_rows = bucket(max_slots)  # last_index length: every program samples from this many
         self.tokenizer, self.eos_ids = tokenizer, frozenset(eos_ids)
@@ -325,7 +329,7 @@ class Scheduler:
                 o += n
         return PrefillBatch(tuple(group), tuple(n == len(r.context_ids) for r, n in zip(group, lengths)),
                             tokens, positions, segment_ids, write_page, write_off, last_index,
-                            kv_depth if (kv_depth < L).any() else None,
+                            kv_depth if self.replay_depths or (kv_depth < L).any() else None,
                             SamplingParams.build([r.sampling_row() for r in group], Q),
                             any(r.config.temperature > 0 for r in group),
                             any(r.config.logprobs is not None for r in group))
