@@ -360,7 +360,8 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
     from drex_jax.model.attention_backends import ATTENTION
 
     g.add_argument("--model", default=None, help="converted checkpoint dir (default: bundled SmolLM2)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights, activations and KV pool (auto: bfloat16 on a GPU, float32 on a CPU)")
     g.add_argument("--max-slots", type=int, default=32)
     g.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                    help="decode attention over the paged KV pool (auto: Pallas on a GPU, the C++ kernel on a CPU)")

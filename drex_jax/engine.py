@@ -19,7 +19,7 @@ import numpy as np
 from drex_jax import compile_cache, compile_counter
 from drex_jax.generation import GenerationConfig, GenerationResult, StreamEvent, TokenLogprob
 from drex_jax.kv.pages import bucket, pages_needed, pow2_upto
-from drex_jax.kv.pool import pages_for_budget
+from drex_jax.kv.pool import KV_MEMORY_FRACTION, free_device_bytes, pages_for_budget
 from drex_jax.model.attention_backends import get_backend, resolve_attention
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import check_params, decode_layout
@@ -58,7 +58,7 @@ class Engine:
         a replayed `ExitTrace`, ramp candidate ids); `ee=None` decodes at full depth.
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", verbose: bool = False, **kwargs):
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", verbose: bool = False, **kwargs):
         from drex_jax.loading import heads_dir_for, load_model, needs_heads_dir
 
         path, cfg, params, tok = load_model(model, _dtype(dtype))
@@ -67,7 +67,7 @@ class Engine:
         self._setup(cfg, params, tok, dtype=dtype, verbose=verbose, **kwargs)
 
     @classmethod
-    def from_params(cls, cfg: ModelConfig, params: dict, tokenizer=None, *, dtype: str = "float32", **kwargs):
+    def from_params(cls, cfg: ModelConfig, params: dict, tokenizer=None, *, dtype: str = "auto", **kwargs):
         check_params(cfg, params)
         eng = cls.__new__(cls)
         params = jax.tree.map(lambda a: jnp.asarray(a, _dtype(dtype)), params)
@@ -75,7 +75,7 @@ class Engine:
         return eng
 
     def _setup(self, cfg, params, tokenizer, *, dtype, verbose=False, max_slots=32, page_size=16,
-               num_pages=None, kv_memory_bytes=None, max_seq_len=None, max_prefill_tokens_per_step=1024,
+               num_pages=None, kv_memory_bytes=None, kv_memory_fraction=KV_MEMORY_FRACTION, max_seq_len=None, max_prefill_tokens_per_step=1024,
                max_prefill_tokens_while_decoding=None,
                ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
                ramp_tokens=None, attention="auto", gate=None):
@@ -96,12 +96,23 @@ class Engine:
                              f"got {max_seq_len}")
         Scheduler.check_sizes(max_slots=max_slots, page_size=page_size,
                               max_prefill_tokens_per_step=max_prefill_tokens_per_step)
+        if not 0 < kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {kv_memory_fraction}")
         if num_pages is not None and kv_memory_bytes is not None:
             raise ValueError("give num_pages or kv_memory_bytes, not both")
         if kv_memory_bytes is not None:
             num_pages = pages_for_budget(cfg, kv_memory_bytes, page_size, self.dtype)
         if num_pages is None:
             num_pages = 1 + max_slots * pages_needed(self.max_seq_len, page_size)
+            free = free_device_bytes()  # a GPU: never more than kv_memory_fraction of what is left
+            if free is not None:
+                fits = pages_for_budget(cfg, kv_memory_fraction * free, page_size, self.dtype)
+                if fits < 1 + pages_needed(self.max_seq_len, page_size):
+                    raise ValueError(f"the device has {free / 2**30:.2f} GiB free after the weights; "
+                                     f"kv_memory_fraction={kv_memory_fraction} of it holds {fits} KV pages of "
+                                     f"{page_size} tokens, fewer than one {self.max_seq_len}-token sequence needs: "
+                                     "lower max_seq_len or raise kv_memory_fraction")
+                num_pages = min(num_pages, fits)
         eos = frozenset(cfg.eos_token_ids) | (
             {int(tokenizer.eos_token_id)} if tokenizer is not None and tokenizer.eos_token_id is not None else set())
         # block-table widths the decode programs take: a backend whose cost follows each row's
@@ -310,7 +321,11 @@ def _as_list(prompts) -> list:
 
 
 def _dtype(name: str):
+    """"auto": bfloat16 on a GPU (the weights' bandwidth halves; its dots run bf16 natively), float32
+    on a CPU (XLA:CPU computes bf16 dots by converting to f32 and back, measured slower)."""
     allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     if name not in allowed:
-        raise ValueError(f"dtype {name!r} not supported; choose one of {sorted(allowed)}")
+        raise ValueError(f"dtype {name!r} not supported; choose one of {sorted(allowed) + ['auto']}")
     return allowed[name]

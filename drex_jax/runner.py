@@ -125,7 +125,8 @@ class DeviceRunner:
         self.ramp_tokens = self._replicated(check_ramp_tokens(ee, self.cfg, ramp_tokens))
         self.hidden = self._replicated(jnp.zeros((max_slots,) + ring + (self.cfg.hidden_size,), self.dtype))
         if heads is not None:
-            heads = self._replicated(jax.tree.map(jnp.asarray, heads))
+            # in the engine's dtype: a bf16 engine streams bf16 ramp weights (the ramp computes in fp32)
+            heads = self._replicated(jax.tree.map(lambda a: jnp.asarray(a, self.dtype), heads))
             self.ee_graph, self.ee_state = split_model(self.cfg, self.params, heads)
         self.measure = ee.confidence
 

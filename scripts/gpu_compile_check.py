@@ -1,11 +1,11 @@
 """Compile drex_jax's steps for an NVIDIA H100 on this machine (no GPU needed) and check them.
 
-    python scripts/gpu_compile_check.py --setup            # once: the side environment (~1.3 GB)
-    python scripts/gpu_compile_check.py [--models smollm2-135m llama3-8b] [--only decode] [--json F]
+    .venv/bin/python scripts/gpu_compile_check.py --setup   # once: the CUDA plugin on the side (~550 MB)
+    .venv/bin/python scripts/gpu_compile_check.py [--models smollm2-135m llama3-8b] [--only decode] [--json F]
 
-The side environment `.venv-gpu-compile` holds this jax version's CUDA plugin, the CUDA compiler
-wheels (ptxas) and flax, so the project's own `.venv` stays CPU-only. The script re-runs itself
-there. For each model (bf16, batch 32, contexts up to 2048, the engine's default pool) it compiles
+`--setup` installs this jax version's CUDA plugin and the CUDA compiler wheels (ptxas) into
+`.gpu-compile-plugin` (`pip --target`, no dependencies), outside the project's `.venv`, which
+stays CPU-only: only this script's own child process puts that folder on its path. For each model (bf16, batch 32, contexts up to 2048, the engine's default pool) it compiles
 the prefill, LM head, prefill chunk, decode (pallas and xla), shallow and deep early-exit segments,
 verify's deep pass and both missing-KV fills from `jax.ShapeDtypeStruct`s, prints each program's
 argument/output/aliased/temp bytes and custom calls, and exits 1 if any program copies the pool or a
@@ -22,33 +22,26 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIDE = os.path.join(ROOT, ".venv-gpu-compile")
-SIDE_PY = os.path.join(SIDE, "bin", "python")
-
-
-def _main_versions() -> dict:
-    """jax, jaxlib and flax versions of the interpreter running this (the project's venv)."""
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("jax", "jaxlib", "flax")}
+SIDE = os.path.join(ROOT, ".gpu-compile-plugin")
 
 
 def setup(quiet: bool = False) -> None:
-    """Create the side environment with the CUDA plugin matching this jax (idempotent)."""
-    v = _main_versions()
-    pkgs = [f"jax=={v['jax']}", f"jaxlib=={v['jaxlib']}", f"jax-cuda12-plugin=={v['jaxlib']}",
-            f"jax-cuda12-pjrt=={v['jaxlib']}", "nvidia-cuda-nvcc-cu12", f"flax=={v['flax']}"]
-    if not os.path.exists(SIDE_PY):
-        subprocess.run([sys.executable, "-m", "venv", SIDE], check=True)
+    """Install the CUDA plugin matching this interpreter's jaxlib, and ptxas, into SIDE."""
+    from importlib.metadata import version
+
+    v = version("jaxlib")
+    pkgs = [f"jax-cuda12-plugin=={v}", f"jax-cuda12-pjrt=={v}", "nvidia-cuda-nvcc-cu12"]
     print(f"gpu_compile_check: installing {' '.join(pkgs)} into {SIDE}", file=sys.stderr, flush=True)
-    subprocess.run([SIDE_PY, "-m", "pip", "install", *(["-q"] if quiet else []), *pkgs], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", *(["-q"] if quiet else []), "--no-deps", "--upgrade",
+                    "--target", SIDE, *pkgs], check=True)
 
 
 def _side_env() -> dict:
     env = dict(os.environ)
-    # the plugin registers without a driver when CUDA is not the platform in use, and the CPU runs jax
-    env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="-1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               TF_CPP_MIN_LOG_LEVEL="3")
+    # the plugin registers without a driver when CUDA is not the platform in use: jax runs on the CPU
+    # and compiles for the described GPU
+    env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([SIDE, ROOT] + [p for p in [env.get("PYTHONPATH")] if p]))
     return env
 
 
@@ -87,12 +80,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("DREX_GPU_COMPILE_SIDE") == "1":
         return run(args)
-    if args.setup or not os.path.exists(SIDE_PY):
-        if not args.setup:
-            print(f"gpu_compile_check: no side environment at {SIDE}: run with --setup", file=sys.stderr)
-            return 2
+    if args.setup:
         setup()
-    cmd = [SIDE_PY, os.path.abspath(__file__), *[a for a in (argv if argv is not None else sys.argv[1:])
+    elif not os.path.isdir(os.path.join(SIDE, "jax_plugins")):
+        print(f"gpu_compile_check: no CUDA plugin at {SIDE}: run with --setup first", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, os.path.abspath(__file__), *[a for a in (argv if argv is not None else sys.argv[1:])
                                                 if a != "--setup"]]
     return subprocess.run(cmd, env={**_side_env(), "DREX_GPU_COMPILE_SIDE": "1"}).returncode
 

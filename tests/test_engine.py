@@ -1,6 +1,7 @@
 """Continuous batching on a tiny random model against an unbatched cache-free reference."""
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -213,3 +214,23 @@ def test_engines_turn_on_the_persistent_compile_cache(tmp_path, setting, expect)
     kept = subprocess.run([sys.executable, "-c", "import jax; jax.config.update('jax_compilation_cache_dir', "
                            f"'{tmp_path}/mine'); " + code], env=env, capture_output=True, text=True, check=True)
     assert kept.stdout.split() == [f"{tmp_path}/mine"] * 2
+
+
+def test_pool_follows_free_device_memory(tiny_llama, monkeypatch):
+    """Where the device reports its free memory (a GPU), the default pool takes at most
+    kv_memory_fraction of it, and too little for one sequence is a clear error; a CPU reports
+    nothing and keeps the default (1 + slots x pages per sequence)."""
+    from drex_jax import engine as engine_mod
+    from drex_jax.kv.pool import page_bytes
+
+    cfg, params = tiny_llama
+    per_page = page_bytes(cfg, 4, jnp.float32)
+    assert Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=64).scheduler.allocator.num_pages \
+        == 1 + 4 * 16
+    monkeypatch.setattr(engine_mod, "free_device_bytes", lambda: 40 * per_page)
+    eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=64, kv_memory_fraction=0.5)
+    assert eng.scheduler.allocator.num_pages == 20
+    with pytest.raises(ValueError, match="fewer than one 64-token sequence"):
+        Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=64, kv_memory_fraction=0.25)
+    with pytest.raises(ValueError, match="kv_memory_fraction must be in"):
+        Engine.from_params(cfg, params, kv_memory_fraction=1.5)

@@ -44,18 +44,33 @@ def _best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted [n, n] x [n, n] matmul (best of `repeats`)."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    return 2 * n**3 / _best_seconds(lambda: f(a, a), repeats)
+def _iterations(iters: int | None) -> int:
+    """Work items per timed call: a GPU finishes one 2048^3 matmul or a 512 MB read in microseconds,
+    less than the call's own dispatch, so it runs many inside one jitted loop."""
+    return iters or (1 if jax.default_backend() == "cpu" else 50)
 
 
-def measure_read_bandwidth(dtype=jnp.float32, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s read by a jitted sum over an array of `nbytes` (best of `repeats`)."""
+def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5, iters: int | None = None) -> float:
+    """FLOP/s of [n, n] x [n, n] matmuls, `iters` chained inside one jitted call (each multiplies the
+    previous product, so none can be hoisted or skipped); best of `repeats`."""
+    iters = _iterations(iters)
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)) / np.sqrt(n), dtype)
+    f = jax.jit(lambda x, w: jax.lax.fori_loop(0, iters, lambda _, y: y @ w, x))
+    return iters * 2 * n**3 / _best_seconds(lambda: f(a, a), repeats)
+
+
+def measure_read_bandwidth(dtype=jnp.float32, nbytes: int = 512 * 2**20, repeats: int = 5,
+                           iters: int | None = None) -> float:
+    """Bytes/s read by jitted sums over an array of `nbytes`, `iters` inside one call (each scaled by
+    the previous sum, so each reads the whole array again); best of `repeats`."""
+    iters = _iterations(iters)
     x = jnp.ones((nbytes // jnp.dtype(dtype).itemsize,), dtype)
-    f = jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))
-    return nbytes / _best_seconds(lambda: f(x), repeats)
+
+    def read(v):
+        step = lambda _, acc: jnp.sum(v * (acc * 1e-30 + 1).astype(v.dtype), dtype=jnp.float32)  # noqa: E731
+        return jax.lax.fori_loop(0, iters, step, jnp.float32(0))
+    f = jax.jit(read)
+    return iters * nbytes / _best_seconds(lambda: f(x), repeats)
 
 
 def decode_cost(cfg: ModelConfig, params: dict, batch: int, context: int, start: int = 0,
@@ -252,6 +267,9 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
     cfg, params_ckpt, _ = load_checkpoint(model or default_model_path())
     params = decode_layout(params_ckpt)
     dtype = params["final_norm"].dtype
+    if jax.default_backend() == "gpu" and dtype != jnp.bfloat16:  # what an engine runs there ("auto")
+        dtype = jnp.bfloat16
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
     attention = resolve_attention(attention, dtype, cfg=cfg, page_size=16)
     compare = ("xla",) if attention != "xla" else ()
     if progress:
