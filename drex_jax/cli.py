@@ -311,7 +311,8 @@ def _bench(args) -> int:
     elif args.ee_efficiency:
         from drex_jax.bench import ee_efficiency
 
-        res = ee_efficiency.run_ee_efficiency(args.model, quick=args.quick, new_tokens=args.ee_new_tokens)
+        res = ee_efficiency.run_ee_efficiency(args.model, quick=args.quick, new_tokens=args.ee_new_tokens,
+                                              batches=args.ee_batches)
         md = _write_report(args.out, "ee_efficiency", res,
                            ee_efficiency.markdown(res) + "\n" + ee_efficiency.summary(res) + "\n")
         ee_efficiency.plot(res, os.path.join(args.out, "ee_efficiency.png"))
@@ -559,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "rebatching with and without ART: measured vs ideal speed-up; writes OUT/ee_efficiency.*; "
                          "--quick for one point pair")
     ef.add_argument("--ee-new-tokens", type=int, default=24, help="ee-efficiency: new tokens per request")
+    ef.add_argument("--ee-batches", type=int, nargs="+", default=None,
+                    help="ee-efficiency: batch sizes (default: the grid's)")
     from drex_jax.bench import verify as verify_bench
 
     vf = b.add_argument_group("verify mode (lossless early exit)")

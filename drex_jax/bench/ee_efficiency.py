@@ -125,23 +125,27 @@ def _stats(eng) -> dict | None:
 
 
 def run_ee_efficiency(model: str | None = None, quick: bool = False, new_tokens: int = 24,
-                      ramp_vocab: int | None = 1024, progress: bool = True, grid: dict | None = None) -> dict:
+                      ramp_vocab: int | None = 1024, progress: bool = True, grid: dict | None = None,
+                      batches: tuple[int, ...] | None = None) -> dict:
     from convert.checkpoint import load_checkpoint
     from drex_jax import compile_counter
-    from drex_jax.bench.roofline import machine, measure_matmul_peak, measure_read_bandwidth
+    from drex_jax.bench.roofline import engine_dtype, machine, measure_matmul_peak, measure_read_bandwidth
     from drex_jax.default_model import default_model_path
     from drex_jax.exit_heads import find_heads
     from drex_jax.model.params import decode_layout
 
-    grid = grid or (QUICK_GRID if quick else FULL_GRID)
+    grid = dict(grid or (QUICK_GRID if quick else FULL_GRID))
+    if batches:
+        grid["batches"] = tuple(batches)
     path = model or default_model_path()
     cfg, params, _ = load_checkpoint(path)
     heads_dir = find_heads(path, cfg, params)
-    params = decode_layout(params)
+    params = engine_dtype(decode_layout(params))
     if heads_dir is None:
         ramp_vocab = None
     compile_counter.install()
-    peak, bandwidth = measure_matmul_peak(), measure_read_bandwidth()
+    dtype = params["final_norm"].dtype
+    peak, bandwidth = measure_matmul_peak(dtype), measure_read_bandwidth(dtype)
     rows = []
     points = [(r, f, b, c) for r in grid["ramps"] for f in grid["exit_shares"] for b in grid["batches"]
               for c in grid["contexts"]]

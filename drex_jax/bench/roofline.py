@@ -44,6 +44,14 @@ def _best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
+def engine_dtype(params: dict) -> dict:
+    """The params in the dtype an engine built with dtype="auto" runs: bfloat16 on a GPU (the
+    checkpoint's own dtype elsewhere), so a benchmark measures what serving would run."""
+    if jax.default_backend() != "gpu" or params["final_norm"].dtype == jnp.bfloat16:
+        return params
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+
+
 def _iterations(iters: int | None) -> int:
     """Work items per timed call: a GPU finishes one 2048^3 matmul or a 512 MB read in microseconds,
     less than the call's own dispatch, so it runs many inside one jitted loop."""
@@ -265,11 +273,8 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
 
     grid = QUICK_GRID if quick else FULL_GRID
     cfg, params_ckpt, _ = load_checkpoint(model or default_model_path())
-    params = decode_layout(params_ckpt)
+    params = engine_dtype(decode_layout(params_ckpt))
     dtype = params["final_norm"].dtype
-    if jax.default_backend() == "gpu" and dtype != jnp.bfloat16:  # what an engine runs there ("auto")
-        dtype = jnp.bfloat16
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
     attention = resolve_attention(attention, dtype, cfg=cfg, page_size=16)
     compare = ("xla",) if attention != "xla" else ()
     if progress:
