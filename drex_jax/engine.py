@@ -271,11 +271,20 @@ class Engine:
         afterwards a steady stream compiles nothing (`sampling=False`: greedy programs only)."""
         from drex_jax.warmup import warmup
 
-        return warmup(self.runner, self.decoder, max_slots=self.max_slots, max_seq_len=self.max_seq_len,
-                      prefill_budget=max(self.max_prefill_tokens_per_step, self.max_prefill_tokens_while_decoding),
-                      page_widths=self.page_widths, chunk_min=self.scheduler.chunk_min,
-                      num_pages=self.scheduler.allocator.num_pages, progress=progress, sampling=sampling,
+        return warmup(self.runner, self.decoder, progress=progress, sampling=sampling, **self._warmup_sizes(),
+                      num_pages=self.scheduler.allocator.num_pages,
                       replay_layers=self.cfg.num_layers if self.scheduler.replay_depths else None)
+
+    def warmup_programs(self, sampling: bool = True) -> int:
+        """How many programs `warmup()` would run (nothing compiles)."""
+        from drex_jax.warmup import warmup_jobs
+
+        return len(warmup_jobs(self.decoder, sampling=sampling, **self._warmup_sizes()))
+
+    def _warmup_sizes(self) -> dict:
+        return dict(max_slots=self.max_slots, max_seq_len=self.max_seq_len, page_widths=self.page_widths,
+                    prefill_budget=max(self.max_prefill_tokens_per_step, self.max_prefill_tokens_while_decoding),
+                    chunk_min=self.scheduler.chunk_min)
 
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,
                chat: bool = False) -> Iterator[StreamEvent]:

@@ -57,16 +57,24 @@ def run_prefill_shape(runner, shape: tuple, num_pages: int, prefill_rows: int, d
                    missing_kv=missing_kv if kv_depth is not None else "copy")
 
 
+def warmup_jobs(decoder, *, max_slots: int, max_seq_len: int, prefill_budget: int, page_widths: list[int],
+                sampling: bool = True, chunk_min: int = 64) -> list[tuple]:
+    """[(shape, do_sample)]: every program `warmup` runs (nothing compiles here)."""
+    variants = (False, True) if sampling and not decoder.greedy_only else (False,)
+    jobs = [(shape, v) for shape in decoder.warmup_shapes(bucket(max_slots), page_widths) for v in variants]
+    for shape in prefill_shapes(max_slots, max_seq_len, prefill_budget, page_widths, chunk_min):
+        jobs += [(shape, v) for v in (variants if shape[0] == "head" else (False,))]
+    return jobs
+
+
 def warmup(runner, decoder, *, max_slots: int, max_seq_len: int, prefill_budget: int, page_widths: list[int],
            num_pages: int, progress: bool = False, sampling: bool = True, chunk_min: int = 64,
            replay_layers: int | None = None) -> int:
     """Compile every decode and prefill shape; returns the number of programs run."""
     from tqdm import tqdm
 
-    variants = (False, True) if sampling and not decoder.greedy_only else (False,)
-    jobs = [(shape, v) for shape in decoder.warmup_shapes(bucket(max_slots), page_widths) for v in variants]
-    for shape in prefill_shapes(max_slots, max_seq_len, prefill_budget, page_widths, chunk_min):
-        jobs += [(shape, v) for v in (variants if shape[0] == "head" else (False,))]
+    jobs = warmup_jobs(decoder, max_slots=max_slots, max_seq_len=max_seq_len, prefill_budget=prefill_budget,
+                       page_widths=page_widths, sampling=sampling, chunk_min=chunk_min)
     for shape, do_sample in tqdm(jobs, desc="compiling", disable=not progress, file=sys.stderr):
         if shape[0] in ("prefill", "chunk", "head"):
             run_prefill_shape(runner, shape, num_pages, bucket(max_slots), do_sample, chunk_min, page_widths[-1],
