@@ -257,3 +257,22 @@ def test_check_params_reads_every_layer_of_the_decode_layout(tiny_llama):
         check_params(cfg, bad)
     with pytest.raises(ValueError, match="layers/wq"):
         check_params(cfg, {**dec, "layers": dec["layers"][:2]})  # a layer missing
+
+
+def test_attention_choice_on_a_gpu_follows_what_triton_can_tile(tiny_llama, capsys):
+    """Resolved as on a GPU: 'auto' takes Pallas where Triton can tile head_dim and page_size, else
+    XLA with a one-line notice; naming 'pallas' there is a ValueError saying why; off a GPU 'pallas'
+    is the interpreter."""
+    import dataclasses
+
+    from drex_jax.model.attention_backends import resolve_attention
+
+    cfg, _ = tiny_llama  # head_dim 16
+    assert resolve_attention("auto", jnp.bfloat16, None, cfg, 16, platform="gpu") == "pallas"
+    odd = dataclasses.replace(cfg, head_dim=80)
+    assert resolve_attention("auto", jnp.bfloat16, None, odd, 16, platform="gpu") == "xla"
+    assert "head_dim 80 is not a power of two" in capsys.readouterr().err
+    assert resolve_attention("auto", jnp.bfloat16, None, cfg, 12, platform="gpu") == "xla"
+    with pytest.raises(ValueError, match="head_dim 80"):
+        resolve_attention("pallas", jnp.bfloat16, None, odd, 16, platform="gpu")
+    assert resolve_attention("pallas", jnp.float32, None, odd, 16, platform="cpu") == "pallas_interpret"
