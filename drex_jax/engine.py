@@ -28,7 +28,7 @@ from drex_jax.runner import DeviceRunner
 from drex_jax.sched.batch import BatchLayout
 from drex_jax.sched.decoding import FullDepthDecoder
 from drex_jax.sched.scheduler import Scheduler
-from drex_jax.sched.step import engine_step
+from drex_jax.sched.step import engine_step, overlapped_step
 
 
 class Engine:
@@ -78,7 +78,7 @@ class Engine:
                num_pages=None, kv_memory_bytes=None, kv_memory_fraction=KV_MEMORY_FRACTION, max_seq_len=None, max_prefill_tokens_per_step=1024,
                max_prefill_tokens_while_decoding=None,
                ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
-               ramp_tokens=None, attention="auto", gate=None):
+               ramp_tokens=None, attention="auto", gate=None, overlap=True):
         if mesh is not None:
             from drex_jax.sharding import check_mesh
 
@@ -126,6 +126,9 @@ class Engine:
                                    max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding,
                                    table_width=self.table_width, replay_depths=ee is not None)
         self.page_size, self.max_slots = page_size, max_slots
+        # keep a plain decode step in flight while the host commits the previous one (one device:
+        # a step's device output feeds the next as it lies)
+        self.overlap, self._inflight = bool(overlap) and mesh is None and ee is None, None
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self.max_prefill_tokens_while_decoding = self.scheduler.max_prefill_tokens_while_decoding
         self.page_widths = [max_width] if self.table_width else pow2_upto(max_width)
@@ -262,8 +265,12 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[StreamEvent]:
         """One engine iteration: schedule -> prefill -> decode -> commit; each finished token is a
-        `StreamEvent`."""
-        return engine_step(self.scheduler, self.runner, self.decoder)
+        `StreamEvent`. With `overlap` (plain decoding, one device), steady decode keeps one step in
+        flight: a call dispatches the next step, then commits the previous one (`sched.step`)."""
+        if not self.overlap:
+            return engine_step(self.scheduler, self.runner, self.decoder)
+        events, self._inflight = overlapped_step(self.scheduler, self.runner, self.decoder, self._inflight)
+        return events
 
     def warmup(self, progress: bool = False, sampling: bool = True) -> int:
         """Compile every decode (or early-exit segment, fill and ART) shape and prompt bucket ahead of

@@ -100,6 +100,19 @@ class DeviceRunner:
                                      logprobs=logprobs)
         return Sampled.from_device(nxt)
 
+    def decode_async(self, batch: DecodeBatch, do_sample: bool):
+        """Dispatch a full-depth decode step and return its next tokens [B] on the device, unfetched
+        (`batch.tokens` may be the previous step's device output: device-side token feeding)."""
+        nxt, self.pool = decode_step(self.state, self.pool, batch.tokens, batch.positions, batch.block_tables,
+                                     batch.sampling, graph=self.graph, do_sample=do_sample, attention=self.attention,
+                                     logprobs=False)  # the same static arguments as `decode`: the same program
+        return nxt
+
+    @staticmethod
+    def fetch(out) -> Sampled:
+        """A dispatched step's output on the host (waits for the device)."""
+        return Sampled.from_device(out)
+
     def score(self, token_ids: list[int]) -> list:
         """Full-depth `TokenLogprob` of every token of a prompt (`logprobs.score_prompt`), compiled
         per power-of-two length."""

@@ -234,3 +234,47 @@ def test_pool_follows_free_device_memory(tiny_llama, monkeypatch):
         Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=64, kv_memory_fraction=0.25)
     with pytest.raises(ValueError, match="kv_memory_fraction must be in"):
         Engine.from_params(cfg, params, kv_memory_fraction=1.5)
+
+
+def test_overlapped_steps_give_the_same_tokens(tiny_llama):
+    """Steady decode keeps one step in flight (its tokens fed on the device); arrivals, different
+    lengths, sampled rows with seeds and a cancellation mid-stream give what the synchronous loop
+    gives: greedy rows the unbatched reference's tokens, sampled rows the same tokens as with
+    overlap off, the cancelled request a prefix of its reference."""
+    cfg, params = tiny_llama
+    prompts = _prompts(9, seed=7, max_len=30)
+    configs = [GenerationConfig(max_new_tokens=6 + 3 * (i % 4)) if i % 3 else
+               GenerationConfig(max_new_tokens=10, temperature=0.9, top_k=20, seed=i) for i in range(9)]
+    configs[1] = GenerationConfig(max_new_tokens=30)  # cancelled before it ends
+    out, overlapped = {}, {}
+    for overlap in (False, True):
+        eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, overlap=overlap)
+        assert eng.overlap == overlap
+        ids, res, steps, flying = {}, {}, 0, 0
+        queue = list(enumerate(prompts))
+        while queue or eng.has_work:
+            if steps % 4 == 0 and queue:
+                for _ in range(2):
+                    if queue:
+                        i, p = queue.pop(0)
+                        ids[eng.submit(p, configs[i])] = i
+            if steps == 8:  # request 1 (greedy) is running by now
+                rid = next(r for r, i in ids.items() if i == 1)
+                res[1] = eng.cancel(rid)
+            for ev in eng.step():
+                if ev.finished and ids[ev.request_id] != 1:
+                    res[ids[ev.request_id]] = ev.result
+            flying += eng._inflight is not None
+            steps += 1
+        out[overlap], overlapped[overlap] = res, flying
+    assert overlapped[False] == 0 and overlapped[True] > 10  # overlap did run
+    for i, p in enumerate(prompts):
+        if i == 1:
+            ref = greedy_reference(params, cfg, p, configs[1].max_new_tokens)
+            for o in (False, True):
+                got = out[o][1].token_ids
+                assert out[o][1].stats.finish_reason == "cancelled" and got == ref[:len(got)]
+        elif configs[i].temperature == 0:
+            assert out[True][i].token_ids == greedy_reference(params, cfg, p, configs[i].max_new_tokens), i
+        else:
+            assert out[True][i].token_ids == out[False][i].token_ids, i

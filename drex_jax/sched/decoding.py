@@ -43,6 +43,7 @@ class FullDepthDecoder:
 
     missing_kv = "copy"
     greedy_only = False
+    overlappable = True  # `sched.step.overlapped_step` may keep a step in flight
 
     def __init__(self, runner, layout: BatchLayout, num_layers: int):
         self.runner, self.layout, self.num_layers = runner, layout, num_layers
@@ -53,6 +54,10 @@ class FullDepthDecoder:
     def step(self, rows: list[Request]) -> list[Emission]:
         batch = self.layout.decode(rows)
         nxt = self.runner.decode(batch, any(r.config.temperature > 0 for r in rows), wants_logprobs(rows))
+        return self.emissions(rows, nxt)
+
+    def emissions(self, rows: list[Request], nxt) -> list[Emission]:
+        """Row i of a decode step's `Sampled` output is rows[i]'s next token."""
         return [Emission(r, nxt.token(i), self.num_layers, self.num_layers, nxt.logprob(i))
                 for i, r in enumerate(rows)]
 

@@ -213,6 +213,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
+    def can_admit(self) -> bool:
+        """Whether the next plan could admit a waiting request (or continue a prefill): a decision
+        the host makes before the next step."""
+        return bool(self._waiting and self._free_slots) or any(r.prefilling for r in self._running.values())
+
     @property
     def num_free_slots(self) -> int:
         return len(self._free_slots)
@@ -240,7 +245,7 @@ class Scheduler:
                     break
                 self.preempt(max(self._running.values(), key=lambda r: r.admit_seq))
                 preempted += 1
-        self._note_pages()
+        self.note_pages()
         return preempted
 
     def preempt(self, req: Request) -> None:
@@ -256,7 +261,7 @@ class Scheduler:
         self.num_preemptions += 1
         self._waiting.appendleft(req)  # victims go newest first, so the oldest ends up first
 
-    def _note_pages(self) -> None:
+    def note_pages(self) -> None:
         self.peak_pages_used = max(self.peak_pages_used, self.allocator.capacity - self.allocator.num_free)
 
     def _prefill_plan(self) -> tuple[PrefillBatch | None, PrefillChunk | None]:
@@ -295,7 +300,7 @@ class Scheduler:
             budget -= end
         for req, _, end in chunks + fresh:
             req.prefilled, req.prefilling = end, end < len(req.context_ids)
-        self._note_pages()
+        self.note_pages()
         return (self._pack(fresh) if fresh else None,
                 prefill_chunk(chunks, self.page_size, self.table_width, self.chunk_min) if chunks else None)
 
