@@ -104,9 +104,13 @@ class Engine:
             num_pages = pages_for_budget(cfg, kv_memory_bytes, page_size, self.dtype)
         if num_pages is None:
             num_pages = 1 + max_slots * pages_needed(self.max_seq_len, page_size)
-            free = free_device_bytes()  # a GPU: never more than kv_memory_fraction of what is left
+            # a GPU: never more than kv_memory_fraction of what is left on any of this process's
+            # devices (a mesh splits each page over its tp devices)
+            local = None if mesh is None else [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+            free = free_device_bytes(local)
             if free is not None:
-                fits = pages_for_budget(cfg, kv_memory_fraction * free, page_size, self.dtype)
+                share = 1 if mesh is None else mesh.shape["tp"]
+                fits = pages_for_budget(cfg, kv_memory_fraction * free * share, page_size, self.dtype)
                 if fits < 1 + pages_needed(self.max_seq_len, page_size):
                     raise ValueError(f"the device has {free / 2**30:.2f} GiB free after the weights; "
                                      f"kv_memory_fraction={kv_memory_fraction} of it holds {fits} KV pages of "

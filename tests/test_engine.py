@@ -227,7 +227,7 @@ def test_pool_follows_free_device_memory(tiny_llama, monkeypatch):
     per_page = page_bytes(cfg, 4, jnp.float32)
     assert Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=64).scheduler.allocator.num_pages \
         == 1 + 4 * 16
-    monkeypatch.setattr(engine_mod, "free_device_bytes", lambda: 40 * per_page)
+    monkeypatch.setattr(engine_mod, "free_device_bytes", lambda devices: 40 * per_page)
     eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, max_seq_len=64, kv_memory_fraction=0.5)
     assert eng.scheduler.allocator.num_pages == 20
     with pytest.raises(ValueError, match="fewer than one 64-token sequence"):

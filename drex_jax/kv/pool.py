@@ -30,16 +30,20 @@ def pages_for_budget(cfg: ModelConfig, budget_bytes: int, page_size: int, dtype)
 KV_MEMORY_FRACTION = 0.9  # of the device memory left free after the weights: what the pool may take
 
 
-def free_device_bytes(device=None) -> int | None:
-    """Bytes the allocator can still hand out on `device` (default: the first), or None where the
-    device reports no allocator statistics (a CPU). On a GPU jax preallocates
-    `XLA_PYTHON_CLIENT_MEM_FRACTION` (default 75 %) of the card: `bytes_limit` is that share."""
+def free_device_bytes(devices=None) -> int | None:
+    """Bytes the allocator can still hand out on each of `devices` (this process's own; default:
+    its first), the least of them, or None where a device reports no allocator statistics (a
+    CPU). On a GPU jax preallocates `XLA_PYTHON_CLIENT_MEM_FRACTION` (default 75 %) of the card:
+    `bytes_limit` is that share."""
     import jax
 
-    stats = (device or jax.devices()[0]).memory_stats()
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    free = []
+    for device in devices or jax.local_devices()[:1]:
+        stats = device.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            return None
+        free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    return min(free)
 
 
 def init_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> dict:
