@@ -78,7 +78,7 @@ class Engine:
                num_pages=None, kv_memory_bytes=None, kv_memory_fraction=KV_MEMORY_FRACTION, max_seq_len=None, max_prefill_tokens_per_step=1024,
                max_prefill_tokens_while_decoding=None,
                ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
-               ramp_tokens=None, attention="auto", gate=None, overlap=True):
+               ramp_tokens=None, attention="auto", gate=None, overlap="auto"):
         if mesh is not None:
             from drex_jax.sharding import check_mesh
 
@@ -131,8 +131,13 @@ class Engine:
                                    table_width=self.table_width, replay_depths=ee is not None)
         self.page_size, self.max_slots = page_size, max_slots
         # keep a plain decode step in flight while the host commits the previous one (one device:
-        # a step's device output feeds the next as it lies)
-        self.overlap, self._inflight = bool(overlap) and mesh is None and ee is None, None
+        # a step's device output feeds the next as it lies). "auto": on a GPU only. On this 2-core
+        # CPU the host's work then competes with XLA's compute threads: SmolLM2 decode ran 5-19 %
+        # slower with it (BENCHMARKS.md, issue 29)
+        if overlap not in ("auto", True, False):
+            raise ValueError(f"overlap must be 'auto', True or False, got {overlap!r}")
+        overlap = jax.default_backend() == "gpu" if overlap == "auto" else overlap
+        self.overlap, self._inflight = overlap and mesh is None and ee is None, None
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self.max_prefill_tokens_while_decoding = self.scheduler.max_prefill_tokens_while_decoding
         self.page_widths = [max_width] if self.table_width else pow2_upto(max_width)

@@ -87,10 +87,11 @@ def test_waits_for_pages_when_pool_is_small(tiny_llama):
     assert small.num_free_pages == 13
 
 
-@pytest.mark.parametrize("budgets", [{}, {"max_prefill_tokens_per_step": 16, "max_prefill_tokens_while_decoding": 8}])
+@pytest.mark.parametrize("budgets", [{}, {"max_prefill_tokens_per_step": 16, "max_prefill_tokens_while_decoding": 8},
+                                     {"overlap": True}])
 def test_steady_state_compiles_nothing(tiny_llama, budgets):
-    """After warmup() nothing compiles, with the default budgets and with budgets small enough to
-    chunk prompts."""
+    """After warmup() nothing compiles, with the default budgets, with budgets small enough to
+    chunk prompts, and with a step kept in flight (its device tokens fed to the next)."""
     cfg, params = tiny_llama
     engine = Engine.from_params(cfg, params, max_slots=4, page_size=8, max_seq_len=32, **budgets)
     c = GenerationConfig(max_new_tokens=12)
@@ -100,7 +101,8 @@ def test_steady_state_compiles_nothing(tiny_llama, budgets):
         _run_with_arrivals(engine, _prompts(8, seed=20 + seed, max_len=20), [c] * 8, every=2)
     assert compile_counter.count() == before
     # sanity: the counter does see compilations (another engine config = new shapes)
-    other = Engine.from_params(cfg, params, max_slots=2, page_size=4, max_seq_len=24, num_pages=17 + len(budgets))
+    other = Engine.from_params(cfg, params, max_slots=2, page_size=4, max_seq_len=24,
+                               num_pages=17 + len(budgets) + 2 * ("overlap" in budgets))
     other.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=3))
     assert compile_counter.count() > before
 
