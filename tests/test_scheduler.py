@@ -125,6 +125,10 @@ def test_incremental_text_equals_full_decode_and_cost_stays_flat(tokenizer):
     assert last < 3 * first + 1e-4, (first, last)
     # the old way decoded the whole output every token: ~n^2 / 2 ids
     assert sum(per_token) < len(ids) * 8 < len(ids) ** 2 / 2
+    # the real (fast) tokenizer takes the direct Rust decode: the same text
+    fast = IncrementalDetokenizer(tokenizer)
+    assert fast._fast is not None
+    assert "".join(fast.add(t, final=i == len(ids) - 1)[0] for i, t in enumerate(ids)) == detok.text
 
 
 def test_stop_strings_and_split_characters(tokenizer):

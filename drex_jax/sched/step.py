@@ -99,8 +99,8 @@ def _follow(scheduler, runner, prev: InFlight) -> InFlight | None:
     live = positions >= 0
     positions[live] += 1
     tables = b.block_tables
-    for i, r in enumerate(rows):
-        page = positions[i] // page_size
+    for i in np.flatnonzero(live & (positions % page_size == 0)):  # rows entering a new page
+        r, page = rows[i], int(positions[i]) // page_size
         if page >= width:
             return None
         if page >= len(r.pages):
