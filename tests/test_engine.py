@@ -238,7 +238,8 @@ def test_pool_follows_free_device_memory(tiny_llama, monkeypatch):
         Engine.from_params(cfg, params, kv_memory_fraction=1.5)
 
 
-def test_overlapped_steps_give_the_same_tokens(tiny_llama):
+@pytest.mark.parametrize("attention", ["auto", "xla"])  # xla: bucketed widths, so a step may need a wider table
+def test_overlapped_steps_give_the_same_tokens(tiny_llama, attention):
     """Steady decode keeps one step in flight (its tokens fed on the device); arrivals, different
     lengths, sampled rows with seeds and a cancellation mid-stream give what the synchronous loop
     gives: greedy rows the unbatched reference's tokens, sampled rows the same tokens as with
@@ -250,7 +251,7 @@ def test_overlapped_steps_give_the_same_tokens(tiny_llama):
     configs[1] = GenerationConfig(max_new_tokens=30)  # cancelled before it ends
     out, overlapped = {}, {}
     for overlap in (False, True):
-        eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, overlap=overlap)
+        eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, overlap=overlap, attention=attention)
         assert eng.overlap == overlap
         ids, res, steps, flying = {}, {}, 0, 0
         queue = list(enumerate(prompts))
@@ -269,13 +270,16 @@ def test_overlapped_steps_give_the_same_tokens(tiny_llama):
             flying += eng._inflight is not None
             steps += 1
         out[overlap], overlapped[overlap] = res, flying
+        # every page and slot came back (pages taken for a step in flight included)
+        assert eng.scheduler.allocator.num_free == eng.scheduler.allocator.capacity
+        assert eng.scheduler.num_free_slots == 4
     assert overlapped[False] == 0 and overlapped[True] > 10  # overlap did run
     for i, p in enumerate(prompts):
         if i == 1:
             ref = greedy_reference(params, cfg, p, configs[1].max_new_tokens)
             for o in (False, True):
                 got = out[o][1].token_ids
-                assert out[o][1].stats.finish_reason == "cancelled" and got == ref[:len(got)]
+                assert out[o][1].stats.finish_reason == "cancelled" and 0 < len(got) < 30 and got == ref[:len(got)]
         elif configs[i].temperature == 0:
             assert out[True][i].token_ids == greedy_reference(params, cfg, p, configs[i].max_new_tokens), i
         else:

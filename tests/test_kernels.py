@@ -110,15 +110,19 @@ def _numpy_decode_attention(q, k, v, bt, positions, layer):
     return out.reshape(B, 1, NH * D)
 
 
-@pytest.mark.parametrize("P,positions", [(16, [63, 0, 35, -1]), (2, [7, 1, -1, 4])])
+@pytest.mark.parametrize("P,positions", [(16, [63, 0, 35, -1]), (2, [7, 1, -1, 4]), (256, [1023, 100, 600])])
 def test_pallas_kernel_splits_and_bf16(P, positions):
-    """Several splits of the block table (P=16: 8 splits of 2 pages), rows ending in different
-    splits, the first position, a padding row; fp32 and bf16 against an fp64 numpy softmax."""
+    """The block table in splits (P=16: 2 splits of 8 pages, one step each; P=256: 16 splits of 16
+    pages, two 8-page steps each, so the online softmax rescales across steps), rows ending in
+    different splits, the first position, a padding row; fp32 and bf16 against an fp64 numpy softmax."""
+    from drex_jax.model.kernels.pallas import _split
+
+    assert _split(256, PS) == (8, 16) and _split(16, PS) == (8, 2)
     rng = np.random.default_rng(3)
-    B = len(positions)
-    k = rng.normal(size=(L, KV, 80, PS, D)).astype(np.float32)
-    v = rng.normal(size=(L, KV, 80, PS, D)).astype(np.float32)
-    bt = rng.permutation(80)[: B * P].reshape(B, P).astype(np.int32)
+    B, N = len(positions), max(80, len(positions) * P)
+    k = rng.normal(size=(L, KV, N, PS, D)).astype(np.float32)
+    v = rng.normal(size=(L, KV, N, PS, D)).astype(np.float32)
+    bt = rng.permutation(N)[: B * P].reshape(B, P).astype(np.int32)
     q = rng.normal(size=(B, 1, NH, D)).astype(np.float32)
     pos = np.asarray(positions, np.int32).reshape(B, 1)
     want = _numpy_decode_attention(q, k, v, bt, pos, 2)
@@ -150,7 +154,8 @@ def test_pallas_lowered_for_cuda_reads_the_pool_in_place(tiny_llama):
     assert len(calls) == cfg.num_layers
     pool_type = "tensor<{}xbf16>".format("x".join(map(str, pool_shape)))
     assert all(line.count(pool_type) >= 2 for line in calls), calls[0]
-    assert not re.search(r"stablehlo\.(dynamic_)?slice[^\n]*" + re.escape(pool_type) + r"\) ->", text)
+    # no slice of a pool: its type would be the slice's first operand type
+    assert not re.search(r"stablehlo\.(dynamic_)?slice[^\n]*: \(" + re.escape(pool_type), text)
 
 
 def test_ffi_build_failure_is_reported(monkeypatch, tmp_path):
@@ -276,3 +281,45 @@ def test_attention_choice_on_a_gpu_follows_what_triton_can_tile(tiny_llama, caps
     with pytest.raises(ValueError, match="head_dim 80"):
         resolve_attention("pallas", jnp.bfloat16, None, odd, 16, platform="gpu")
     assert resolve_attention("pallas", jnp.float32, None, odd, 16, platform="cpu") == "pallas_interpret"
+
+
+def test_gpu_compile_check_finds_copies_in_hlo_text():
+    """`gpu_compile.check_program` on hand-written HLO: a layer slice in the entry, a copy-start of
+    the pool inside a loop body, a squeezed layer (one KV head) and a weight upcast are problems;
+    the in-place scatter fusion and the fusion bodies themselves are not."""
+    import types
+
+    from drex_jax.gpu_compile import check_program
+
+    pool = (4, 1, 10, 16, 64)  # one KV head: a layer slice squeezes to [10, 16, 64]
+    mem = types.SimpleNamespace(alias_size_in_bytes=2 * 4 * 10 * 16 * 64 * 2)
+    clean = """HloModule m
+
+%scatter_body (p0: bf16[4,1,10,16,64]) -> bf16[4,1,10,16,64] {
+  %p0 = bf16[4,1,10,16,64]{4,3,2,1,0} parameter(0)
+  ROOT %s = bf16[4,1,10,16,64]{4,3,2,1,0} scatter(%p0, %p0, %p0)
+}
+
+ENTRY %main (a: bf16[4,1,10,16,64], w: bf16[64,256]) -> bf16[4,1,10,16,64] {
+  %a = bf16[4,1,10,16,64]{4,3,2,1,0} parameter(0)
+  %w = bf16[64,256]{1,0} parameter(1)
+  ROOT %f = bf16[4,1,10,16,64]{4,3,2,1,0} fusion(%a), kind=kLoop, calls=%scatter_body
+}
+"""
+    assert check_program(clean, mem, pool, jnp.bfloat16, {(64, 256)}, 0) == []
+    dirty = clean.replace("ROOT %f =", """%l = bf16[10,16,64]{2,1,0} slice(%a), slice={[1:2], [0:1], [0:10], [0:16], [0:64]}
+  %u = f32[64,256]{1,0} convert(%w)
+  ROOT %f =""") + """
+%body (c: bf16[4,1,10,16,64]) -> bf16[4,1,10,16,64] {
+  %c = bf16[4,1,10,16,64]{4,3,2,1,0} parameter(0)
+  %cs = (bf16[4,1,10,16,64]{4,3,2,1,0}, bf16[4,1,10,16,64]{4,3,2,1,0}, u32[]) copy-start(%c)
+  ROOT %cd = bf16[4,1,10,16,64]{4,3,2,1,0} copy-done(%cs)
+}
+"""
+    problems = check_program(dirty, mem, pool, jnp.bfloat16, {(64, 256)}, 0)
+    assert len(problems) == 3, problems
+    assert any("slice l" in p for p in problems) and any("upcast" in p for p in problems)
+    assert any("copy-start cs" in p for p in problems)
+    half = types.SimpleNamespace(alias_size_in_bytes=1)
+    assert any("not aliased" in p for p in check_program(clean, half, pool, jnp.bfloat16, set(), 0))
+    assert any("Triton" in p for p in check_program(clean, mem, pool, jnp.bfloat16, set(), 4))

@@ -13,6 +13,22 @@ from __future__ import annotations
 REPLACEMENT = "\ufffd"
 
 
+def _rust_decoder(tokenizer):
+    """A fast tokenizer's Rust decoder, to call directly: the same text as `tokenizer.decode` without
+    its Python wrapping (~4x the decode itself, twice per token). None where the tokenizer changes
+    decoded text in Python: a class overriding `decode`/`_decode`, or clean-up of spaces."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if (not isinstance(tokenizer, PreTrainedTokenizerFast) or cls.decode is not PreTrainedTokenizerFast.decode
+            or cls._decode is not PreTrainedTokenizerFast._decode
+            or getattr(tokenizer, "clean_up_tokenization_spaces", False)):
+        return None
+    return tokenizer.backend_tokenizer
+
+
 class IncrementalDetokenizer:
     """Text of one request's generated tokens, built as they arrive.
 
@@ -22,12 +38,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
-        # a fast tokenizer's Rust decoder, called directly: the same text as `tokenizer.decode`
-        # without its Python wrapping (~4x the decode itself, twice per token); not where the
-        # tokenizer post-processes decoded text (clean-up of spaces)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._fast = backend if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces",
-                                                                    False) else None
+        self._fast = _rust_decoder(tokenizer)
         self._longest_stop = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
         self._prefix = self._read = 0  # ids[prefix:read] = context; ids[read:] not yet in `text`

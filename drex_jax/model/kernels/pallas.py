@@ -8,7 +8,7 @@ XLA copy that layer before every call: one layer-sized copy per layer per decode
 Grid (rows, kv heads, splits of the block table): each program runs an online softmax over its
 split's pages up to the row's length, so the cost follows each row's length, not the table width;
 the splits are merged outside. One query token per row; the query heads of one KV head are padded
-to 16 rows (Triton's smallest dot). `interpret=True` runs the same kernel on a CPU (correctness
+to a power of two >= 16 rows (Triton's blocks are powers of two, its smallest dot 16). `interpret=True` runs the same kernel on a CPU (correctness
 only, ~10x slower than the XLA path); it is a required argument, never inferred from the process's
 default backend, so a program lowered for CUDA from a CPU process holds the kernel itself.
 """
@@ -94,9 +94,12 @@ def paged_attention_pallas(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, b
     _, kv, N, ps, _ = k_pool.shape
     P = block_tables.shape[1]
     group = nh // kv
-    rows = -(-group // HEAD_ROWS) * HEAD_ROWS
+    rows = max(HEAD_ROWS, 1 << (group - 1).bit_length())  # Triton's blocks are powers of two
     per_block, splits = _split(P, ps)
     split_pages = P // splits
+    if not interpret and per_block * ps < 16:
+        raise ValueError(f"the Triton kernel's dots take >= 16 keys per step; a block table of {P} pages of {ps} "
+                         "tokens gives fewer: raise max_seq_len or page_size, or use attention='xla'")
 
     qg = (q[:, 0] * (1.0 / math.sqrt(D))).astype(k_pool.dtype).reshape(B, kv, group, D)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
