@@ -131,7 +131,6 @@ class Engine:
         if overlap not in ("auto", True, False):
             raise ValueError(f"overlap must be 'auto', True or False, got {overlap!r}")
         overlap = jax.default_backend() == "gpu" if overlap == "auto" else overlap
-        self.overlap, self._inflight = overlap and mesh is None and ee is None, None
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self.max_prefill_tokens_while_decoding = self.scheduler.max_prefill_tokens_while_decoding
         self.page_widths = [max_width] if self.table_width else pow2_upto(max_width)
@@ -150,6 +149,7 @@ class Engine:
         else:
             self.decoder = self._early_exit_decoder(layout, ee, policy, exit_heads, flush, art, exit_trace,
                                                     ramp_tokens, gate)
+        self.overlap, self._inflight = overlap and mesh is None and self.decoder.overlappable, None
 
     def _default_pages(self, cfg, max_slots: int, page_size: int, fraction: float, mesh) -> int:
         """1 + max_slots x pages per max_seq_len sequence; on a device that reports its memory (a GPU)

@@ -95,17 +95,15 @@ class DeviceRunner:
 
     def decode(self, batch: DecodeBatch, do_sample: bool, logprobs: bool = False) -> Sampled:
         """One full-depth decode step -> next tokens [B] (with log-probabilities when `logprobs`)."""
+        return self.fetch(self.decode_async(batch, do_sample, logprobs))
+
+    def decode_async(self, batch: DecodeBatch, do_sample: bool, logprobs: bool = False):
+        """Dispatch a full-depth decode step and return its output on the device, unfetched (`fetch`
+        brings it to the host; `batch.tokens` may be the previous step's device output: device-side
+        token feeding)."""
         nxt, self.pool = decode_step(self.state, self.pool, batch.tokens, batch.positions, batch.block_tables,
                                      batch.sampling, graph=self.graph, do_sample=do_sample, attention=self.attention,
                                      logprobs=logprobs)
-        return Sampled.from_device(nxt)
-
-    def decode_async(self, batch: DecodeBatch, do_sample: bool):
-        """Dispatch a full-depth decode step and return its next tokens [B] on the device, unfetched
-        (`batch.tokens` may be the previous step's device output: device-side token feeding)."""
-        nxt, self.pool = decode_step(self.state, self.pool, batch.tokens, batch.positions, batch.block_tables,
-                                     batch.sampling, graph=self.graph, do_sample=do_sample, attention=self.attention,
-                                     logprobs=False)  # the same static arguments as `decode`: the same program
         return nxt
 
     @staticmethod

@@ -78,7 +78,7 @@ def warmup(runner, decoder, *, max_slots: int, max_seq_len: int, prefill_budget:
     for shape, do_sample in tqdm(jobs, desc="compiling", disable=not progress, file=sys.stderr):
         if shape[0] in ("prefill", "chunk", "head"):
             run_prefill_shape(runner, shape, num_pages, bucket(max_slots), do_sample, chunk_min, page_widths[-1],
-                              replay_layers, getattr(decoder, "missing_kv", "copy"))
+                              replay_layers, decoder.missing_kv)
         else:
             decoder.warmup_one(shape, do_sample)
     runner.sync()

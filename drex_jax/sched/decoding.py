@@ -24,6 +24,7 @@ def wants_logprobs(rows: list[Request]) -> bool:
 class Decoder(Protocol):
     missing_kv: str  # how prefill replays a preempted request's early exits ("copy": none to replay)
     greedy_only: bool  # refuses sampling (verify mode)
+    overlappable: bool  # `sched.step.overlapped_step` may keep its step in flight (needs `layout`, `emissions`)
 
     def check_request(self, config: GenerationConfig) -> None:
         """Raise ValueError for a request this decoder cannot serve."""

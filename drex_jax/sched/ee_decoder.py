@@ -78,6 +78,8 @@ class EarlyExitDecoder:
     policy: an `ExitPolicy` (or its name). layout: how batches are built (`sched.batch.BatchLayout`).
     """
 
+    overlappable = False  # every segment's confidences decide on the host what runs next
+
     def __init__(self, cfg: ModelConfig, runner, ee: EEConfig, policy: ExitPolicy | str, flush: FlushConfig,
                  art: bool = True, exit_trace=None, gate: GateConfig | None = None, *,
                  layout: BatchLayout):

@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from drex_jax.generation import StreamEvent
+from drex_jax.sched.decoding import wants_logprobs
 
 
 def engine_step(scheduler, runner, decoder) -> list[StreamEvent]:
@@ -72,8 +73,7 @@ def overlapped_step(scheduler, runner, decoder, inflight: InFlight | None
         return scheduler.commit(decoder.emissions(inflight.rows, runner.fetch(inflight.out))), nxt
     plan = scheduler.schedule()
     rows = [r for r in plan.running if not r.finished]
-    if (plan.prefill is None and plan.chunk is None and rows and getattr(decoder, "overlappable", False)
-            and _steady(scheduler, rows)):
+    if plan.prefill is None and plan.chunk is None and rows and decoder.overlappable and _steady(scheduler, rows):
         batch = decoder.layout.decode(rows)
         do_sample = any(r.config.temperature > 0 for r in rows)
         return [], InFlight(rows, batch, runner.decode_async(batch, do_sample), do_sample)
@@ -83,7 +83,7 @@ def overlapped_step(scheduler, runner, decoder, inflight: InFlight | None
 def _steady(scheduler, rows) -> bool:
     """Nothing but these rows' next tokens needs the host before the next step: no request can be
     admitted, none asks for log-probabilities, all still run."""
-    return (not scheduler.can_admit() and all(r.config.logprobs is None for r in rows)
+    return (not scheduler.can_admit() and not wants_logprobs(rows)
             and all(r.slot >= 0 and not r.finished for r in rows))
 
 
