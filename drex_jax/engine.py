@@ -22,7 +22,8 @@ from drex_jax.kv.pages import bucket, pages_needed, pow2_upto
 from drex_jax.kv.pool import KV_MEMORY_FRACTION, free_device_bytes, page_bytes, pages_for_budget
 from drex_jax.model.attention_backends import get_backend, resolve_attention
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.params import check_params, decode_layout
+from drex_jax.model.kernels.matmul import resolve_matmul
+from drex_jax.model.params import check_params, decode_layout, packed_layout
 from drex_jax.prompts import encode_chat, encode_prompt
 from drex_jax.runner import DeviceRunner
 from drex_jax.sched.batch import BatchLayout
@@ -53,6 +54,9 @@ class Engine:
       attention: decode attention over the paged pool: "auto" (default: Pallas kernel on a GPU,
         the C++ FFI kernel on a CPU in fp32, else "xla"), or a name in
         `model.attention_backends.ATTENTION`. All give the same tokens (tests compare them).
+      matmul: the layers' projections: "auto" (default: the CPU projection kernel over packed
+        weights on a CPU in fp32 on one device, `model.kernels.matmul`, else "xla"), "kernel" or
+        "xla" (XLA's dot). Both give the same tokens in fp32 (tests compare them).
       ee, policy, exit_heads, flush, art, gate, exit_trace, ramp_tokens: early exit
         (`EEConfig`, an exit policy name, trained heads, `FlushConfig`, ART on/off, `GateConfig`,
         a replayed `ExitTrace`, ramp candidate ids); `ee=None` decodes at full depth.
@@ -78,7 +82,7 @@ class Engine:
                num_pages=None, kv_memory_bytes=None, kv_memory_fraction=KV_MEMORY_FRACTION, max_seq_len=None, max_prefill_tokens_per_step=1024,
                max_prefill_tokens_while_decoding=None,
                ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
-               ramp_tokens=None, attention="auto", gate=None, overlap="auto"):
+               ramp_tokens=None, attention="auto", gate=None, overlap="auto", matmul="auto"):
         if mesh is not None:
             from drex_jax.sharding import check_mesh
 
@@ -105,6 +109,11 @@ class Engine:
         # the compiled steps read per-layer weights, [out, in]; placed before the pool is sized, so
         # a GPU's free memory is measured with this copy on it (the caller may still hold its own)
         params = decode_layout(params)
+        # the layers' projections: the CPU kernel over packed weights where it can run (f32, one
+        # device), else XLA's dot (kernels/matmul.py)
+        self.matmul = resolve_matmul(matmul, self.dtype, mesh, cfg)
+        if self.matmul == "kernel":
+            params = packed_layout(params)
         if mesh is not None:
             from drex_jax.sharding import shard_params
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from drex_jax.generation import SamplingParams
 from drex_jax.model.config import ModelConfig
-from drex_jax.model.ops import apply_rope, project_rows, rms_norm, rope_inv_freq
+from drex_jax.model.ops import apply_rope, project, project_rows, rms_norm, rope_inv_freq
 from drex_jax.model.params import stacked_layer
 from drex_jax.sampling import sample
 
@@ -50,7 +50,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, w: dict):
         self.cfg = cfg
         self.norm = nnx.Param(w["attn_norm"])
-        self.wq, self.wk, self.wv, self.wo = (nnx.Param(w[k]) for k in ("wq", "wk", "wv", "wo"))
+        # the packed layout (`params.packed_layout`) holds Q, K and V as one projection
+        self.wqkv = _param(w, "wqkv", "wqkv" in w)
+        self.wq, self.wk, self.wv = (_param(w, k, "wqkv" not in w) for k in ("wq", "wk", "wv"))
+        self.wo = nnx.Param(w["wo"])
         self.bq, self.bk, self.bv = (_param(w, k, cfg.qkv_bias) for k in ("bq", "bk", "bv"))
         self.bo = _param(w, "bo", cfg.o_bias)
         self.q_norm, self.k_norm = (_param(w, k, cfg.qk_norm) for k in ("q_norm", "k_norm"))
@@ -61,14 +64,19 @@ class Attention(nnx.Module):
         B, T = positions.shape
         h = rms_norm(xt, self.norm[...], cfg.rms_norm_eps, axis=0)
 
-        def project(w, b, heads):  # [heads*D, H] @ [H, N] -> [B, T, heads, D]
-            y = w[...] @ h
+        def heads(y, b, n):  # [n*D, N] (+ bias) -> [B, T, n, D]
             y = y if b is None else y + b[...][:, None]
-            return y.T.reshape(B, T, heads, cfg.head_dim)
+            return y.T.reshape(B, T, n, cfg.head_dim)
 
-        q = project(self.wq, self.bq, cfg.num_heads)
-        k = project(self.wk, self.bk, cfg.num_kv_heads)
-        v = project(self.wv, self.bv, cfg.num_kv_heads)
+        if self.wqkv is not None:
+            qkv = project(self.wqkv[...], h)
+            nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            yq, yk, yv = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
+        else:
+            yq, yk, yv = (project(w[...], h) for w in (self.wq, self.wk, self.wv))
+        q = heads(yq, self.bq, cfg.num_heads)
+        k = heads(yk, self.bk, cfg.num_kv_heads)
+        v = heads(yv, self.bv, cfg.num_kv_heads)
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
@@ -77,7 +85,7 @@ class Attention(nnx.Module):
 
     def project_out(self, attn: jax.Array, n: int) -> jax.Array:
         """attn [B, T, nh*D] (N = n tokens) -> [H, N]."""
-        o = self.wo[...] @ attn.reshape(n, -1).T
+        o = project(self.wo[...], attn.reshape(n, -1).T)
         return o if self.bo is None else o + self.bo[...][:, None]
 
 
@@ -87,11 +95,18 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, w: dict):
         self.eps = cfg.rms_norm_eps
         self.norm = nnx.Param(w["mlp_norm"])
-        self.w_gate, self.w_up, self.w_down = (nnx.Param(w[k]) for k in ("w_gate", "w_up", "w_down"))
+        # the packed layout holds gate and up as one projection
+        self.w_gateup = _param(w, "w_gateup", "w_gateup" in w)
+        self.w_gate, self.w_up = (_param(w, k, "w_gateup" not in w) for k in ("w_gate", "w_up"))
+        self.w_down = nnx.Param(w["w_down"])
 
     def __call__(self, xt: jax.Array) -> jax.Array:
         h = rms_norm(xt, self.norm[...], self.eps, axis=0)
-        return xt + self.w_down[...] @ (jax.nn.silu(self.w_gate[...] @ h) * (self.w_up[...] @ h))
+        if self.w_gateup is not None:
+            gate, up = jnp.split(project(self.w_gateup[...], h), 2)
+        else:
+            gate, up = project(self.w_gate[...], h), project(self.w_up[...], h)
+        return xt + project(self.w_down[...], jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -114,9 +129,9 @@ class DecoderLayer(nnx.Module):
     def weights(self) -> dict:
         """The layer's weights by their params-pytree names (decode layout)."""
         a, m = self.attn, self.mlp
-        named = {"attn_norm": a.norm, "wq": a.wq, "wk": a.wk, "wv": a.wv, "wo": a.wo, "bq": a.bq, "bk": a.bk,
-                 "bv": a.bv, "bo": a.bo, "q_norm": a.q_norm, "k_norm": a.k_norm, "mlp_norm": m.norm,
-                 "w_gate": m.w_gate, "w_up": m.w_up, "w_down": m.w_down}
+        named = {"attn_norm": a.norm, "wqkv": a.wqkv, "wq": a.wq, "wk": a.wk, "wv": a.wv, "wo": a.wo, "bq": a.bq,
+                 "bk": a.bk, "bv": a.bv, "bo": a.bo, "q_norm": a.q_norm, "k_norm": a.k_norm, "mlp_norm": m.norm,
+                 "w_gateup": m.w_gateup, "w_gate": m.w_gate, "w_up": m.w_up, "w_down": m.w_down}
         return {k: p[...] for k, p in named.items() if p is not None}
 
 

@@ -97,6 +97,26 @@ def causal_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
     return jnp.concatenate(outs, axis=1)
 
 
+# columns above which a packed projection goes to XLA's dot on the packed weight: the kernel is
+# 0.6-0.7x of XLA's GEMM at 1,024 columns (a prefill) and level with it up to ~128-256
+# (`benchmarks/gemm_shapes.py`)
+KERNEL_MAX_COLUMNS = 256
+
+
+def project(w: jax.Array, x: jax.Array) -> jax.Array:
+    """A projection on the transposed stream: weight [out, in] @ x [in, N] -> [out, N]. A packed
+    weight ([out / 32, in, 32], `params.packed_layout`) runs the CPU projection kernel
+    (`kernels.matmul`, f32), or for more than KERNEL_MAX_COLUMNS columns XLA's dot over the panels."""
+    if w.ndim == 2:
+        return w @ x
+    from drex_jax.model.kernels.matmul import PANEL, matmul
+
+    rows = w.shape[0] * PANEL
+    if x.shape[1] <= KERNEL_MAX_COLUMNS:
+        return matmul(w, x, rows).astype(x.dtype)
+    return jnp.einsum("pki,kn->pin", w, x).reshape(rows, x.shape[1])
+
+
 def project_rows(rows: jax.Array, h: jax.Array) -> jax.Array:
     """h [..., H] against rows [V, H] -> fp32 logits [..., V], computed as rows @ h^T: the
     weight on the left, so XLA:CPU streams it without repacking (~30 % faster at batch 8-32).

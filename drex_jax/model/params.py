@@ -9,6 +9,11 @@ Two layouts of the same nested dict of arrays:
   then reads each layer's weights in place (slicing a stacked array inside the step copies
   the slice before its dot), and the dot keeps the weight on the left of a `[hidden, tokens]`
   activation, which XLA:CPU's dot library runs without repacking the weight on every call.
+
+The packed layout (`packed_layout`) is the decode layout for the CPU projection kernel
+(`kernels.matmul`): per layer `wqkv` (wq, wk, wv stacked by rows), `wo`, `w_gateup` (w_gate,
+w_up) and `w_down`, each packed in 32-row panels `[rows / 32, in, 32]`, so a layer is four
+projections that each stream their weight once. `decode_layout` unpacks it.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
     """Raise ValueError naming every missing, unexpected or mis-shaped parameter."""
     specs = param_specs(cfg)
     problems = []
+    if is_packed(params):
+        params = decode_layout(params)
     if is_decode_layout(params):
         params = _checkpoint_shapes(params, problems)
     flat = flatten(params)
@@ -89,8 +96,49 @@ def stacked_layer(layers: dict, i) -> dict:
     return {k: (v[i].T if k in MATRICES else v[i]) for k, v in layers.items()}
 
 
+PACKED = ("wqkv", "wo", "w_gateup", "w_down")
+
+
+def is_packed(params: dict) -> bool:
+    return is_decode_layout(params) and bool(params["layers"]) and "wqkv" in params["layers"][0]
+
+
+def packed_layout(params: dict) -> dict:
+    """The packed layout (module docstring) of decode-layout params, f32 (new arrays)."""
+    from drex_jax.model.kernels.matmul import pack
+
+    if is_packed(params):
+        return params
+
+    def layer(lp: dict) -> dict:
+        out = {k: v for k, v in lp.items() if k not in MATRICES}
+        out["wqkv"] = jnp.asarray(pack(np.concatenate([np.asarray(lp[k]) for k in ("wq", "wk", "wv")])))
+        out["wo"], out["w_down"] = jnp.asarray(pack(lp["wo"])), jnp.asarray(pack(lp["w_down"]))
+        out["w_gateup"] = jnp.asarray(pack(np.concatenate([np.asarray(lp["w_gate"]), np.asarray(lp["w_up"])])))
+        return out
+
+    return {**params, "layers": tuple(layer(lp) for lp in decode_layout(params)["layers"])}
+
+
+def _unpacked_layer(lp: dict) -> dict:
+    from drex_jax.model.kernels.matmul import unpack
+
+    out = {k: v for k, v in lp.items() if k not in PACKED}
+    q_rows = lp["wo"].shape[1]  # wo [H / 32, q rows, 32]
+    qkv = unpack(lp["wqkv"], lp["wqkv"].shape[0] * lp["wqkv"].shape[2])
+    kv_rows = (qkv.shape[0] - q_rows) // 2
+    out["wq"], out["wk"], out["wv"] = (jnp.asarray(a) for a in np.split(qkv, [q_rows, q_rows + kv_rows]))
+    hidden = lp["w_down"].shape[0] * lp["w_down"].shape[2]
+    out["wo"], out["w_down"] = jnp.asarray(unpack(lp["wo"], hidden)), jnp.asarray(unpack(lp["w_down"], hidden))
+    gateup = unpack(lp["w_gateup"], lp["w_gateup"].shape[0] * lp["w_gateup"].shape[2])
+    out["w_gate"], out["w_up"] = (jnp.asarray(a) for a in np.split(gateup, 2))
+    return out
+
+
 def decode_layout(params: dict) -> dict:
-    """The decode layout of checkpoint-layout params (new arrays; the caller may drop the old)."""
+    """The decode layout of checkpoint-layout or packed params (new arrays; the caller may drop the old)."""
+    if is_packed(params):
+        return {**params, "layers": tuple(_unpacked_layer(lp) for lp in params["layers"])}
     if is_decode_layout(params):
         return params
     L = next(iter(params["layers"].values())).shape[0]
@@ -101,9 +149,10 @@ def decode_layout(params: dict) -> dict:
 
 
 def checkpoint_layout(params: dict) -> dict:
-    """Inverse of `decode_layout` (stacked, `[in, out]`)."""
+    """Inverse of `decode_layout` (stacked, `[in, out]`); from the packed layout too."""
     if not is_decode_layout(params):
         return params
+    params = decode_layout(params)
     layers = params["layers"]
     stacked = {k: jnp.stack([lp[k].T if k in MATRICES else lp[k] for lp in layers]) for k in layers[0]}
     out = {**params, "layers": stacked}

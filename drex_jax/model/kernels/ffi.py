@@ -51,32 +51,33 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def library_path(cxx: str) -> str:
+def library_path(cxx: str, source: str = SOURCE) -> str:
     import jaxlib
 
-    with open(SOURCE, "rb") as f:
+    with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode() + " ".join(FLAGS).encode()
                              + _cpu_key())
-    return os.path.join(cache_dir(), f"paged_attention-{key.hexdigest()[:16]}.so")
+    name = os.path.splitext(os.path.basename(source))[0]
+    return os.path.join(cache_dir(), f"{name}-{key.hexdigest()[:16]}.so")
 
 
-def build(verbose: bool = True) -> str:
-    """Compile the kernel (if not cached) and return the library path. Raises RuntimeError."""
+def build(verbose: bool = True, source: str = SOURCE, what: str = "CPU paged-attention kernel") -> str:
+    """Compile the kernel in `source` (if not cached) and return the library path. Raises RuntimeError."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    path = library_path(cxx)
+    path = library_path(cxx, source)
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if verbose:
-        print(f"drex_jax: building the CPU paged-attention kernel with {cxx} -> {path}", file=sys.stderr)
+        print(f"drex_jax: building the {what} with {cxx} -> {path}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
         out = os.path.join(tmp, "lib.so")  # build aside, then rename: concurrent builders never see half a file
-        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", out]
+        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), source, "-o", out]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"building the paged-attention kernel failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
+            raise RuntimeError(f"building the {what} failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
         os.replace(out, path)
     return path
 
