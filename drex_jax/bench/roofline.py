@@ -25,7 +25,8 @@ from drex_jax.kv.pool import init_pool
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.modules import split_model
 from drex_jax.model.paged import decode_step
-from drex_jax.model.params import decode_layout
+from drex_jax.model.kernels.matmul import resolve_matmul
+from drex_jax.model.params import decode_layout, packed_layout
 from drex_jax.rebatch.steps import segment_step
 from drex_jax.generation import SamplingParams
 from drex_jax.sched.cost_model import segment_cost
@@ -194,13 +195,13 @@ def attention_kernel_seconds(cfg, fx: DecodeFixture, steps: int) -> float:
     return sec
 
 
-def engine_step_ms(cfg, params, batch: int, context: int, steps: int) -> float:
+def engine_step_ms(cfg, params, batch: int, context: int, steps: int, matmul: str = "auto") -> float:
     """Median ms of `Engine.step` (planning, the compiled step, sampling, token fetch and
     bookkeeping) with `batch` requests of `context` prompt tokens, all prefilled first."""
     from drex_jax import Engine, GenerationConfig
 
     eng = Engine.from_params(cfg, params, max_slots=batch, max_seq_len=context + steps + 8,
-                             max_prefill_tokens_per_step=batch * context)
+                             max_prefill_tokens_per_step=batch * context, matmul=matmul)
     rng = np.random.default_rng(1)
     gc = GenerationConfig(max_new_tokens=steps + 4, ignore_eos=True)
     for _ in range(batch):
@@ -264,7 +265,7 @@ CALIBRATION_EXIT_LAYER = 8
 
 def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, exit_layer: int = 15,
                  ramp_vocab: int | None = 1024, hf: bool = True, progress: bool = True,
-                 attention: str = "auto") -> dict:
+                 attention: str = "auto", matmul: str = "auto") -> dict:
     from tqdm import tqdm
 
     from convert.checkpoint import load_checkpoint
@@ -276,6 +277,10 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
     params = engine_dtype(decode_layout(params_ckpt))
     dtype = params["final_norm"].dtype
     attention = resolve_attention(attention, dtype, cfg=cfg, page_size=16)
+    # the projections the engine would run: the CPU kernel's packed weights where it takes them
+    matmul = resolve_matmul(matmul, dtype, None, cfg)
+    if matmul == "kernel":
+        params = packed_layout(params)
     compare = ("xla",) if attention != "xla" else ()
     if progress:
         print(f"[roofline] attention={attention}; measuring matmul peak and read bandwidth", file=sys.stderr, flush=True)
@@ -289,7 +294,7 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
         row["segment_calls"] = segment_pair(cfg, params, b, c, min(CALIBRATION_EXIT_LAYER, cfg.num_layers // 2),
                                             ramp_vocab, peak, bandwidth, steps, attention)
         if c == grid["contexts"][0]:  # the engine around the step, where prefilling every row is cheap
-            row["engine_ms_per_step"] = engine_step_ms(cfg, params, b, c, steps)
+            row["engine_ms_per_step"] = engine_step_ms(cfg, params, b, c, steps, matmul=matmul)
         rows.append(row)
     # the shared VM's bandwidth drifts (29-47 GB/s seen in one day): measure again after the grid
     # and keep the higher figures, so "% of roofline" is never flattered by a slow first reading
@@ -312,7 +317,8 @@ def run_roofline(model: str | None = None, quick: bool = False, steps: int = 5, 
     for r in rows:
         if r["batch"] in hf_res and r["context"] == grid["contexts"][0]:
             r["hf_tok_s"] = hf_res[r["batch"]]
-    return {"machine": machine(), "dtype": str(jnp.dtype(dtype)), "attention": attention, "peak_flops": peak,
+    return {"machine": machine(), "dtype": str(jnp.dtype(dtype)), "attention": attention, "matmul": matmul,
+            "peak_flops": peak,
             "bandwidth": bandwidth, "steps_per_point": steps, "points": rows, "segments": seg, "hf_tok_s": hf_res,
             "prefill": prefill_rows,
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
@@ -341,7 +347,8 @@ def machine() -> str:
 
 def markdown(res: dict) -> str:
     att = res.get("attention", "xla")
-    lines = [f"Roofline benchmark, {res['machine']}, {res['dtype']}, attention `{att}`, {res['date']}: matmul peak "
+    lines = [f"Roofline benchmark, {res['machine']}, {res['dtype']}, attention `{att}`, projections "
+             f"`{res.get('matmul', 'xla')}`, {res['date']}: matmul peak "
              f"{res['peak_flops'] / 1e9:.0f} GFLOP/s, read bandwidth {res['bandwidth'] / 1e9:.1f} GB/s (measured in this "
              f"run, before and after the grid, the higher kept); median of {res['steps_per_point']} decode steps per point, prefill excluded.", "",
              "MB and GFLOP are analytic per step; the check columns give XLA's `cost_analysis()` of the compiled "

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include <xmmintrin.h>  // _mm_prefetch, _mm_pause
@@ -104,8 +105,8 @@ void Panel(const float* packed, const float* x_blocks, float* y, int64_t M, int6
 }
 
 // Tasks are claimed from a shared counter by the caller and by helpers on the thread pool. The
-// caller spins (a call lasts tens of microseconds: a futex wake-up would be a good part of it)
-// until no helper is inside a task; a helper that starts after every task was claimed finds
+// caller waits without sleeping (a call lasts tens of microseconds: a futex wake-up would be a
+// good part of it) until no helper is inside a task; a helper that starts after every task was claimed finds
 // none and touches only the shared counters, which it co-owns.
 struct Shared {
   std::atomic<int64_t> next{0};
@@ -127,7 +128,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, F&& body) {
     });
   }
   work();
-  while (shared->active.load(std::memory_order_acquire) != 0) _mm_pause();
+  // spin a little (a helper finishing its last panel), then yield: a helper that was preempted
+  // must get a core back, and on an oversubscribed machine it may share ours
+  for (int spins = 0; shared->active.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 4096) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> packed, ffi::Buffer<ffi::F32> x,
