@@ -28,7 +28,7 @@ H, I, KV, V, RAMP_V = 576, 1536, 192, 49152, 1024
 SHAPES = {"qkv": (H + 2 * KV, H), "o": (H, H), "gate+up": (2 * I, H), "down": (H, I), "lm_head": (V, H),
           "ramp_head": (RAMP_V, H)}
 TS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
-CHAIN_BYTES = 640 * 2**20  # weight copies per chain: well above the 260 MB L3 seen here
+CHAIN_BYTES = 384 * 2**20  # weight copies per chain: above the 260 MB L3 seen here
 
 
 def _chain(fn, n):
