@@ -1,6 +1,6 @@
-"""Issue 16 profile: segment_step time by row count (layers 0-8 + ramp, 22-30 + LM head) vs the fused step.
-Usage: python -m benchmarks.segment_cost_by_rows"""
-import time, statistics, numpy as np, jax, jax.numpy as jnp
+"""Issue 16/27 profile: segment_step time by row count (layers 0-8 + ramp, 22-30 + LM head) vs the fused step.
+Usage: python -m benchmarks.segment_cost_by_rows [xla|kernel] (the layers' projections; default xla)"""
+import sys, time, statistics, numpy as np, jax, jax.numpy as jnp
 from convert.checkpoint import load_checkpoint
 from drex_jax.default_model import default_model_path
 from drex_jax.model.params import decode_layout
@@ -9,6 +9,9 @@ from drex_jax.rebatch.steps import segment_step
 from drex_jax.model.paged import decode_step
 from drex_jax.model.modules import split_model
 cfg, params, _ = load_checkpoint(default_model_path()); params = decode_layout(params)
+if (sys.argv[1:] or ["xla"])[0] == "kernel":
+    from drex_jax.model.params import packed_layout
+    params = packed_layout(params)
 graph, state = split_model(cfg, params)
 def t(batch, start, end, ramp, ctx=128):
     fx = decode_fixture(cfg, batch, ctx, jnp.float32)
@@ -32,5 +35,5 @@ def tf(batch, ctx=128):
         t0=time.perf_counter(); run(); ts.append(time.perf_counter()-t0)
     return statistics.median(ts)*1e3
 print("fused32", round(tf(32),1), "fused segment 0-30 ramp -1", round(t(32,0,30,-1),1))
-for b in (32, 28, 24, 20, 16, 12, 8):
+for b in (32, 24, 16, 8):
     print(b, "seg 8 layers", round(t(b, 8, 15+1, 1),1) if False else round(t(b, 0, 8, 0),1), "deep 22-30", round(t(b, 22, 30, -1),1))

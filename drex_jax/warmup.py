@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from drex_jax.generation import SamplingParams
-from drex_jax.kv.pages import block_table_array, bucket, pow2_upto, row_buckets_upto
+from drex_jax.kv.pages import batch_bucket, block_table_array, bucket, pow2_upto, row_buckets_upto
 from drex_jax.sched.batch import PrefillChunk
 from drex_jax.sched.scheduler import prefill_widths
 
@@ -61,7 +61,7 @@ def warmup_jobs(decoder, *, max_slots: int, max_seq_len: int, prefill_budget: in
                 sampling: bool = True, chunk_min: int = 64) -> list[tuple]:
     """[(shape, do_sample)]: every program `warmup` runs (nothing compiles here)."""
     variants = (False, True) if sampling and not decoder.greedy_only else (False,)
-    jobs = [(shape, v) for shape in decoder.warmup_shapes(bucket(max_slots), page_widths) for v in variants]
+    jobs = [(shape, v) for shape in decoder.warmup_shapes(batch_bucket(max_slots), page_widths) for v in variants]
     for shape in prefill_shapes(max_slots, max_seq_len, prefill_budget, page_widths, chunk_min):
         jobs += [(shape, v) for v in (variants if shape[0] == "head" else (False,))]
     return jobs

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from drex_jax.kv.pages import block_table_array, bucket, pages_needed
+from drex_jax.kv.pages import batch_bucket, block_table_array, bucket, pages_needed
 from drex_jax.generation import SamplingParams
 
 
@@ -28,9 +28,9 @@ def table_width(reqs: list, page_size: int, width: int | None = None) -> int:
 
 def decode_batch(reqs: list, page_size: int, num_slots: int, width: int | None = None) -> DecodeBatch:
     """One row per running request (`slot`, `last_token`, `cache_len`, `pages`, `sampling_row()`),
-    padded to a power-of-two row bucket; the block-table width is bucketed the same way, or
+    padded to a row bucket (`batch_bucket`); the block-table width is bucketed the same way, or
     fixed at `width` (attention kernels whose cost follows each row's length, not the width)."""
-    B = bucket(len(reqs))
+    B = batch_bucket(len(reqs))
     width = table_width(reqs, page_size, width)
     slot_ids = np.full(B, num_slots, np.int32)
     tokens = np.zeros(B, np.int32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from drex_jax.generation import GenerationConfig
-from drex_jax.kv.pages import pow2_upto
+from drex_jax.kv.pages import batch_buckets_upto
 from drex_jax.sched.batch import BatchLayout
 from drex_jax.sched.request import Emission, Request
 
@@ -63,7 +63,7 @@ class FullDepthDecoder:
                 for i, r in enumerate(rows)]
 
     def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
-        return [("decode", b, w) for b in pow2_upto(max_batch) for w in widths]
+        return [("decode", b, w) for b in batch_buckets_upto(max_batch) for w in widths]
 
     def warmup_one(self, shape: tuple, do_sample: bool) -> None:
         _, b, w = shape

@@ -17,7 +17,7 @@ import numpy as np
 from drex_jax.early_exit import EEConfig
 from drex_jax.generation import GenerationConfig, Sampled
 from drex_jax.kv.missing import get_method
-from drex_jax.kv.pages import bucket, pow2_upto
+from drex_jax.kv.pages import batch_bucket, batch_buckets_upto, bucket, pow2_upto
 from drex_jax.model.config import ModelConfig
 from drex_jax.rebatch.policies import ExitPolicy, get_policy, involuntary
 from drex_jax.sched.art import ARTProfiler
@@ -218,7 +218,7 @@ class EarlyExitDecoder:
         shapes = []
         # recompute: segments past the first (and the fused step) carry chunks of up to R positions
         chunks = pow2_upto(self.ring_size)
-        for b in pow2_upto(max_batch):
+        for b in batch_buckets_upto(max_batch):
             for w in widths:
                 if self.recompute:
                     shapes.append(("decode", -1, b, w, 1))
@@ -363,7 +363,7 @@ class EarlyExitDecoder:
             if ready:
                 self._run_grouped(ready)
             return self._out
-        shape = (bucket(len(rows)), self.layout.width(rows))
+        shape = (batch_bucket(len(rows)), self.layout.width(rows))
         probes = self.gate.probes
         mode = self.gate.mode(shape)
         self.stats.gate_probes += self.gate.probes - probes

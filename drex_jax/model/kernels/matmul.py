@@ -105,5 +105,8 @@ def matmul(packed: jax.Array, x: jax.Array, rows: int, panels_per_task: int = PA
         raise ValueError(f"matmul: expected packed [P, K, {PANEL}] and x [K, N], got {packed.shape} and {x.shape}")
     if not (packed.shape[0] - 1) * PANEL < rows <= packed.shape[0] * PANEL:
         raise ValueError(f"matmul: rows={rows} does not fit {packed.shape[0]} panels of {PANEL}")
+    if not available():  # registers the target the first time a program traces it
+        raise RuntimeError("the CPU projection kernel is not available (see the notice above); unpack the weights "
+                           "(params.decode_layout) to run XLA's dot")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, x.shape[1]), jnp.float32))
     return call(packed.astype(jnp.float32), x.astype(jnp.float32), panels_per_task=np.int64(panels_per_task))
