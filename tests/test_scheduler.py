@@ -215,3 +215,13 @@ def test_packing_follows_prompt_lengths():
     W, rows = packing(lengths, 512)
     assert sorted(j for r in rows for j in r) == list(range(8))
     assert all(sum(lengths[j] for j in r) <= W for r in rows) and W >= 194
+
+
+def test_batch_buckets_follow_the_projection_cost():
+    from drex_jax.kv.pages import batch_bucket, batch_buckets_upto
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 24, 25, 32, 33, 48, 49, 64)] == \
+        [1, 2, 4, 8, 16, 16, 24, 24, 32, 32, 48, 48, 64, 64]
+    assert batch_buckets_upto(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets_upto(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert batch_buckets_upto(20) == [1, 2, 4, 8, 16, 24]  # the bucket that holds 20 rows

@@ -58,7 +58,7 @@ def ideal_speedups(cfg, params, ramps: tuple[int, ...], fractions, batch: int, c
 
 
 def measure(cfg, params, heads_dir: str | None, policy: str, art: bool, ramps, fractions, batch: int,
-            context: int, new_tokens: int, ramp_vocab: int | None, seed: int = 0) -> dict:
+            context: int, new_tokens: int, ramp_vocab: int | None, seed: int = 0, matmul: str = "auto") -> dict:
     """Decode tokens/s of `batch` requests of `context` random prompt tokens, prefill excluded.
     The workload runs on one engine at least twice, and again (up to MAX_ROUNDS) until a round
     compiles nothing; the last round is timed (ART and the ramp gate have measured by then)."""
@@ -73,7 +73,7 @@ def measure(cfg, params, heads_dir: str | None, policy: str, art: bool, ramps, f
         kw = dict(ee=ee, policy=policy, art=art, exit_heads=heads_dir,
                   exit_trace=ExitTrace.for_ramps(fractions, len(ramps), seed))
     eng = Engine.from_params(cfg, params, max_slots=batch, max_seq_len=context + new_tokens + 8,
-                             max_prefill_tokens_per_step=batch * context, **kw)
+                             max_prefill_tokens_per_step=batch * context, matmul=matmul, **kw)
     rng = np.random.default_rng(seed)
     prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, context)] for _ in range(batch)]
     gc = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
