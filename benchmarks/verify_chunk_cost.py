@@ -8,7 +8,7 @@ verify speed-up for a draft share f and acceptance a is printed (plan model): pe
 tokens drafted cost the draft segment, every deep pass costs the shallow segment of the token that
 did not exit plus the deep pass over the row's chunk.
 
-Usage: python -m benchmarks.verify_chunk_cost [--exit-layer 22] [--batches 1 8 32] [--repeats 9]
+Usage: python -m benchmarks.verify_chunk_cost [--exit-layer 22] [--batches 1 8 32] [--repeats 9] [--matmul xla|kernel]
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "ffi"])
+    ap.add_argument("--matmul", default="auto", choices=["auto", "xla", "kernel"], help="the layers' projections")
     args = ap.parse_args()
 
     from drex_jax import Engine, GenerationConfig
@@ -54,12 +55,12 @@ def main() -> None:
     from drex_jax.sched.batch import ChunkBatch, decode_batch
 
     E = args.exit_layer
-    print(f"# verify cost profile, {machine()}, {time.strftime('%Y-%m-%d')}, exit layer {E}, attention {args.attention}")
+    print(f"# verify cost profile, {machine()}, {time.strftime('%Y-%m-%d')}, exit layer {E}, attention {args.attention}, projections {args.matmul}")
     for B in args.batches:
         ee = EEConfig((E,), 0.5, missing_kv="recompute", verify=True, max_draft=15, head="trained", ramp_vocab=1024)
         eng = Engine(None, max_slots=B, max_seq_len=args.context + 32, ee=ee, policy="rebatching", art=False,
                      max_prefill_tokens_per_step=B * args.context,
-                     attention=args.attention)
+                     attention=args.attention, matmul=args.matmul)
         L = eng.cfg.num_layers
         rng = np.random.default_rng(0)
         for _ in range(B):

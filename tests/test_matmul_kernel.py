@@ -60,6 +60,11 @@ def test_packed_layout_round_trips(tiny_llama):
         for k in a:
             np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
     check_params(cfg, packed)  # checks the unpacked shapes
+    # the LM head's rows ([V, H] here; tied models: the embedding), 101 of them in 4 panels
+    rows = dec["lm_head"] if "lm_head" in dec else dec["embed"]
+    assert packed["head_panels"].shape == (4, 64, 32)
+    np.testing.assert_array_equal(mk.unpack(packed["head_panels"], cfg.vocab_size), np.asarray(rows))
+    assert "head_panels" not in back
 
 
 def test_matmul_choice(tiny_llama, tiny4):
@@ -111,7 +116,7 @@ def test_early_exit_on_the_kernel_gives_xla_tokens(tiny_llama, verify):
 
 
 @needs_kernel
-def test_compiled_decode_step_runs_four_kernel_calls_per_layer(tiny_llama):
+def test_compiled_decode_step_runs_four_kernel_calls_per_layer_and_the_head(tiny_llama):
     from drex_jax.generation import SamplingParams
     from drex_jax.kv.pool import init_pool
     from drex_jax.model.modules import split_model
@@ -124,4 +129,4 @@ def test_compiled_decode_step_runs_four_kernel_calls_per_layer(tiny_llama):
     args = (state, pool, np.zeros(B, np.int32), np.arange(B, dtype=np.int32),
             np.arange(B * P, dtype=np.int32).reshape(B, P) + 1, SamplingParams.build([], B))
     hlo = decode_step.lower(*args, graph=graph, do_sample=False, attention="xla").compile().as_text()
-    assert hlo.count('custom_call_target="drex_matmul"') == 4 * cfg.num_layers
+    assert hlo.count('custom_call_target="drex_matmul"') == 4 * cfg.num_layers + 1  # + the LM head

@@ -184,6 +184,9 @@ class EETransformer(nnx.Module):
         self.final_norm = nnx.Param(params["final_norm"])
         # untied: [V, H] in the decode layout (rows, like every matrix there), [H, V] in the checkpoint's
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(params["lm_head"])
+        # the packed layout's copy of the vocabulary rows in 32-row panels: the next-token products
+        # run the CPU projection kernel (`params.packed_layout`)
+        self.head_panels = _param(params, "head_panels", "head_panels" in params)
         self.ramps = None if heads is None else nnx.List(
             [ExitRamp(cfg, heads["norm"][r], heads["down"][r], heads["up"][r]) for r in range(heads["norm"].shape[0])])
 
@@ -203,6 +206,8 @@ class EETransformer(nnx.Module):
     def _head_columns(self, x: jax.Array) -> jax.Array:
         """Final RMSNorm + LM head as the weight-left product: x [B, H] -> logits [V, B] (params' dtype)."""
         h = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        if self.head_panels is not None:
+            return project(self.head_panels[...], h.astype(jnp.float32).T, self.cfg.vocab_size)
         rows = self.vocab_rows()
         return rows @ h.astype(rows.dtype).T
 
@@ -234,6 +239,8 @@ def model_params(model: EETransformer) -> dict:
     out = {"embed": model.embed.table[...], "final_norm": model.final_norm[...]}
     if model.lm_head is not None:
         out["lm_head"] = model.lm_head[...]
+    if model.head_panels is not None:
+        out["head_panels"] = model.head_panels[...]
     if model.decode_layout:
         out["layers"] = tuple(layer.weights() for layer in model.layers)
     else:

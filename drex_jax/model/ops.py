@@ -103,18 +103,19 @@ def causal_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
 KERNEL_MAX_COLUMNS = 256
 
 
-def project(w: jax.Array, x: jax.Array) -> jax.Array:
+def project(w: jax.Array, x: jax.Array, rows: int | None = None) -> jax.Array:
     """A projection on the transposed stream: weight [out, in] @ x [in, N] -> [out, N]. A packed
-    weight ([out / 32, in, 32], `params.packed_layout`) runs the CPU projection kernel
-    (`kernels.matmul`, f32), or for more than KERNEL_MAX_COLUMNS columns XLA's dot over the panels."""
+    weight ([ceil(out / 32), in, 32], `params.packed_layout`; `rows` = out, default every panel
+    row) runs the CPU projection kernel (`kernels.matmul`, f32), or for more than
+    KERNEL_MAX_COLUMNS columns XLA's dot over the panels."""
     if w.ndim == 2:
         return w @ x
     from drex_jax.model.kernels.matmul import PANEL, matmul
 
-    rows = w.shape[0] * PANEL
+    rows = rows or w.shape[0] * PANEL
     if x.shape[1] <= KERNEL_MAX_COLUMNS:
         return matmul(w, x, rows).astype(x.dtype)
-    return jnp.einsum("pki,kn->pin", w, x).reshape(rows, x.shape[1])
+    return jnp.einsum("pki,kn->pin", w, x).reshape(-1, x.shape[1])[:rows]
 
 
 def project_rows(rows: jax.Array, h: jax.Array) -> jax.Array:

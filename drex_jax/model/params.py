@@ -13,7 +13,9 @@ Two layouts of the same nested dict of arrays:
 The packed layout (`packed_layout`) is the decode layout for the CPU projection kernel
 (`kernels.matmul`): per layer `wqkv` (wq, wk, wv stacked by rows), `wo`, `w_gateup` (w_gate,
 w_up) and `w_down`, each packed in 32-row panels `[rows / 32, in, 32]`, so a layer is four
-projections that each stream their weight once. `decode_layout` unpacks it.
+projections that each stream their weight once; plus `head_panels`, the LM head's vocabulary
+rows packed the same way (a second copy: the rows stay for gathers and the embedding).
+`decode_layout` unpacks it.
 """
 from __future__ import annotations
 
@@ -117,7 +119,9 @@ def packed_layout(params: dict) -> dict:
         out["w_gateup"] = jnp.asarray(pack(np.concatenate([np.asarray(lp["w_gate"]), np.asarray(lp["w_up"])])))
         return out
 
-    return {**params, "layers": tuple(layer(lp) for lp in decode_layout(params)["layers"])}
+    params = decode_layout(params)
+    rows = params["lm_head"] if "lm_head" in params else params["embed"]  # [V, H] either way here
+    return {**params, "layers": tuple(layer(lp) for lp in params["layers"]), "head_panels": jnp.asarray(pack(rows))}
 
 
 def _unpacked_layer(lp: dict) -> dict:
@@ -138,7 +142,8 @@ def _unpacked_layer(lp: dict) -> dict:
 def decode_layout(params: dict) -> dict:
     """The decode layout of checkpoint-layout or packed params (new arrays; the caller may drop the old)."""
     if is_packed(params):
-        return {**params, "layers": tuple(_unpacked_layer(lp) for lp in params["layers"])}
+        out = {k: v for k, v in params.items() if k != "head_panels"}
+        return {**out, "layers": tuple(_unpacked_layer(lp) for lp in params["layers"])}
     if is_decode_layout(params):
         return params
     L = next(iter(params["layers"].values())).shape[0]
