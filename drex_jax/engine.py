@@ -199,7 +199,8 @@ class Engine:
     # ------------------------------------------------------------------ state, read only
     @property
     def params(self) -> dict:
-        """The weights the compiled steps read (decode layout; sharded under a mesh)."""
+        """The weights the compiled steps read (decode layout, or the packed layout with the CPU
+        projection kernel; sharded under a mesh). `params.decode_layout` unpacks."""
         return self.runner.params
 
     @property

@@ -18,14 +18,14 @@ needs_kernel = pytest.mark.skipif(jax.default_backend() != "cpu" or not mk.avail
 
 
 @needs_kernel
-@pytest.mark.parametrize("M,K", [(32, 64), (96, 7), (960, 577), (64, 1536)])
-@pytest.mark.parametrize("N", [1, 2, 3, 5, 8, 12, 13, 25, 64])
+@pytest.mark.parametrize("M,K", [(32, 64), (96, 7), (72, 33), (960, 577), (64, 1536)])
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 8, 12, 13, 25, 64, 200])
 def test_kernel_matches_numpy(M, K, N):
     rng = np.random.default_rng(M * 1000 + K + N)
     w = rng.normal(size=(M, K)).astype(np.float32)
     x = rng.normal(size=(K, N)).astype(np.float32)
     want = w.astype(np.float64) @ x.astype(np.float64)
-    for per_task in (1, 2, 100):  # one task, a few, one per panel
+    for per_task in (1, 2, 100):  # one task per panel, two panels per task, one task
         got = np.asarray(jax.jit(lambda p, x: mk.matmul(p, x, M, per_task))(jnp.asarray(mk.pack(w)), x))
         assert got.shape == (M, N)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
@@ -67,6 +67,7 @@ def test_packed_layout_round_trips(tiny_llama):
     assert "head_panels" not in back
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="off a CPU every engine takes XLA's dot")
 def test_matmul_choice(tiny_llama, tiny4):
     cfg, params = tiny_llama
     with pytest.raises(ValueError, match="matmul must be one of"):

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from drex_jax.kv.pages import bucket
+from drex_jax.kv.pages import batch_bucket
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.specs import param_specs
 
@@ -103,10 +103,10 @@ def early_exit_speedup(cfg: ModelConfig, itemsize: int, batch: int, context: int
                        fractions: tuple[float, ...], peak_flops: float, bandwidth: float, cal: Calibration,
                        ramp_vocab: int | None = None) -> dict:
     """The fused full-depth step vs the rebatching schedule for one round of `batch` tokens: segment
-    s is one call for the rows that reached it (padded to the power-of-two row bucket; no call if
-    none did), ending in its ramp head. Tokens exit independently: `fractions` = share exiting at
-    each ramp, then at full depth, so the rows reaching a segment are binomial and its cost is the
-    expectation over them. Returns both times, the projected speed-up (the ramp gate keeps the
+    s is one call for the rows that reached it (padded to the engine's row bucket,
+    `kv.pages.batch_bucket`; no call if none did), ending in its ramp head. Tokens exit
+    independently: `fractions` = share exiting at each ramp, then at full depth, so the rows
+    reaching a segment are binomial and its cost is the expectation over them. Returns both times, the projected speed-up (the ramp gate keeps the
     fused step where early exit is slower: `gated`), and the ideal L / mean depth."""
     L = cfg.num_layers
     bounds = (0,) + tuple(ramps) + (L,)
@@ -117,7 +117,7 @@ def early_exit_speedup(cfg: ModelConfig, itemsize: int, batch: int, context: int
         cols = cfg.vocab_size if last else (ramp_vocab or cfg.vocab_size)
         for k, p in _binomial(batch, min(max(reach, 0.0), 1.0)):
             if k:
-                ee += p * call_time(cfg, itemsize, min(batch, bucket(k)), context, peak_flops, bandwidth, cal,
+                ee += p * call_time(cfg, itemsize, min(batch, batch_bucket(k)), context, peak_flops, bandwidth, cal,
                                     bounds[s], bounds[s + 1], cols)
         reach -= fractions[s] if not last else 0
     depth = sum(f * e for f, e in zip(fractions, tuple(ramps) + (L,)))

@@ -145,8 +145,8 @@ class EarlyExitDecoder:
 
     def _batch_arrays(self, reqs, start: int = 0, end: int | None = None) -> DecodeBatch | ChunkBatch:
         """The rows for layers [start, end) (recompute: with their pending positions)."""
-        # power-of-two row buckets: XLA:CPU's dots cost as much at 24 rows as at 32, and more at 28
-        # (BENCHMARKS.md, issue 16), so finer buckets would only add programs
+        # rows pad to `batch_bucket` (1, 2, 4, 8, 16, 24, 32, 48, ...): with the CPU projection kernel
+        # 24 rows cost ~0.75x of 32 (on XLA's dot they cost ~0.9x: BENCHMARKS.md, issue 27)
         if self.recompute:
             return self.layout.chunk(reqs, start, self.cfg.num_layers if end is None else end)
         return self.layout.decode(reqs)
