@@ -106,8 +106,9 @@ def early_exit_speedup(cfg: ModelConfig, itemsize: int, batch: int, context: int
     s is one call for the rows that reached it (padded to the engine's row bucket,
     `kv.pages.batch_bucket`; no call if none did), ending in its ramp head. Tokens exit
     independently: `fractions` = share exiting at each ramp, then at full depth, so the rows
-    reaching a segment are binomial and its cost is the expectation over them. Returns both times, the projected speed-up (the ramp gate keeps the
-    fused step where early exit is slower: `gated`), and the ideal L / mean depth."""
+    reaching a segment are binomial and its cost is the expectation over them. Returns both times,
+    the projected speed-up (the ramp gate keeps the fused step where early exit is slower:
+    `gated`), and the ideal L / mean depth."""
     L = cfg.num_layers
     bounds = (0,) + tuple(ramps) + (L,)
     fused = call_time(cfg, itemsize, batch, context, peak_flops, bandwidth, cal, head_columns=cfg.vocab_size)

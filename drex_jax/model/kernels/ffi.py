@@ -4,12 +4,12 @@ The shared library is compiled with the system C++ compiler against the XLA FFI 
 ship with jaxlib, into `$DREX_JAX_CACHE/kernels` (default `~/.cache/drex_jax/kernels`), keyed
 by a hash of the source, the jaxlib version and the compiler; later processes load it from
 there. Where no compiler exists or the build fails, `available()` is False, one line says why,
-and the engine keeps the XLA attention path.
+and the engine keeps the XLA attention path. `build` and `load` serve the projection kernel
+(`matmul.cc`) the same way.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import shutil
@@ -82,21 +82,30 @@ def build(verbose: bool = True, source: str = SOURCE, what: str = "CPU paged-att
     return path
 
 
-@functools.lru_cache(maxsize=None)
-def available(verbose: bool = True) -> bool:
-    """Build (once per process), load and register the kernel; False (with a one-line notice)
-    where that is impossible. `DREX_JAX_NO_FFI=1` disables it."""
+_LOADED: dict[str, bool] = {}  # FFI target -> whether it was built and registered (once per process)
+
+
+def load(source: str, symbol: str, target: str, what: str, fallback: str, verbose: bool = True) -> bool:
+    """Build the kernel in `source` (if not cached), load it and register its handler `symbol` as
+    the XLA:CPU FFI target `target`, once per process; False, with a one-line notice naming
+    `fallback`, where that is impossible. `DREX_JAX_NO_FFI=1` disables every kernel."""
     if os.environ.get("DREX_JAX_NO_FFI"):
         return False
-    try:
-        lib = ctypes.cdll.LoadLibrary(build(verbose))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DrexPagedAttention), platform="cpu")
-        return True
-    except (RuntimeError, OSError) as e:
-        first = str(e).splitlines()[0]
-        print(f"drex_jax: CPU paged-attention kernel unavailable ({first}); using the XLA attention path",
-              file=sys.stderr)
-        return False
+    if target not in _LOADED:
+        try:
+            lib = ctypes.cdll.LoadLibrary(build(verbose, source, what))
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+            _LOADED[target] = True
+        except (RuntimeError, OSError) as e:
+            first = str(e).splitlines()[0]
+            print(f"drex_jax: {what} unavailable ({first}); using {fallback}", file=sys.stderr)
+            _LOADED[target] = False
+    return _LOADED[target]
+
+
+def available(verbose: bool = True) -> bool:
+    """Build, load and register the paged-attention kernel (`load`)."""
+    return load(SOURCE, "DrexPagedAttention", TARGET, "CPU paged-attention kernel", "the XLA attention path", verbose)
 
 
 def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, k_new: jax.Array, v_new: jax.Array,

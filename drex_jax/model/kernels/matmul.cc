@@ -79,8 +79,8 @@ void Micro(const float* panel, const float* xb, float* y, int64_t M, int64_t K, 
   }
 }
 
-// x_blocks [ceil(N / 12), K, 12]: x's columns in blocks of 12, each block's K rows contiguous
-// Columns [c_begin, c_end) of the panel's rows.
+// Columns [c_begin, c_end) of panel p's rows; x_blocks [ceil(N / 12), K, 12]: x's columns in
+// blocks of 12, each block's K rows contiguous.
 void Panel(const float* packed, const float* x_blocks, float* y, int64_t M, int64_t K, int64_t N, int64_t p,
            int64_t c_begin, int64_t c_end) {
   const float* panel = packed + p * K * kPanel;
@@ -106,8 +106,8 @@ void Panel(const float* packed, const float* x_blocks, float* y, int64_t M, int6
 
 // Tasks are claimed from a shared counter by the caller and by helpers on the thread pool. The
 // caller waits without sleeping (a call lasts tens of microseconds: a futex wake-up would be a
-// good part of it) until no helper is inside a task; a helper that starts after every task was claimed finds
-// none and touches only the shared counters, which it co-owns.
+// good part of it) until no helper is inside a task; a helper that starts after every task was
+// claimed finds none and touches only the shared counters, which it co-owns.
 struct Shared {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> active{0};

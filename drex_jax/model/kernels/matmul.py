@@ -8,9 +8,7 @@ both per shape). Built on first use like the attention kernel (`kernels.ffi`); w
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,31 +17,17 @@ import numpy as np
 TARGET = "drex_matmul"
 SOURCE = os.path.join(os.path.dirname(__file__), "matmul.cc")
 PANEL = 32  # rows per packed panel (matmul.cc: kPanel)
-# panels per thread-pool task: 2 (64 rows) lets 2-4 threads share even a K/V projection (192 rows
-# of SmolLM2) while a task's dispatch stays noise next to its 74+ KB weight read
+# panels per thread-pool task: 2 (64 rows) lets several threads share even SmolLM2's 576-row
+# projections while a task's dispatch stays noise next to its 74+ KB weight read
 PANELS_PER_TASK = 2
 
 
-_LOADED: list[bool] = []  # the one outcome of building and registering, per process
-
-
 def available(verbose: bool = True) -> bool:
-    """Build (once per process), load and register the kernel; False (with a one-line notice)
-    where that is impossible. `DREX_JAX_NO_FFI=1` disables it."""
-    if os.environ.get("DREX_JAX_NO_FFI"):
-        return False
-    if not _LOADED:
-        from drex_jax.model.kernels import ffi
+    """Build, load and register the projection kernel (`kernels.ffi.load`: once per process; False
+    with a one-line notice where that is impossible, `DREX_JAX_NO_FFI=1` included)."""
+    from drex_jax.model.kernels import ffi
 
-        try:
-            lib = ctypes.cdll.LoadLibrary(ffi.build(verbose, SOURCE, "CPU projection kernel"))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DrexMatmul), platform="cpu")
-            _LOADED.append(True)
-        except (RuntimeError, OSError) as e:
-            first = str(e).splitlines()[0]
-            print(f"drex_jax: CPU projection kernel unavailable ({first}); using XLA's dot", file=sys.stderr)
-            _LOADED.append(False)
-    return _LOADED[0]
+    return ffi.load(SOURCE, "DrexMatmul", TARGET, "CPU projection kernel", "XLA's dot", verbose)
 
 
 MATMULS = ("auto", "kernel", "xla")
