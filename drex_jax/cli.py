@@ -235,7 +235,7 @@ def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
     ee = EEConfig(layers, thr, confidence=args.confidence, missing_kv=missing_kv,
                   head="trained" if heads_dir else "shared", ramp_vocab=ramp_vocab or None, verify=args.verify,
                   max_draft=args.max_draft)
-    return {"ee": ee, "policy": args.policy, "exit_heads": heads_dir}
+    return {"ee": ee, "policy": args.policy, "exit_heads": heads_dir, "decisions": args.exit_decisions}
 
 
 def _train_exits(args) -> int:
@@ -398,6 +398,10 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
                    help="lossless early exit: exited tokens are drafts that the deep pass verifies; greedy output "
                         "equals full depth (needs recompute and temperature 0)")
     e.add_argument("--max-draft", type=int, default=7, help="recompute/verify: pending positions a row may hold")
+    e.add_argument("--exit-decisions", default="frozen", choices=["frozen", "measured"],
+                   help="frozen: ART prices splits from costs timed at warm-up and the ramp gate runs in verify "
+                        "mode only, so greedy output never depends on timing; measured: both follow live "
+                        "timings (lossy policies' tokens may vary from run to run)")
     e.add_argument("--head", default=None, choices=["shared", "trained"],
                    help="default: trained when heads fit the model (MODEL/exit_heads or the bundled ones), else shared")
     e.add_argument("--ramp-vocab", type=int, default=None,

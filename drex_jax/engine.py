@@ -60,6 +60,11 @@ class Engine:
       ee, policy, exit_heads, flush, art, gate, exit_trace, ramp_tokens: early exit
         (`EEConfig`, an exit policy name, trained heads, `FlushConfig`, ART on/off, `GateConfig`,
         a replayed `ExitTrace`, ramp candidate ids); `ee=None` decodes at full depth.
+      decisions: how early-exit decisions follow cost. "frozen" (default): ART prices splits from a
+        cost table timed at `warmup()` and never updated, and the ramp gate runs only in verify mode
+        (where it cannot change a token), so greedy output depends on the requests and the batch
+        composition only, never on timing. "measured": ART and the gate follow live timings
+        (faster to adapt; a lossy policy's tokens may then differ from run to run).
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", verbose: bool = False, **kwargs):
@@ -82,7 +87,7 @@ class Engine:
                num_pages=None, kv_memory_bytes=None, kv_memory_fraction=KV_MEMORY_FRACTION, max_seq_len=None, max_prefill_tokens_per_step=1024,
                max_prefill_tokens_while_decoding=None,
                ee=None, policy=None, exit_heads=None, flush=None, art=True, mesh=None, exit_trace=None,
-               ramp_tokens=None, attention="auto", gate=None, overlap="auto", matmul="auto"):
+               ramp_tokens=None, attention="auto", gate=None, overlap="auto", matmul="auto", decisions="frozen"):
         if mesh is not None:
             from drex_jax.sharding import check_mesh
 
@@ -157,7 +162,7 @@ class Engine:
             self.decoder = FullDepthDecoder(self.runner, layout, cfg.num_layers)
         else:
             self.decoder = self._early_exit_decoder(layout, ee, policy, exit_heads, flush, art, exit_trace,
-                                                    ramp_tokens, gate)
+                                                    ramp_tokens, gate, decisions)
         self.overlap, self._inflight = overlap and mesh is None and self.decoder.overlappable, None
 
     def _default_pages(self, cfg, max_slots: int, page_size: int, fraction: float, mesh) -> int:
@@ -177,7 +182,8 @@ class Engine:
                              f"{self.max_seq_len}-token sequence needs: lower max_seq_len or raise kv_memory_fraction")
         return min(num_pages, fits)
 
-    def _early_exit_decoder(self, layout, ee, policy, exit_heads, flush, art, exit_trace, ramp_tokens, gate):
+    def _early_exit_decoder(self, layout, ee, policy, exit_heads, flush, art, exit_trace, ramp_tokens, gate,
+                            decisions):
         from drex_jax.loading import load_exit_heads
         from drex_jax.rebatch.policies import get_policy
         from drex_jax.sched.ee_decoder import EarlyExitDecoder
@@ -192,7 +198,7 @@ class Engine:
                                        or len(exit_trace.fractions) != len(ramps) + 1):
             raise ValueError(f"exit_trace must be an ExitTrace with {len(ramps) + 1} fractions (ramps + full depth)")
         decoder = EarlyExitDecoder(self.cfg, self.runner, ee, policy, flush or FlushConfig(), art, exit_trace, gate,
-                                   layout=layout)
+                                   layout=layout, decisions=decisions)
         self.runner.enable_early_exit(ee, heads, ramp_tokens, self.max_slots)
         return decoder
 
@@ -216,11 +222,6 @@ class Engine:
     def early_exit(self) -> dict | None:
         """The early-exit setup (EEConfig fields, policy, ART) or None at full depth."""
         return self.decoder.describe() if hasattr(self.decoder, "describe") else None
-
-    @property
-    def greedy_only(self) -> bool:
-        """Whether the engine refuses sampled requests (verify mode decodes greedily)."""
-        return self.decoder.greedy_only
 
     @property
     def ee_stats(self):

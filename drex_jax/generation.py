@@ -134,11 +134,13 @@ class LogprobRows(NamedTuple):
 
 
 class Sampled(NamedTuple):
-    """A step's tokens on the host: tokens [B] (or [B, T]), and `LogprobRows` of numpy arrays when
-    the step was asked for them."""
+    """A step's tokens on the host: tokens [B] (or [B, T]), `LogprobRows` of numpy arrays when
+    the step was asked for them, and (a ramp in verify mode with sampling) each row's draft
+    distribution over the ramp's candidates [B, K]."""
 
     tokens: np.ndarray
     logprobs: LogprobRows | None = None
+    probs: np.ndarray | None = None
 
     @staticmethod
     def from_device(out) -> "Sampled":

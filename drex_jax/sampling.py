@@ -114,10 +114,10 @@ def sample(logits: jax.Array, sp: SamplingParams, do_sample: bool) -> jax.Array:
     return sample_at(logits, sp, _uniform(jnp.asarray(sp.seed, jnp.uint32), jnp.asarray(sp.step)))
 
 
-def sample_at(logits: jax.Array, sp: SamplingParams, u: jax.Array) -> jax.Array:
-    """`sample` at given uniforms u [B] in [0, 1): each sampled row's token at quantile u of its kept
-    distribution (in vocabulary order), so that evenly spaced u reproduce the distribution
-    deterministically. logits [B, V] f32 -> [B] int32; sp.seed, sp.step unused."""
+def _kept_set(logits: jax.Array, sp: SamplingParams):
+    """The kept set of each row of logits [B, V] (see the module docstring): (lb [B, nb, BLOCK] the
+    logits in blocks, bm [B, nb] block maxima, greedy [B], t [B] temperature, m [B] max(logits / t),
+    tau [B], c [B]): every token of scaled value above tau is kept, plus the first c equal to it."""
     B, V = logits.shape
     nb = -(-V // BLOCK)
     # everything below reads these blocks, not `logits`: one row-major copy when the logits come
@@ -219,6 +219,41 @@ def sample_at(logits: jax.Array, sp: SamplingParams, u: jax.Array) -> jax.Array:
         return jnp.where(trunc, st[TAU], -jnp.inf), jnp.where(trunc, st[C], 0)
 
     tau, c = lax.cond(jnp.any(trunc), thresholds, lambda _: (jnp.full(B, -jnp.inf), jnp.zeros(B)), None)
+    return lb, bm, greedy, t, m, tau, c
+
+
+def _col(v, x):  # per-row v [B] against x [B, ...]
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def kept_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """The distribution `sample` draws each row from, as probabilities [B, V] (f32): softmax(logits /
+    temperature) over the row's kept set (top_k, top_p), one-hot at the greedy token for rows with
+    temperature 0. What speculative sampling compares a draft's distribution with."""
+    B, V = logits.shape
+    lb, _, greedy, t, m, tau, c = _kept_set(logits, sp)
+    s = lb.reshape(B, -1)[:, :V] / t[:, None]
+    e = jnp.exp(s - m[:, None])
+    ties = (s == tau[:, None]).astype(jnp.float32)
+    w = jnp.where(s > tau[:, None], e, 0) + jnp.where((ties > 0) & (_cumsum(ties) <= c[:, None]), e, 0)
+    probs = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)
+    return jnp.where((sp.temperature > 0)[:, None], probs, jax.nn.one_hot(greedy, V, dtype=jnp.float32))
+
+
+def sample_at(logits: jax.Array, sp: SamplingParams, u: jax.Array) -> jax.Array:
+    """`sample` at given uniforms u [B] in [0, 1): each sampled row's token at quantile u of its kept
+    distribution (in vocabulary order), so that evenly spaced u reproduce the distribution
+    deterministically. logits [B, V] f32 -> [B] int32; sp.seed, sp.step unused."""
+    B, V = logits.shape
+    nb = -(-V // BLOCK)
+    lb, bm, greedy, t, m, tau, c = _kept_set(logits, sp)
+    col = _col
+
+    def scaled(x):  # logits x [B, ...] -> logits / temperature
+        return x / col(t, x)
+
+    def prob(s):  # scaled logits [B, ...] -> exp(s - max): unnormalised, in [0, 1]
+        return jnp.exp(s - col(m, s))
 
     # the inverse CDF of the kept set in vocabulary order: weight prob(s) above tau, prob(tau) for the
     # first c tokens equal to tau. Per block (then within the chosen one), the cumulative kept mass

@@ -60,7 +60,7 @@ def run_prefill_shape(runner, shape: tuple, num_pages: int, prefill_rows: int, d
 def warmup_jobs(decoder, *, max_slots: int, max_seq_len: int, prefill_budget: int, page_widths: list[int],
                 sampling: bool = True, chunk_min: int = 64) -> list[tuple]:
     """[(shape, do_sample)]: every program `warmup` runs (nothing compiles here)."""
-    variants = (False, True) if sampling and not decoder.greedy_only else (False,)
+    variants = (False, True) if sampling else (False,)
     jobs = [(shape, v) for shape in decoder.warmup_shapes(batch_bucket(max_slots), page_widths) for v in variants]
     for shape in prefill_shapes(max_slots, max_seq_len, prefill_budget, page_widths, chunk_min):
         jobs += [(shape, v) for v in (variants if shape[0] == "head" else (False,))]

@@ -83,7 +83,7 @@ def test_engine_goes_fused_where_nothing_exits_and_matches_full_depth(tiny4):
     ee = EEConfig((1, 2), 0.5)
     eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, ee=ee, policy="rebatching", art=True,
                              exit_trace=ExitTrace.for_ramps((0.0, 0.0, 1.0), 2, 0),
-                             gate=GateConfig(probe_every=8, probe_iters=3))
+                             gate=GateConfig(probe_every=8, probe_iters=3), decisions="measured")
     got = eng.generate(prompts, gc)
     assert [r.token_ids for r in got] == [r.token_ids for r in off]
     st = eng.ee_stats

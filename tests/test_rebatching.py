@@ -78,7 +78,8 @@ def test_art_profiles_per_shape_without_compile_time(tiny4):
     against the fused full step of the same shape; timings exclude compilation."""
     cfg, params = tiny4
     eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=EEConfig(EE_LAYERS, EE_THR),
-                             policy="rebatching", art=True, gate=GateConfig(enabled=False))  # ART alone
+                             policy="rebatching", art=True, gate=GateConfig(enabled=False),  # ART alone
+                             decisions="measured")
     from drex_jax import compile_counter
 
     eng.generate(_prompts(8, seed=2), GenerationConfig(max_new_tokens=12))
@@ -108,7 +109,7 @@ def test_art_stays_are_counted(tiny4):
     cfg, params = tiny4
     ee = EEConfig(EE_LAYERS, EE_THR)
     eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=True,
-                             gate=GateConfig(enabled=False))
+                             gate=GateConfig(enabled=False), decisions="measured")
     eng.generate(_prompts(6, seed=1), GenerationConfig(max_new_tokens=10))  # time the segments
     # make splitting look unprofitable: a fused full step far cheaper than its segments
     eng.decoder.art.record_full = lambda bucket, seconds: eng.decoder.art.full_s.__setitem__(bucket, 1e-9)

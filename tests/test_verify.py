@@ -198,8 +198,8 @@ def test_verify_settings_are_checked(tiny4):
         EEConfig(EE_LAYERS, EE_THR, missing_kv="recompute", verify="yes").validate(cfg.num_layers)
     eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, policy="rebatching",
                              ee=EEConfig(EE_LAYERS, EE_THR, missing_kv="recompute", verify=True))
-    with pytest.raises(ValueError, match="temperature=0.7 but this engine runs EEConfig\\(verify=True\\)"):
-        eng.submit([1, 2, 3], GenerationConfig(temperature=0.7))
+    with pytest.raises(ValueError, match="logprobs=2 but this engine runs EEConfig\\(verify=True\\)"):
+        eng.submit([1, 2, 3], GenerationConfig(logprobs=2))
     assert not eng.has_work  # nothing queued
 
 

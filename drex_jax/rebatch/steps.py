@@ -18,7 +18,8 @@ from drex_jax.logprobs import head_tokens, token_logprobs
 from drex_jax.model.modules import ModelGraph
 from drex_jax.model.paged import paged_layers, write_layers
 from drex_jax.model.ramps import confidence, to_token_ids
-from drex_jax.sampling import sample
+from drex_jax.sampling import kept_probs, sample
+from drex_jax.speculative import verify_positions
 
 
 @functools.partial(
@@ -62,10 +63,13 @@ def segment_step(
     return _exit_head(model, x, sampling, ramp_tokens, ramp, measure, do_sample, logprobs) + (pool, hidden)
 
 
-def _exit_head(model, x, sampling, ramp_tokens, ramp: int, measure: str, do_sample: bool, logprobs: bool = False):
+def _exit_head(model, x, sampling, ramp_tokens, ramp: int, measure: str, do_sample: bool, logprobs: bool = False,
+               speculative: bool = False):
     """(token [B], confidence [B]) of hidden states x [B, H] at ramp `ramp`, or from the LM head
     after the last segment (ramp -1: confidence +inf, no ramp was asked). `logprobs`: token is
-    (token, LogprobRows) of the distribution it was drawn from."""
+    (token, LogprobRows) of the distribution it was drawn from. `speculative` (a ramp, verify mode
+    sampling): (token, confidence, q) with q [B, K] the distribution over the ramp's candidates
+    the token was drawn from (`sampling.kept_probs`), what the deep pass's acceptance rule needs."""
     if ramp < 0:
         return head_tokens(model, x, sampling, do_sample, logprobs), jnp.full(x.shape[:1], jnp.inf, jnp.float32)
     logits = model.ramp_logits(x, ramp, ramp_tokens)
@@ -73,6 +77,8 @@ def _exit_head(model, x, sampling, ramp_tokens, ramp: int, measure: str, do_samp
     tokens = to_token_ids(cols, ramp_tokens)
     if logprobs:
         tokens = tokens, token_logprobs(logits, cols, sampling.temperature, ramp_tokens)
+    if speculative:
+        return tokens, confidence(logits, measure), kept_probs(logits, sampling)
     return tokens, confidence(logits, measure)
 
 
@@ -113,7 +119,7 @@ def fill_propagate(state, pool, hidden, slot_ids, block_tables, positions, *, gr
 
 @functools.partial(
     jax.jit, static_argnames=("graph", "start", "end", "ramp", "measure", "do_sample", "attention", "every_position",
-                              "logprobs"),
+                              "logprobs", "speculative"),
     donate_argnames=("pool", "ring"),
 )
 def chunk_step(
@@ -127,6 +133,8 @@ def chunk_step(
     block_tables: jax.Array,
     sampling: SamplingParams,
     ramp_tokens: jax.Array | None = None,
+    draft_tokens: jax.Array | None = None,
+    draft_probs: jax.Array | None = None,
     *,
     graph: ModelGraph,
     start: int,
@@ -137,6 +145,7 @@ def chunk_step(
     attention: str = "xla",
     every_position: bool = False,
     logprobs: bool = False,
+    speculative: bool = False,
 ):
     """Layers [start, end) for a chunk of consecutive positions per row (`missing_kv="recompute"`).
 
@@ -148,6 +157,12 @@ def chunk_step(
     to the ring. Returns (token [B], confidence [B], pool, ring) for the current token, after the
     ramp `ramp` (or the LM head if -1, confidence +inf). every_position (LM head only): greedy
     tokens [B, T] at every chunk position, which verify mode compares with the drafts.
+
+    speculative (verify mode, sampling): at a ramp, the output is (token, confidence, q [B, K]) with
+    the draft distribution q (`_exit_head`); with every_position, each position's token comes from
+    speculative sampling's acceptance rule (`speculative.verify_positions`) against the drafts made
+    there, `draft_tokens` [B, T] (-1: none) drawn from `draft_probs` [B, T, K] (over the ramp's
+    candidates `ramp_tokens`, or the whole vocabulary).
     """
     model = graph.merge(state)
     R = ring.shape[1]
@@ -165,5 +180,24 @@ def chunk_step(
     if ramp < 0 and every_position:
         B, T, H = x.shape
         final = jnp.full((B,), jnp.inf, jnp.float32)
-        return model.greedy_tokens(x.reshape(B * T, H)).reshape(B, T), final, pool, ring
-    return _exit_head(model, xc, sampling, ramp_tokens, ramp, measure, do_sample, logprobs) + (pool, ring)
+        if not speculative:
+            return model.greedy_tokens(x.reshape(B * T, H)).reshape(B, T), final, pool, ring
+        return _verify_sampled(model, x, sampling, ramp_tokens, draft_tokens, draft_probs, valid), final, pool, ring
+    out = _exit_head(model, xc, sampling, ramp_tokens, ramp, measure, do_sample, logprobs, speculative and ramp >= 0)
+    return out[:2] + (pool, ring) + out[2:]
+
+
+def _verify_sampled(model, x, sampling: SamplingParams, ramp_tokens, draft_tokens, draft_probs, valid):
+    """Speculative sampling over a chunk x [B, T, H]: tokens [B, T] (see `chunk_step`). Each position's
+    sampling step is the index of the token it produces: the row's current token (the last valid
+    position) has `sampling.step`, the positions before it count down from there."""
+    B, T, H = x.shape
+    # the weight-left product [V, BT], fenced as in `next_tokens` so XLA does not repack the weight
+    logits = jax.lax.optimization_barrier(model._head_columns(x.reshape(B * T, H))).T.astype(jnp.float32)
+    current = valid.sum(axis=1) - 1  # [B]
+    step = sampling.step[:, None] - current[:, None] + jnp.arange(T)[None]
+    sp = SamplingParams(*(jnp.repeat(a, T) for a in sampling[:4]), step.reshape(-1))
+    q = draft_probs.reshape(B * T, -1)
+    if ramp_tokens is not None:  # candidates' probabilities into the vocabulary
+        q = jnp.zeros((B * T, logits.shape[1]), jnp.float32).at[:, ramp_tokens].set(q)
+    return verify_positions(logits, sp, draft_tokens.reshape(-1), q).reshape(B, T)

@@ -23,7 +23,6 @@ def wants_logprobs(rows: list[Request]) -> bool:
 
 class Decoder(Protocol):
     missing_kv: str  # how prefill replays a preempted request's early exits ("copy": none to replay)
-    greedy_only: bool  # refuses sampling (verify mode)
     overlappable: bool  # `sched.step.overlapped_step` may keep its step in flight (needs `layout`, `emissions`)
 
     def check_request(self, config: GenerationConfig) -> None:
@@ -43,7 +42,6 @@ class FullDepthDecoder:
     """Every row through every layer in one fused decode step (the runner's `decode`)."""
 
     missing_kv = "copy"
-    greedy_only = False
     overlappable = True  # `sched.step.overlapped_step` may keep a step in flight
 
     def __init__(self, runner, layout: BatchLayout, num_layers: int):

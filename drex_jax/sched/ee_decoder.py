@@ -27,6 +27,10 @@ from drex_jax.sched.ramp_gate import EE, FUSED, GateConfig, RampGate
 from drex_jax.sched.decoding import wants_logprobs
 from drex_jax.sched.request import Emission, Request
 
+# how exit decisions follow cost: a table timed at warm-up and then frozen (tokens never depend on
+# timing), or live measurements (ART and the ramp gate adapt; lossy policies' tokens may vary)
+DECISIONS = ("frozen", "measured")
+
 
 @dataclasses.dataclass
 class EEStats:
@@ -82,7 +86,7 @@ class EarlyExitDecoder:
 
     def __init__(self, cfg: ModelConfig, runner, ee: EEConfig, policy: ExitPolicy | str, flush: FlushConfig,
                  art: bool = True, exit_trace=None, gate: GateConfig | None = None, *,
-                 layout: BatchLayout):
+                 layout: BatchLayout, decisions: str = "frozen"):
         ee.validate(cfg.num_layers, cfg.vocab_size)
         policy = get_policy(policy) if isinstance(policy, str) else policy
         self.recompute, self.verify = get_method(ee.missing_kv).deferred, ee.verify
@@ -94,7 +98,7 @@ class EarlyExitDecoder:
         # ART prices a split by single-position segment times; with recompute a deep segment also
         # carries its rows' pending positions, so the ramp gate (measured cost per token) decides
         self.cfg, self.runner, self.ee, self.policy, self.flush = cfg, runner, ee, policy, flush
-        self.missing_kv, self.greedy_only = ee.missing_kv, ee.verify
+        self.missing_kv = ee.missing_kv
         self.use_art = art and not self.recompute
         self.layout = layout
         ramps = [e for e in ee.exit_layers if e < cfg.num_layers]
@@ -106,9 +110,22 @@ class EarlyExitDecoder:
         # current token are consecutive, at most max_draft + 1 of them)
         self.ring_size = bucket(ee.max_draft + 1) if self.recompute else 1
         self.art = ARTProfiler(self.num_segments)
+        # "frozen": every exit decision is a function of the rows' data and the batch composition:
+        # ART prices splits from segment and fused-step times taken at warm-up and never updated, and
+        # the ramp gate (which picks a mode from live timings and its own history) runs only where
+        # it cannot change a token (verify mode). "measured": both follow live timings.
+        if decisions not in DECISIONS:
+            raise ValueError(f"decisions must be one of {DECISIONS}, got {decisions!r}")
+        self.decisions, self._warming = decisions, False
+        self._candidates = None  # verify mode sampling: ramp candidate id -> index (built on first use)
         # the ramp gate adapts to measured cost like ART, so it is on where ART is (art=False keeps
         # every wanted exit: what the equality-with-the-reference tests run)
-        self.gate = RampGate(gate or GateConfig(enabled=policy.gated and art))
+        gate_ok = decisions == "measured" or self.verify
+        if gate is not None and gate.enabled and policy.gated and not gate_ok:
+            raise ValueError(f"the ramp gate picks early exit or the fused step from live timings, which would make "
+                             f"policy {policy.name!r}'s tokens depend on timing: pass decisions='measured' to use "
+                             "it, or GateConfig(enabled=False)")
+        self.gate = RampGate(gate or GateConfig(enabled=policy.gated and art and gate_ok))
         self.exit_trace = exit_trace  # ExitTrace: replayed exit decisions (scale benchmarks) or None
         self.reset_stats()
         self.iteration = 0
@@ -125,14 +142,11 @@ class EarlyExitDecoder:
         if self.verify and config.logprobs is not None:
             raise ValueError(f"logprobs={config.logprobs} but this engine runs EEConfig(verify=True), whose tokens "
                              "come from verifying drafts, not from one distribution: use an engine without verify")
-        if self.verify and config.temperature > 0:
-            raise ValueError(f"temperature={config.temperature} but this engine runs EEConfig(verify=True), which "
-                             "verifies drafts greedily (speculative sampling is not implemented): use temperature=0 "
-                             "or an engine without verify")
 
     def describe(self) -> dict:
         """The early-exit setup: EEConfig fields, policy name, ART."""
-        return {**dataclasses.asdict(self.ee), "policy": self.policy.name, "art": self.use_art}
+        return {**dataclasses.asdict(self.ee), "policy": self.policy.name, "art": self.use_art,
+                "decisions": self.decisions, "gate": self.gate.config.enabled}
 
     # ------------------------------------------------------------------ device calls
     def _account(self, timing) -> None:
@@ -151,19 +165,56 @@ class EarlyExitDecoder:
             return self.layout.chunk(reqs, start, self.cfg.num_layers if end is None else end)
         return self.layout.decode(reqs)
 
-    def run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool, logprobs: bool = False):
+    def run_layers(self, arrays, start: int, end: int, ramp: int, do_sample: bool, logprobs: bool = False,
+                   reqs: list = ()):
         """Layers [start, end) then ramp `ramp` (-1: LM head) on batch `arrays`; returns (tokens (a
-        `Sampled`), confidences, seconds or None when the call compiled)."""
+        `Sampled`), confidences, seconds or None when the call compiled). Verify mode with sampling:
+        speculative sampling, the drafts of `reqs` (the batch's rows) verified by the deep pass."""
+        drafts = None
+        if self.verify and do_sample:
+            drafts = self._draft_arrays(reqs, arrays) if ramp < 0 else ()
         tok, conf, timing = self.runner.run_layers(arrays, start, end, ramp, do_sample,
-                                                   every_position=self.verify and ramp < 0, logprobs=logprobs)
+                                                   every_position=self.verify and ramp < 0, logprobs=logprobs,
+                                                   drafts=drafts)
         self._account(timing)
         return tok, conf, timing.seconds
+
+    def _draft_arrays(self, reqs: list, arrays) -> tuple[np.ndarray, np.ndarray]:
+        """Speculative sampling's inputs for a deep pass over `arrays` (a ChunkBatch whose rows hold
+        their drafted positions first, `sched.batch.chunk_batch`): (draft_tokens [B, T], -1 where
+        none; draft_probs [B, T, K], each draft's distribution over the ramp candidates). A draft
+        made while its batch decoded greedily carries no distribution: its row is greedy, so its
+        distribution is one-hot at the draft."""
+        B, T = arrays.positions.shape
+        tokens = np.full((B, T), -1, np.int32)
+        probs = np.zeros((B, T, self._num_candidates), np.float32)
+        for i, r in enumerate(reqs):
+            for j, (d, q) in enumerate(zip(r.ee.drafts, r.ee.draft_probs)):
+                tokens[i, j] = d
+                if q is None:
+                    probs[i, j, self._candidate_index(d)] = 1.0
+                else:
+                    probs[i, j] = q
+        return tokens, probs
+
+    @property
+    def _num_candidates(self) -> int:
+        rt = self.runner.ramp_tokens
+        return self.cfg.vocab_size if rt is None else int(rt.shape[0])
+
+    def _candidate_index(self, token: int) -> int:
+        """A token's index among the ramps' candidates (the token itself without a ramp vocabulary)."""
+        if self.runner.ramp_tokens is None:
+            return token
+        if self._candidates is None:
+            self._candidates = {int(t): i for i, t in enumerate(np.asarray(self.runner.ramp_tokens))}
+        return self._candidates[token]
 
     def _segment(self, s: int, arrays, do_sample: bool, reqs: list):
         last = s == self.num_segments - 1
         tok, conf, dt = self.run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample,
-                                        wants_logprobs(reqs))
-        if dt is not None:
+                                        wants_logprobs(reqs), reqs)
+        if dt is not None and self._learns():
             self.art.record_segment(s, self._art_key(arrays), dt)
         self.stats.segment_calls += 1
         self._progress(reqs, self.bounds[s + 1])
@@ -186,6 +237,10 @@ class EarlyExitDecoder:
     def _padding_batch(self, B: int, width: int, T: int = 1) -> DecodeBatch | ChunkBatch:
         return self.layout.padding(B, width, T if self.recompute else None)
 
+    def _learns(self) -> bool:
+        """Whether a measured time may update ART's cost table now (frozen: during warm-up only)."""
+        return self.decisions == "measured" or self._warming
+
     @staticmethod
     def _art_key(arrays) -> tuple[int, int]:
         """ART profiles per (batch bucket, page-width bucket): attention over the pages costs as
@@ -199,8 +254,12 @@ class EarlyExitDecoder:
         if not (self.use_art and self.policy.rebatches):
             return 0
         keys = sorted({k for _, k in self.art.segment_s} - set(self.art.full_s))
-        for key in keys:
-            self._profile_full(key, False)
+        self._warming, warming = True, self._warming
+        try:
+            for key in keys:
+                self._profile_full(key, False)
+        finally:
+            self._warming = warming
         return len(keys)
 
     def _profile_full(self, key: tuple[int, int], do_sample: bool) -> None:
@@ -230,7 +289,16 @@ class EarlyExitDecoder:
         return shapes
 
     def warmup_one(self, shape: tuple, do_sample: bool) -> None:
-        """Run one shape on an all-padding batch: no KV or hidden-state row is written."""
+        """Run one shape on an all-padding batch: no KV or hidden-state row is written. With ART,
+        segment shapes are timed too (run again after compiling): the cost table ART decides from
+        (with decisions="frozen", the only times it ever gets)."""
+        self._warming, warming = True, self._warming
+        try:
+            self._warmup_one(shape, do_sample)
+        finally:
+            self._warming = warming
+
+    def _warmup_one(self, shape: tuple, do_sample: bool) -> None:
         kind, s, B, width, T = shape
         if kind == "decode":
             self.runner.decode(self.layout.padding(B, width), do_sample)
@@ -238,7 +306,14 @@ class EarlyExitDecoder:
         arrays = self._padding_batch(B, width, T)
         if kind == "segment":
             last = s == self.num_segments - 1
-            self.run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
+            timed = self.use_art and self.policy.rebatches and not do_sample and T == 1
+            dt = None
+            for _ in range(2 if timed else 1):  # a call that compiled is no timing
+                _, _, dt = self.run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
+                if dt is not None:
+                    break
+            if timed and dt is not None:
+                self.art.record_segment(s, self._art_key(arrays), dt)
         elif kind == "full" and self.use_art and self.policy.rebatches and not do_sample:
             self._profile_full((B, width), do_sample)
         elif kind == "full":
@@ -296,7 +371,7 @@ class EarlyExitDecoder:
         token = out.token(i)
         depth = self.bounds[segment + 1]
         if self.verify and depth < self.cfg.num_layers:
-            return self._draft(req, token, segment)
+            return self._draft(req, token, segment, None if out.probs is None else out.probs[i])
         if self.recompute and depth < self.cfg.num_layers:  # computed by the row's next deep pass
             req.ee.pending[req.cache_len] = depth
             kv_depth = self.cfg.num_layers
@@ -307,12 +382,14 @@ class EarlyExitDecoder:
         req.ee.token_done()
         self._emit(req, token, depth, kv_depth or depth, logprob=out.logprob(i))
 
-    def _draft(self, req: Request, token: int, segment: int) -> None:
-        """Verify mode: `token` exited at ramp `segment`: a draft, the row's next input, not output."""
+    def _draft(self, req: Request, token: int, segment: int, probs: np.ndarray | None = None) -> None:
+        """Verify mode: `token` exited at ramp `segment`: a draft, the row's next input, not output
+        (`probs`: the distribution it was sampled from, when its batch sampled)."""
         depth = self.bounds[segment + 1]
         st = req.ee
         st.pending[req.cache_len] = depth
         st.drafts.append(token)
+        st.draft_probs.append(probs)
         st.draft_depths.append(depth)
         st.stage, st.first_want = 0, -1
         self.stats.layers_run += depth
@@ -336,7 +413,7 @@ class EarlyExitDecoder:
         self.stats.verify_passes += 1
         self.stats.layers_run += L
         wanted = st.first_want if st.first_want >= 0 else self.num_segments - 1  # of the last token
-        st.drafts, st.draft_depths, st.pending = [], [], {}
+        st.drafts, st.draft_depths, st.draft_probs, st.pending = [], [], [], {}
         st.token_done()
         for j, (token, depth) in enumerate(zip(emit, depths)):
             self.stats.tokens += 1
@@ -399,8 +476,8 @@ class EarlyExitDecoder:
             self._account(timing)
             return self._finalize_all(reqs, tok)
         arrays = self._batch_arrays(reqs)
-        tok, _, dt = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample, wants_logprobs(reqs))
-        if dt is not None:
+        tok, _, dt = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample, wants_logprobs(reqs), reqs)
+        if dt is not None and self._learns():
             self.art.record_full(self._art_key(arrays), dt)
         self._progress(reqs, self.cfg.num_layers)
         self._finalize_all(reqs, tok)
@@ -456,7 +533,7 @@ class EarlyExitDecoder:
         # refresh a known shape's fused-step time now and then; an unknown shape is not profiled
         # here (that would compile a full-depth program mid-serving): ART splits and measures
         # its segments until `profile_art()` (warmup does it) times the fused step
-        if self.use_art and key in self.art.full_s and self.art.needs_full_profile(key):
+        if self.use_art and self._learns() and key in self.art.full_s and self.art.needs_full_profile(key):
             self._profile_full(key, do_sample)
         tok, conf = self._segment(s, arrays, do_sample, reqs)
         if s == self.num_segments - 1:
@@ -487,7 +564,7 @@ class EarlyExitDecoder:
         arrays = self._batch_arrays(reqs)
         n = len(reqs)
         if not self.policy.evaluates_ramps:
-            tok, _, _ = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample, wants_logprobs(reqs))
+            tok, _, _ = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample, wants_logprobs(reqs), reqs)
             self._finalize_all(reqs, tok)
             return
         released = np.zeros(n, bool)  # latency-only: token already emitted

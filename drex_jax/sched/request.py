@@ -26,7 +26,8 @@ class EarlyExitState:
       run so far (their hidden states wait in the runner's ring); verify mode: the drafted
       positions not yet verified.
     drafts, draft_depths: verify mode: drafted tokens (never emitted before verification) and the
-      ramp depth each exited at.
+      ramp depth each exited at. draft_probs: each draft's distribution over the ramp candidates
+      [K] when its batch sampled (speculative sampling's q), else None.
     """
 
     stage: int = 0
@@ -36,12 +37,13 @@ class EarlyExitState:
     pending: dict[int, int] = dataclasses.field(default_factory=dict)
     drafts: list[int] = dataclasses.field(default_factory=list)
     draft_depths: list[int] = dataclasses.field(default_factory=list)
+    draft_probs: list = dataclasses.field(default_factory=list)
 
     def reset(self) -> None:
         """Forget the token in flight (preemption: prefill recomputes the context at full depth, so
         nothing stays pending and unverified drafts are dropped)."""
         self.stage, self.buffered_iter, self.first_want = 0, -1, -1
-        self.pending, self.drafts, self.draft_depths = {}, [], []
+        self.pending, self.drafts, self.draft_depths, self.draft_probs = {}, [], [], []
 
     def token_done(self) -> None:
         """The current token was finalized: the next one starts at layer 0."""
@@ -97,8 +99,10 @@ class Request:
         return self.finish_reason is not None
 
     def sampling_row(self) -> tuple:
+        """(temperature, top_k, top_p, seed, step): step is the index of the token the next step
+        produces (verify mode: counting the drafts), the key of its randomness."""
         c = self.config
-        return (float(c.temperature), c.top_k, float(c.top_p), c.seed, len(self.generated))
+        return (float(c.temperature), c.top_k, float(c.top_p), c.seed, len(self.generated) + len(self.ee.drafts))
 
     def may_stop(self, n: int) -> bool:
         """Whether the request's n-th generated token may end it on a stop id or string: not

@@ -164,8 +164,7 @@ class _Common(BaseModel):
         """The engine's config for choice `choice`. A seeded request's choice j draws with seed + j
         (n independent samples); an unseeded sampled request draws fresh seeds (two identical
         unseeded requests should not sample the same text). A request that sends no temperature
-        gets `default_temperature` (the OpenAI default 1.0; 0 on a server that decodes greedily
-        only, such as verify mode)."""
+        gets `default_temperature` (the OpenAI default 1.0)."""
         seed = (self.seed + choice) % 2**32 if self.seed is not None else secrets.randbelow(2**32)
         temperature = default_temperature if self.temperature is None else self.temperature
         return GenerationConfig(

@@ -225,11 +225,7 @@ class EngineWorker:
             handle.prompt_logprobs = eng.score(ids)
         if sub.max_tokens == 0:
             return None
-        greedy_only = eng.greedy_only
-        config = sub.make_config(sub.max_tokens or room, default_temperature=0.0 if greedy_only else 1.0)
-        if greedy_only and config.temperature > 0:
-            raise RequestError(f"temperature={config.temperature}: this server runs lossless early exit (verify "
-                               "mode), which decodes greedily; send temperature 0 or omit it", param="temperature")
+        config = sub.make_config(sub.max_tokens or room)
         try:
             eng.decoder.check_request(config)
         except ValueError as e:
