@@ -196,6 +196,8 @@ def _print_comparison(prompts, encoded, runs, engine, ee_kwargs) -> None:
 
 
 VERIFY_THRESHOLD = 0.9
+VERIFY_DRAFT_STOP = 0.0
+VERIFY_ADAPTIVE_RAMPS = False
 
 
 def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
@@ -232,9 +234,15 @@ def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
     missing_kv = "recompute" if args.verify else args.missing_kv or meta.get("missing_kv", "propagate")
     if args.verify and args.missing_kv not in (None, "recompute"):
         raise ValueError(f"--verify recomputes the skipped layers' K/V; it cannot run with --missing-kv {args.missing_kv}")
+    drafting = {}
+    if args.verify:
+        drafting = dict(draft_stop=VERIFY_DRAFT_STOP if args.draft_stop is None else args.draft_stop,
+                        adaptive_ramps=VERIFY_ADAPTIVE_RAMPS if args.adaptive_ramps is None else args.adaptive_ramps)
+    elif args.draft_stop or args.adaptive_ramps:
+        raise ValueError("--draft-stop and --adaptive-ramps shape verify mode's drafts: add --verify")
     ee = EEConfig(layers, thr, confidence=args.confidence, missing_kv=missing_kv,
                   head="trained" if heads_dir else "shared", ramp_vocab=ramp_vocab or None, verify=args.verify,
-                  max_draft=args.max_draft)
+                  max_draft=args.max_draft, **drafting)
     return {"ee": ee, "policy": args.policy, "exit_heads": heads_dir, "decisions": args.exit_decisions}
 
 
@@ -321,7 +329,9 @@ def _bench(args) -> int:
 
         res = verify.run_verify(args.model, quick=args.quick, new_tokens=args.verify_new_tokens,
                                 thresholds=tuple(args.verify_thresholds), batches=tuple(args.verify_batches),
-                                max_draft=args.max_draft, gate=not args.no_gate, heads=args.exit_heads)
+                                max_draft=args.max_draft, gate=not args.no_gate, heads=args.exit_heads,
+                                ramp_sets=tuple(tuple(int(e) for e in r.split(",")) for r in args.verify_ramps),
+                                draft_stop=args.draft_stop, adaptive_ramps=args.adaptive_ramps)
         md = _write_report(args.out, "verify", res, verify.markdown(res))
     elif args.scale:
         trace = args.trace or os.path.join(args.out, "exit_trace.json")
@@ -398,6 +408,12 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
                    help="lossless early exit: exited tokens are drafts that the deep pass verifies; greedy output "
                         "equals full depth (needs recompute and temperature 0)")
     e.add_argument("--max-draft", type=int, default=7, help="recompute/verify: pending positions a row may hold")
+    e.add_argument("--draft-stop", type=float, default=None, metavar="P",
+                   help="verify: stop drafting once the product of a row's unverified drafts' confidences falls "
+                        f"below P (a second exit; 0 = off; default {VERIFY_DRAFT_STOP})")
+    e.add_argument("--adaptive-ramps", action=argparse.BooleanOptionalAction, default=None,
+                   help="verify: each request drafts at a ramp only while its own recent acceptance there reaches "
+                        f"the ramp's break-even (depth / layers); default {'on' if VERIFY_ADAPTIVE_RAMPS else 'off'}")
     e.add_argument("--exit-decisions", default="frozen", choices=["frozen", "measured"],
                    help="frozen: ART prices splits from costs timed at warm-up and the ramp gate runs in verify "
                         "mode only, so greedy output never depends on timing; measured: both follow live "
@@ -578,9 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "--quick: threshold 0.5, batches 1 and 8")
     vf.add_argument("--verify-thresholds", type=float, nargs="+", default=list(verify_bench.THRESHOLDS))
     vf.add_argument("--verify-batches", type=int, nargs="+", default=list(verify_bench.BATCHES))
+    vf.add_argument("--verify-ramps", nargs="+", default=[",".join(map(str, r)) for r in verify_bench.RAMP_SETS],
+                    metavar="E[,E...]", help="verify: ramp sets to sweep, each comma-separated (e.g. 22 15,22)")
     vf.add_argument("--verify-new-tokens", type=int, default=32, help="verify: greedy tokens per request")
     vf.add_argument("--max-draft", type=int, default=7, help="verify: drafts a row may hold before a deep pass")
     vf.add_argument("--exit-heads", default=None, help="verify: trained heads dir (default: MODEL/exit_heads or bundled)")
+    vf.add_argument("--draft-stop", type=float, default=0.0, metavar="P",
+                    help="verify: a row stops drafting once its drafts' confidence product falls below P")
+    vf.add_argument("--adaptive-ramps", action="store_true",
+                    help="verify: each request drafts at a ramp only while its acceptance there pays")
     vf.add_argument("--no-gate", action="store_true",
                     help="verify: never fall back to plain decoding (the ramp gate off)")
     pe = b.add_argument_group("side by side with the CPU peers (vLLM's CPU build, llama.cpp)")

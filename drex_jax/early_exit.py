@@ -9,6 +9,8 @@ from drex_jax.kv.missing import METHODS as _MISSING_KV, MISSING_KV_METHODS
 CONFIDENCE_MEASURES = ("top1_minus_top2", "max_prob", "neg_entropy")
 RAMP_HEADS = ("shared", "trained")
 MAX_DRAFT = 63  # positions a row may hold pending (+ its current token: a 64-slot hidden ring)
+PROBE_TOKENS = 16  # adaptive_ramps: a request retries a ramp it left after this many of its tokens
+ACCEPTANCE_DECAY = 0.8  # adaptive_ramps: weight of a request's older drafts in its acceptance estimate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +29,18 @@ class EEConfig:
     `verify=True` (needs recompute): exited tokens are drafts, not output. The deep pass that
     recomputes their K/V also gives the full model's token at each drafted position; the row keeps
     the agreeing prefix plus the full model's token and drops the rest, so greedy output equals
-    full-depth decoding (self-speculative decoding, batched).
+    full-depth decoding (self-speculative decoding, batched); with temperature > 0 it samples from
+    the full model's distribution (speculative sampling, `drex_jax.speculative`).
+
+    Adaptive drafting (verify mode):
+    `draft_stop` > 0: a second exit. A row stops drafting once the product of its unverified
+      drafts' confidences (and the next one's) falls below it: its next token runs full depth and
+      verifies the chain, rather than extending a chain that is likely already wrong.
+    `adaptive_ramps`: each request drafts at a ramp only while its own recent acceptance there
+      (decayed counts, optimistic at the start) is at least that ramp's break-even, its depth / L
+      (a rejected draft wastes the layers it ran; an accepted one saves the rest). A ramp a request
+      left is tried again after `PROBE_TOKENS` of its tokens. Decisions use the request's own
+      tokens only, never timing.
     """
 
     exit_layers: tuple[int, ...]
@@ -38,6 +51,8 @@ class EEConfig:
     ramp_vocab: int | None = None
     verify: bool = False
     max_draft: int = 7  # + the current token: chunks of up to 8 positions, a power-of-two bucket
+    draft_stop: float = 0.0
+    adaptive_ramps: bool = False
 
     def __post_init__(self):
         layers = self.exit_layers
@@ -76,6 +91,17 @@ class EEConfig:
         md = self.max_draft
         if isinstance(md, bool) or not isinstance(md, int) or not 1 <= md <= MAX_DRAFT:
             raise ValueError(f"max_draft must be an integer in [1, {MAX_DRAFT}], got {md!r}")
+        ds = self.draft_stop
+        if isinstance(ds, bool) or not isinstance(ds, (int, float)) or not 0 <= ds < 1:
+            raise ValueError(f"draft_stop must be a number in [0, 1), got {ds!r}")
+        if ds > 0 and self.confidence == "neg_entropy":
+            raise ValueError("draft_stop multiplies confidences in [0, 1]: use confidence 'top1_minus_top2' or "
+                             "'max_prob', not 'neg_entropy'")
+        if not isinstance(self.adaptive_ramps, bool):
+            raise ValueError(f"adaptive_ramps must be True or False, got {self.adaptive_ramps!r}")
+        if (ds > 0 or self.adaptive_ramps) and not self.verify:
+            raise ValueError(f"draft_stop={ds} / adaptive_ramps={self.adaptive_ramps} shape verify mode's drafts: "
+                             "they need verify=True")
         rv = self.ramp_vocab
         if rv is not None:
             top = vocab_size if vocab_size is not None else "vocab_size"

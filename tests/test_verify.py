@@ -220,3 +220,54 @@ def test_verify_equals_full_depth_on_smollm2(default_model):
     assert [g.token_ids for g in got] == [o.token_ids for o in off]
     st = eng.ee_stats
     assert sum(st.accepted_per_ramp) > 0 and sum(st.drafts_per_ramp) > sum(st.accepted_per_ramp), st
+
+
+def test_adaptive_drafting_keeps_output_and_drafts_less(tiny4):
+    """draft_stop (a second exit on the chain's confidence product) and adaptive_ramps (a request
+    drafts at a ramp only while its own acceptance there reaches depth / L) both cut drafts the
+    deep pass would reject; greedy output still equals full depth."""
+    cfg, params = tiny4
+    prompts = _prompts(8, 5, cfg.vocab_size)
+    gc = GenerationConfig(max_new_tokens=24)
+    full = _full_depth(cfg, params, prompts, gc)
+    runs = {}
+    for name, kw in {"plain": {}, "stop": dict(draft_stop=0.05), "adaptive": dict(adaptive_ramps=True)}.items():
+        ee = EEConfig(EE_LAYERS, EE_THR, missing_kv="recompute", verify=True, max_draft=4, **kw)
+        eng = Engine.from_params(cfg, params, max_slots=8, page_size=4, ee=ee, policy="rebatching", art=False)
+        got = _arrivals(eng, prompts, gc)
+        assert [got[i].token_ids for i in range(len(prompts))] == [full[i].token_ids for i in range(len(prompts))], name
+        runs[name] = eng.ee_stats
+    plain, stop, adaptive = runs["plain"], runs["stop"], runs["adaptive"]
+    assert plain.draft_stops == plain.ramp_skips == 0
+    assert stop.draft_stops > 0 and sum(stop.drafts_per_ramp) < sum(plain.drafts_per_ramp)
+    assert adaptive.ramp_skips > 0 and sum(adaptive.drafts_per_ramp) < sum(plain.drafts_per_ramp)
+    # the random model's shallow drafts are mostly wrong: dropping them raises acceptance
+    assert adaptive.acceptance_rate() > plain.acceptance_rate()
+
+
+def test_ramp_choice_follows_the_requests_own_acceptance(tiny4):
+    from drex_jax.early_exit import PROBE_TOKENS
+    from drex_jax.sched.request import Request
+
+    cfg, params = tiny4
+    ee = EEConfig(EE_LAYERS, EE_THR, missing_kv="recompute", verify=True, adaptive_ramps=True)
+    dec = Engine.from_params(cfg, params, max_slots=2, page_size=4, ee=ee, policy="rebatching").decoder
+    req = Request(0, [1, 2], GenerationConfig(), frozenset(), 0.0, generated=[5] * 10)
+    assert all(dec._ramp_pays(req, s) for s in range(3))  # no history: optimistic
+    # ramp 2 (layer 3 of 4: break-even 0.75): 2 of 4 recent drafts accepted -> (2 + 1) / (4 + 1) = 0.6
+    req.ee.ramp_accepted[2], req.ee.ramp_checked[2], req.ee.ramp_drafted_at[2] = 2.0, 4.0, 9
+    assert not dec._ramp_pays(req, 2)
+    # ramp 0 (layer 1: break-even 0.25) pays at the same acceptance
+    req.ee.ramp_accepted[0], req.ee.ramp_checked[0] = 2.0, 4.0
+    assert dec._ramp_pays(req, 0)
+    req.generated += [5] * (PROBE_TOKENS - 2)
+    assert not dec._ramp_pays(req, 2)
+    req.generated.append(5)  # PROBE_TOKENS since its last draft there: retried
+    assert dec._ramp_pays(req, 2)
+    for bad, match in ((dict(draft_stop=1.0), "draft_stop must be a number in"),
+                       (dict(draft_stop=0.5, confidence="neg_entropy"), "neg_entropy"),
+                       (dict(adaptive_ramps="yes"), "adaptive_ramps must be True or False")):
+        with pytest.raises(ValueError, match=match):
+            EEConfig(EE_LAYERS, EE_THR, missing_kv="recompute", verify=True, **bad).validate(cfg.num_layers)
+    with pytest.raises(ValueError, match="they need verify=True"):
+        EEConfig(EE_LAYERS, EE_THR, missing_kv="recompute", draft_stop=0.5).validate(cfg.num_layers)

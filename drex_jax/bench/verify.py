@@ -57,11 +57,12 @@ def _stats(eng) -> dict:
     return {"drafts": list(st.drafts_per_ramp), "checked": list(st.checked_per_ramp),
             "accepted": list(st.accepted_per_ramp),
             "verify_passes": st.verify_passes, "fused_iterations": st.fused_iterations,
-            "draft_cap_stays": st.draft_cap_stays, "tokens": st.tokens}
+            "draft_cap_stays": st.draft_cap_stays, "tokens": st.tokens, "draft_stops": st.draft_stops,
+            "ramp_skips": st.ramp_skips}
 
 
 def measure(heads_dir, cfg, params, tok, prompts, batch: int, ramps: tuple[int, ...], threshold: float | None,
-            new_tokens: int, max_draft: int, gate: bool) -> dict:
+            new_tokens: int, max_draft: int, gate: bool, draft_stop: float = 0.0, adaptive_ramps: bool = False) -> dict:
     """One engine (threshold None = `off`): rounds until one compiles nothing; the last is timed."""
     from drex_jax import Engine, GenerationConfig, compile_counter
     from drex_jax.early_exit import EEConfig
@@ -72,7 +73,7 @@ def measure(heads_dir, cfg, params, tok, prompts, batch: int, ramps: tuple[int, 
         eng = Engine.from_params(cfg, params, tok, **kw)
     else:
         ee = EEConfig(ramps, threshold, missing_kv="recompute", verify=True, max_draft=max_draft, head="trained",
-                      ramp_vocab=1024)
+                      ramp_vocab=1024, draft_stop=draft_stop, adaptive_ramps=adaptive_ramps)
         eng = Engine.from_params(cfg, params, tok, ee=ee, policy="rebatching", art=gate, exit_heads=heads_dir, **kw)
     gc = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
     # the same workload again until a round compiles nothing (new chunk lengths and row counts can
@@ -93,6 +94,7 @@ def measure(heads_dir, cfg, params, tok, prompts, batch: int, ramps: tuple[int, 
         drafted, accepted = sum(d["checked"]), sum(d["accepted"])
         row.update(drafts_per_ramp=d["drafts"], accepted_per_ramp=d["accepted"], verify_passes=d["verify_passes"],
                    fused_iterations=d["fused_iterations"], draft_cap_stays=d["draft_cap_stays"],
+                   draft_stops=d["draft_stops"], ramp_skips=d["ramp_skips"],
                    acceptance=accepted / max(drafted, 1),
                    acceptance_per_ramp=[a / dr if dr else None for a, dr in zip(d["accepted"], d["checked"])],
                    mean_accepted=(accepted + d["verify_passes"]) / max(d["verify_passes"], 1))
@@ -101,7 +103,8 @@ def measure(heads_dir, cfg, params, tok, prompts, batch: int, ramps: tuple[int, 
 
 def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 32, thresholds=THRESHOLDS,
                batches=BATCHES, ramp_sets=RAMP_SETS, max_draft: int = 7, gate: bool = True,
-               heads: str | None = None, progress: bool = True) -> dict:
+               heads: str | None = None, progress: bool = True, draft_stop: float = 0.0,
+               adaptive_ramps: bool = False) -> dict:
     """Every batch size x (ramp set x threshold), each beside `off` at the same batch size."""
     from convert.checkpoint import load_checkpoint
     from drex_jax import compile_counter
@@ -128,7 +131,8 @@ def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 
             if progress:
                 label = "off" if thr is None else f"verify ramps {list(ramps)} threshold {thr}"
                 print(f"[verify] batch {batch}: {label}", file=sys.stderr, flush=True)
-            block.append(measure(heads_dir, cfg, params, tok, prompts, batch, ramps, thr, new_tokens, max_draft, gate))
+            block.append(measure(heads_dir, cfg, params, tok, prompts, batch, ramps, thr, new_tokens, max_draft, gate,
+                                 draft_stop, adaptive_ramps))
         first, last = block[0], block.pop()
         base = (first["tok_s"] + last["tok_s"]) / 2
         first.update(tok_s=base, off_first_tok_s=first["tok_s"], off_last_tok_s=last["tok_s"],
@@ -145,22 +149,24 @@ def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 
         best[b] = {"ramps": top["ramps"], "threshold": top["threshold"], "speedup": top["speedup"]}
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "model": path, "heads": heads_dir,
             "ramp_vocab": 1024, "new_tokens": new_tokens, "max_draft": max_draft, "gate": gate, "rows": rows,
+            "draft_stop": draft_stop, "adaptive_ramps": adaptive_ramps,
             "best": best}
 
 
 def markdown(res: dict) -> str:
     lines = [f"Verify mode (lossless early exit) vs full depth, {res['machine']}, {res['date']}: trained ramp "
              f"heads `{res['heads']}` (ramp vocabulary {res['ramp_vocab']}), max_draft {res['max_draft']}, "
-             f"ramp gate {'on' if res['gate'] else 'off'}, {res['new_tokens']} greedy tokens per request, decode tok/s "
+             f"ramp gate {'on' if res['gate'] else 'off'}, draft_stop {res.get('draft_stop', 0.0)}, adaptive ramps "
+             f"{'on' if res.get('adaptive_ramps') else 'off'}, {res['new_tokens']} greedy tokens per request, decode tok/s "
              "with prefill excluded (the last of 2-4 identical rounds: the first that compiled nothing, or the 4th); `off` = the fused full-depth decode step, "
              "same run, before and after the settings (their mean is the baseline).", "",
              "| batch | ramps | threshold | tok/s | vs off | identical to off | acceptance | per ramp | mean accepted | "
-             "deep passes | fused iters (gate) | cap stays | compiles in timed round |",
-             "|---:|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+             "deep passes | fused iters (gate) | cap stays | draft stops | ramp skips | compiles in timed round |",
+             "|---:|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         if r["threshold"] is None:
             lines.append(f"| {r['batch']} | - | off (first {r['off_first_tok_s']:.1f}, last {r['off_last_tok_s']:.1f}: "
-                         f"{r['off_drift']:+.0%}) | {r['tok_s']:.1f} | 1.00x | - | - | - | - | - | - | - | "
+                         f"{r['off_drift']:+.0%}) | {r['tok_s']:.1f} | 1.00x | - | - | - | - | - | - | - | - | - | "
                          f"{r['compiled_in_timed_round']} |")
             continue
         per = " / ".join("-" if a is None else f"{a:.0%}" for a in r["acceptance_per_ramp"])
@@ -168,7 +174,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['batch']} | {r['ramps']} | {r['threshold']} | {r['tok_s']:.1f} | **{r['speedup']:.2f}x** | "
                      f"{'yes' if r['identical'] else 'NO'} | {r['acceptance']:.0%} | {per} (of {drafts}) | "
                      f"{r['mean_accepted']:.2f} | {r['verify_passes']} | {r['fused_iterations']} | "
-                     f"{r['draft_cap_stays']} | {r['compiled_in_timed_round']} |")
+                     f"{r['draft_cap_stays']} | {r.get('draft_stops', 0)} | {r.get('ramp_skips', 0)} | "
+                     f"{r['compiled_in_timed_round']} |")
     lines.append("")
     lines.append("Best setting per batch: " + ", ".join(
         f"batch {b}: ramps {t['ramps']} threshold {t['threshold']} ({t['speedup']:.2f}x)" for b, t in res["best"].items()))

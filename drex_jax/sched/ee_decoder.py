@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from drex_jax.early_exit import EEConfig
+from drex_jax.early_exit import ACCEPTANCE_DECAY, PROBE_TOKENS, EEConfig
 from drex_jax.generation import GenerationConfig, Sampled
 from drex_jax.kv.missing import get_method
 from drex_jax.kv.pages import batch_bucket, batch_buckets_upto, bucket, pow2_upto
@@ -58,6 +58,8 @@ class EEStats:
     checked_per_ramp: list[int] = dataclasses.field(default_factory=list)  # drafts that reached a deep pass
     accepted_per_ramp: list[int] = dataclasses.field(default_factory=list)
     verify_passes: int = 0
+    draft_stops: int = 0  # verify, draft_stop: tokens that would have drafted but ran deep to verify the chain
+    ramp_skips: int = 0  # verify, adaptive_ramps: tokens that passed a ramp its request's acceptance had left
 
     def mean_depth(self) -> float:
         """Layers run per finalized token (with recompute: the deep layers run later for exited
@@ -341,7 +343,26 @@ class EarlyExitDecoder:
             if self.recompute and not self._may_exit(reqs[i]):
                 wants[i] = False
                 self.stats.draft_cap_stays += st.first_want == s  # once per token
+            elif self.verify and self.ee.adaptive_ramps and not self._ramp_pays(reqs[i], s):
+                wants[i] = False
+                self.stats.ramp_skips += 1
+            elif self.verify and self.exit_trace is None and self.ee.draft_stop > 0:
+                if st.chain_conf * float(conf[i]) < self.ee.draft_stop:
+                    wants[i] = False
+                    self.stats.draft_stops += st.first_want == s
+                else:
+                    st.chain_conf *= float(conf[i])  # it drafts here (verify runs without ART)
         return wants
+
+    def _ramp_pays(self, req: Request, s: int) -> bool:
+        """adaptive_ramps: whether `req` drafts at ramp s: its decayed acceptance there (one optimistic
+        prior draft) reaches the ramp's break-even depth / L, or it has not drafted there for
+        PROBE_TOKENS tokens (a retry)."""
+        st = req.ee
+        acceptance = (st.ramp_accepted.get(s, 0.0) + 1.0) / (st.ramp_checked.get(s, 0.0) + 1.0)
+        if acceptance >= self.bounds[s + 1] / self.cfg.num_layers:
+            return True
+        return len(req.generated) - st.ramp_drafted_at.get(s, 0) >= PROBE_TOKENS
 
     def _may_exit(self, req: Request) -> bool:
         """Recompute: a row holds at most max_draft pending positions. Verify mode: a draft must leave
@@ -391,6 +412,7 @@ class EarlyExitDecoder:
         st.drafts.append(token)
         st.draft_probs.append(probs)
         st.draft_depths.append(depth)
+        st.ramp_drafted_at[segment] = len(req.generated)
         st.stage, st.first_want = 0, -1
         self.stats.layers_run += depth
         self.stats.drafts_per_ramp[segment] += 1
@@ -408,12 +430,15 @@ class EarlyExitDecoder:
             accepted += 1
         emit = st.drafts[:accepted] + [int(full_tokens[accepted])]
         depths = st.draft_depths[:accepted] + [L]
-        for d in st.draft_depths:
-            self.stats.checked_per_ramp[self.bounds.index(d) - 1] += 1
+        for j, d in enumerate(st.draft_depths):
+            seg = self.bounds.index(d) - 1
+            self.stats.checked_per_ramp[seg] += 1
+            st.ramp_checked[seg] = ACCEPTANCE_DECAY * st.ramp_checked.get(seg, 0.0) + 1
+            st.ramp_accepted[seg] = ACCEPTANCE_DECAY * st.ramp_accepted.get(seg, 0.0) + (j < accepted)
         self.stats.verify_passes += 1
         self.stats.layers_run += L
         wanted = st.first_want if st.first_want >= 0 else self.num_segments - 1  # of the last token
-        st.drafts, st.draft_depths, st.draft_probs, st.pending = [], [], [], {}
+        st.drafts, st.draft_depths, st.draft_probs, st.pending, st.chain_conf = [], [], [], {}, 1.0
         st.token_done()
         for j, (token, depth) in enumerate(zip(emit, depths)):
             self.stats.tokens += 1

@@ -28,6 +28,10 @@ class EarlyExitState:
     drafts, draft_depths: verify mode: drafted tokens (never emitted before verification) and the
       ramp depth each exited at. draft_probs: each draft's distribution over the ramp candidates
       [K] when its batch sampled (speculative sampling's q), else None.
+    chain_conf: verify mode: the product of the unverified drafts' confidences (`draft_stop`).
+    ramp_accepted, ramp_checked: verify mode, per ramp: this request's decayed counts of accepted
+      and verified drafts (`adaptive_ramps`); ramp_drafted_at: its token count at its last draft
+      there. Request history: kept through a preemption.
     """
 
     stage: int = 0
@@ -38,12 +42,17 @@ class EarlyExitState:
     drafts: list[int] = dataclasses.field(default_factory=list)
     draft_depths: list[int] = dataclasses.field(default_factory=list)
     draft_probs: list = dataclasses.field(default_factory=list)
+    chain_conf: float = 1.0
+    ramp_accepted: dict[int, float] = dataclasses.field(default_factory=dict)
+    ramp_checked: dict[int, float] = dataclasses.field(default_factory=dict)
+    ramp_drafted_at: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def reset(self) -> None:
         """Forget the token in flight (preemption: prefill recomputes the context at full depth, so
         nothing stays pending and unverified drafts are dropped)."""
         self.stage, self.buffered_iter, self.first_want = 0, -1, -1
         self.pending, self.drafts, self.draft_depths, self.draft_probs = {}, [], [], []
+        self.chain_conf = 1.0
 
     def token_done(self) -> None:
         """The current token was finalized: the next one starts at layer 0."""
