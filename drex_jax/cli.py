@@ -3,6 +3,7 @@ memory, benchmark."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import signal
@@ -35,15 +36,25 @@ def _generate(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
     )
-    engine, ee_kwargs, mesh = _build_engine(args)
-    label = "early exit" if ee_kwargs else "full depth"
+    engine, ee_kwargs, mesh, (model_dir, params) = _build_engine(args)
+    label = _run_label(ee_kwargs)
     encoded = [engine.encode(p, not args.raw) for p in prompts]
-    results, timing = _timed_generate(engine, encoded, cfg, label)
-    runs = [(label, engine, results, timing)]
-    if ee_kwargs and not args.no_compare:  # the same model at full depth: what early exit costs and buys
-        full = Engine.from_params(engine.cfg, engine.params, engine.tokenizer, dtype=args.dtype,
-                                  max_slots=args.max_slots, max_seq_len=args.max_seq_len, mesh=mesh,
-                                  attention=args.attention, matmul=args.matmul, **_prefill_kwargs(args))
+    runs = [(label, engine, *_timed_generate(engine, encoded, cfg, label))]
+    if ee_kwargs and not args.no_compare:
+        # beside a lossy policy, the lossless one (verify mode) on the same heads; then full depth:
+        # what early exit costs and buys
+        kw = dict(dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len, mesh=mesh,
+                  attention=args.attention, matmul=args.matmul, **_prefill_kwargs(args))
+        if not args.verify:
+            vargs = copy.copy(args)
+            vargs.verify, vargs.missing_kv, vargs.policy = True, None, "rebatching"
+            if args.exit_layers is None:
+                vargs.threshold = None  # verify mode's own default ramps and threshold
+            v_kwargs = _early_exit_kwargs(vargs, engine.cfg, params, model_dir)
+            verify = Engine.from_params(engine.cfg, params, engine.tokenizer, **kw, **v_kwargs)
+            name = _run_label(v_kwargs)
+            runs.append((name, verify, *_timed_generate(verify, encoded, cfg, name)))
+        full = Engine.from_params(engine.cfg, params, engine.tokenizer, **kw)
         runs.append(("full depth", full, *_timed_generate(full, encoded, cfg, "full depth")))
     if args.json:
         print(json.dumps([{"prompt": p, **{name: {"text": r[i].text, "token_ids": r[i].token_ids,
@@ -51,13 +62,19 @@ def _generate(args) -> int:
                                             for name, _, r, _ in runs}}
                           for i, p in enumerate(prompts)], indent=2))
     else:
-        _print_comparison(prompts, encoded, runs, engine, ee_kwargs)
+        _print_comparison(prompts, encoded, runs)
     return 0
+
+
+def _run_label(ee_kwargs: dict) -> str:
+    if not ee_kwargs:
+        return "full depth"
+    return "verify (lossless)" if ee_kwargs["ee"].verify else f"{ee_kwargs['policy']} (lossy)"
 
 
 def _build_engine(args):
     """The Engine `generate` and `serve` run: model, dtype, slots, attention, devices, early exit.
-    Returns (engine, early-exit kwargs ({} at full depth), mesh)."""
+    Returns (engine, early-exit kwargs ({} at full depth), mesh, (model dir, the loaded params))."""
     from drex_jax import Engine
 
     mesh = None
@@ -79,7 +96,7 @@ def _build_engine(args):
     engine = Engine.from_params(mcfg, params, tok, dtype=args.dtype, max_slots=args.max_slots,
                                 max_seq_len=args.max_seq_len, mesh=mesh, attention=args.attention,
                                 matmul=args.matmul, **_prefill_kwargs(args), **ee_kwargs)
-    return engine, ee_kwargs, mesh
+    return engine, ee_kwargs, mesh, (model_dir, params)
 
 
 def _prefill_kwargs(args) -> dict:
@@ -93,7 +110,7 @@ def _serve(args) -> int:
     from drex_jax.default_model import default_model_path
     from drex_jax.serve.app import build_app
 
-    engine, ee_kwargs, _ = _build_engine(args)
+    engine, ee_kwargs, *_ = _build_engine(args)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model or default_model_path()))
     if args.warmup:
         _note("compiling every batch and prompt bucket before serving (--warmup)")
@@ -149,50 +166,77 @@ def _timed_generate(engine, encoded: list[list[int]], config, label: str):
                      "decode_tok_s": decode_tokens / max(last - first - decode_compile, 1e-9)}
 
 
-def _print_comparison(prompts, encoded, runs, engine, ee_kwargs) -> None:
+def _print_comparison(prompts, encoded, runs) -> None:
+    """Each prompt's answers (every run), then per run: decode speed against full depth, and how its
+    tokens compare with full depth's (verify mode: identical or not; a lossy policy: agreement)."""
     import numpy as np
 
     from drex_jax.bench.quality import agreement
 
-    L = engine.cfg.num_layers
-    ramps = list(ee_kwargs["ee"].exit_layers) if ee_kwargs else []
+    ref = next((r for r in runs if r[0] == "full depth"), None)
     width = max(len(name) for name, *_ in runs)
     for i, p in enumerate(prompts):
         print(f"### {p}")
-        for name, _, res, _ in runs:
+        for name, eng, res, _ in runs:
             r = res[i]
             print(f"[{name:>{width}}] {r.text.strip()}")
-        r = runs[0][2][i]
-        line = f"({r.stats.generated_tokens} tokens, ttft {r.stats.ttft_s * 1e3:.0f} ms"
-        if ramps:
-            per_ramp = [sum(1 for e in r.exit_layers[1:] if e == x) for x in ramps + [L]]
-            depth = np.mean(r.exit_layers[1:]) if len(r.exit_layers) > 1 else L
-            line += f", mean depth {depth:.1f}/{L}, exits per ramp {per_ramp}"
-        if len(runs) > 1:
-            a = agreement(engine.params, engine.cfg, engine.tokenizer, [encoded[i]], [r.token_ids],
-                          [runs[1][2][i].token_ids])
-            line += (f"; vs full depth: prefix agreement {a['prefix_agreement']:.0%}, token agreement "
-                     f"{a['token_agreement']:.0%}, ROUGE-L {a['rouge_l']:.2f}")
-        print(line + ")\n")
+        for name, eng, res, _ in runs:
+            r, L = res[i], eng.cfg.num_layers
+            line = f"  {name}: {r.stats.generated_tokens} tokens, ttft {r.stats.ttft_s * 1e3:.0f} ms"
+            ee = eng.early_exit
+            if ee:
+                ramps = [e for e in ee["exit_layers"] if e < L]
+                per_ramp = [sum(1 for e in r.exit_layers[1:] if e == x) for x in ramps + [L]]
+                depth = np.mean(r.exit_layers[1:]) if len(r.exit_layers) > 1 else L
+                kind = "accepted drafts" if ee["verify"] else "exits"
+                line += f", mean depth {depth:.1f}/{L}, {kind} per ramp (last = full depth) {per_ramp}"
+            if ee and ref is not None:
+                want = ref[2][i].token_ids
+                if ee["verify"]:
+                    line += f"; identical to full depth: {'yes' if r.token_ids == want else 'NO'}"
+                else:
+                    a = agreement(eng.params, eng.cfg, eng.tokenizer, [encoded[i]], [r.token_ids], [want])
+                    line += (f"; vs full depth: prefix agreement {a['prefix_agreement']:.0%}, token agreement "
+                             f"{a['token_agreement']:.0%}, ROUGE-L {a['rouge_l']:.2f}")
+            if ee or len(runs) > 1:
+                print(line)
+        print()
     print("| | " + " | ".join(name for name, *_ in runs) + " |")
     print("|---|" + "---:|" * len(runs))
     print("| decode tok/s (compile excluded) | " + " | ".join(f"{t['decode_tok_s']:.1f}" for *_, t in runs) + " |")
+    if ref is not None:
+        print("| vs full depth | " + " | ".join(f"{t['decode_tok_s'] / ref[3]['decode_tok_s']:.2f}x"
+                                              for *_, t in runs) + " |")
     print("| compile s (programs) | " + " | ".join(f"{t['compile_s']:.1f} ({t['programs']})" for *_, t in runs) + " |")
     print("| wall s | " + " | ".join(f"{t['wall_s']:.1f}" for *_, t in runs) + " |")
-    st = engine.ee_stats
-    if st is not None:
-        ee = ee_kwargs["ee"]
-        print(f"\nearly exit: {ee_kwargs['policy']}, {ee.head} heads, ramps {list(ee.exit_layers)}, thresholds "
-              f"{list(ee.thresholds)}, missing KV {ee.missing_kv}, ramp vocabulary {ee.ramp_vocab or 'full'}")
-        print(f"mean depth {st.mean_depth():.2f}/{L}; exits per ramp (last = full depth) {st.exits_per_ramp}; "
-              f"involuntary exits {st.involuntary_exits}, involuntary stays {st.involuntary_stays}")
-    if len(runs) > 1:
-        ee_res, full_res = runs[0][2], runs[1][2]
-        a = agreement(engine.params, engine.cfg, engine.tokenizer, encoded,
-                      [r.token_ids for r in ee_res], [r.token_ids for r in full_res])
-        speed = runs[0][3]["decode_tok_s"] / runs[1][3]["decode_tok_s"]
-        print(f"all prompts vs full depth: prefix agreement {a['prefix_agreement']:.1%}, token agreement "
-              f"{a['token_agreement']:.1%}, ROUGE-L {a['rouge_l']:.3f}; decode speed {speed:.2f}x full depth")
+    for name, eng, res, t in runs:
+        st, ee = eng.ee_stats, eng.early_exit
+        if st is None:
+            continue
+        L = eng.cfg.num_layers
+        print(f"\n{name}: policy {ee['policy']}, {ee['head']} heads, ramps {list(ee['exit_layers'])}, thresholds "
+              f"{list(ee['thresholds'])}, missing KV {ee['missing_kv']}, ramp vocabulary {ee['ramp_vocab'] or 'full'}")
+        line = f"  mean depth {st.mean_depth():.2f}/{L} (layers run per token)"
+        if ee["verify"]:
+            line += (f"; drafts per ramp {st.drafts_per_ramp}, accepted {st.accepted_per_ramp} "
+                     f"({st.acceptance_rate():.0%}), {st.mean_accepted():.2f} tokens per deep pass, "
+                     f"{st.fused_iterations} iterations as plain decoding (ramp gate)")
+        else:
+            line += (f"; exits per ramp (last = full depth) {st.exits_per_ramp}; involuntary exits "
+                     f"{st.involuntary_exits}, stays {st.involuntary_stays}")
+        print(line)
+        if ref is None:
+            continue
+        speed = t["decode_tok_s"] / ref[3]["decode_tok_s"]
+        want = [r.token_ids for r in ref[2]]
+        if ee["verify"]:
+            same = sum(r.token_ids == w for r, w in zip(res, want))
+            print(f"  all prompts: {same} of {len(want)} answers identical to full depth; decode speed {speed:.2f}x "
+                  "full depth")
+        else:
+            a = agreement(eng.params, eng.cfg, eng.tokenizer, encoded, [r.token_ids for r in res], want)
+            print(f"  all prompts vs full depth: prefix agreement {a['prefix_agreement']:.1%}, token agreement "
+                  f"{a['token_agreement']:.1%}, ROUGE-L {a['rouge_l']:.3f}; decode speed {speed:.2f}x full depth")
 
 
 VERIFY_THRESHOLD = 0.9

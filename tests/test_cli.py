@@ -22,8 +22,9 @@ def test_main_command_default_answers_are_not_degenerate(capsys, default_model):
     assert [r["prompt"] for r in rows] == DEFAULT_PROMPTS
     depths = []
     for r in rows:
-        ee, full = r["early exit"], r["full depth"]
+        ee, full, verify = r["rebatching (lossy)"], r["full depth"], r["verify (lossless)"]
         print(f"\n{r['prompt']}\n  EE:   {ee['text']!r}\n  full: {full['text']!r}")
+        assert verify["token_ids"] == full["token_ids"]  # lossless early exit beside the lossy one
         assert repeated_ngram_share(ee["token_ids"]) <= max(0.25, repeated_ngram_share(full["token_ids"]) + 0.1)
         assert rouge_l([ee["text"]], [full["text"]]) >= 0.3  # same answer, possibly worded differently
         depths += ee["exit_layers"][1:]
@@ -33,10 +34,14 @@ def test_main_command_default_answers_are_not_degenerate(capsys, default_model):
 def test_main_command_prints_the_comparison(capsys, default_model):
     assert main(["generate", "--early-exit", "--prompt", "What is 2 + 2?", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
-    assert "### What is 2 + 2?" in out and "[early exit]" in out and "[full depth]" in out
+    assert "### What is 2 + 2?" in out and "[rebatching (lossy)]" in out and "[        full depth]" in out
+    assert "[ verify (lossless)]" in out and "identical to full depth: yes" in out
+    assert "1 of 1 answers identical to full depth; decode speed" in out
     assert "vs full depth: prefix agreement" in out and "ROUGE-L" in out
     assert "| decode tok/s (compile excluded) |" in out and "| compile s (programs) |" in out
-    assert "early exit: rebatching, trained heads, ramps [8, 15, 22]" in out and "exits per ramp" in out
+    assert "| vs full depth |" in out and "1.00x |" in out
+    assert "rebatching (lossy): policy rebatching, trained heads, ramps [8, 15, 22]" in out
+    assert "verify (lossless): policy rebatching, trained heads, ramps [22], thresholds [0.9]" in out
 
 
 def test_generate_with_shared_head(capsys, default_model):
@@ -45,7 +50,7 @@ def test_generate_with_shared_head(capsys, default_model):
     out = capsys.readouterr().out
     assert rc == 0
     assert "### What is 2 + 2?" in out and "[full depth]" not in out
-    assert "early exit: rebatching, shared heads, ramps [8, 15, 22], thresholds [0.9, 0.9, 0.9]" in out
+    assert "rebatching (lossy): policy rebatching, shared heads, ramps [8, 15, 22], thresholds [0.9, 0.9, 0.9]" in out
 
 
 def test_cli_reports_bad_input(capsys, default_model):
@@ -75,6 +80,7 @@ def test_generate_verify_equals_full_depth(capsys, default_model):
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)
     for r in rows:
-        assert r["early exit"]["token_ids"] == r["full depth"]["token_ids"]
+        assert r["verify (lossless)"]["token_ids"] == r["full depth"]["token_ids"]
+        assert "rebatching (lossy)" not in r  # --verify: the lossless run and full depth only
     assert main(["generate", "--early-exit", "--verify", "--missing-kv", "copy", "--prompt", "hi"]) == 2
     assert "--verify recomputes the skipped layers' K/V" in capsys.readouterr().err
