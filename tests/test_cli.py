@@ -1,4 +1,6 @@
 """The CLI main job: generation with early exit on the bundled model, and clear errors."""
+import pytest
+
 from drex_jax.cli import main
 
 
@@ -8,6 +10,7 @@ def repeated_ngram_share(ids: list[int], n: int = 3) -> float:
     return 1 - len(set(grams)) / max(len(grams), 1)
 
 
+@pytest.mark.slow  # three engines on the four default prompts (~55 s): run by .ci/run's second pass
 def test_main_command_default_answers_are_not_degenerate(capsys, default_model):
     """The README's main job on a fresh install: bundled trained heads, early exit next to full depth."""
     import json
