@@ -240,8 +240,6 @@ def _print_comparison(prompts, encoded, runs) -> None:
 
 
 VERIFY_THRESHOLD = 0.9
-VERIFY_DRAFT_STOP = 0.0
-VERIFY_ADAPTIVE_RAMPS = False
 
 
 def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
@@ -278,15 +276,9 @@ def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
     missing_kv = "recompute" if args.verify else args.missing_kv or meta.get("missing_kv", "propagate")
     if args.verify and args.missing_kv not in (None, "recompute"):
         raise ValueError(f"--verify recomputes the skipped layers' K/V; it cannot run with --missing-kv {args.missing_kv}")
-    drafting = {}
-    if args.verify:
-        drafting = dict(draft_stop=VERIFY_DRAFT_STOP if args.draft_stop is None else args.draft_stop,
-                        adaptive_ramps=VERIFY_ADAPTIVE_RAMPS if args.adaptive_ramps is None else args.adaptive_ramps)
-    elif args.draft_stop or args.adaptive_ramps:
-        raise ValueError("--draft-stop and --adaptive-ramps shape verify mode's drafts: add --verify")
     ee = EEConfig(layers, thr, confidence=args.confidence, missing_kv=missing_kv,
                   head="trained" if heads_dir else "shared", ramp_vocab=ramp_vocab or None, verify=args.verify,
-                  max_draft=args.max_draft, **drafting)
+                  max_draft=args.max_draft, draft_stop=args.draft_stop, adaptive_ramps=args.adaptive_ramps)
     return {"ee": ee, "policy": args.policy, "exit_heads": heads_dir, "decisions": args.exit_decisions}
 
 
@@ -452,12 +444,12 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
                    help="lossless early exit: exited tokens are drafts that the deep pass verifies; greedy output "
                         "equals full depth (needs recompute and temperature 0)")
     e.add_argument("--max-draft", type=int, default=7, help="recompute/verify: pending positions a row may hold")
-    e.add_argument("--draft-stop", type=float, default=None, metavar="P",
+    e.add_argument("--draft-stop", type=float, default=0.0, metavar="P",
                    help="verify: stop drafting once the product of a row's unverified drafts' confidences falls "
-                        f"below P (a second exit; 0 = off; default {VERIFY_DRAFT_STOP})")
-    e.add_argument("--adaptive-ramps", action=argparse.BooleanOptionalAction, default=None,
+                        "below P (a second exit; default 0 = off)")
+    e.add_argument("--adaptive-ramps", action="store_true",
                    help="verify: each request drafts at a ramp only while its own recent acceptance there reaches "
-                        f"the ramp's break-even (depth / layers); default {'on' if VERIFY_ADAPTIVE_RAMPS else 'off'}")
+                        "the ramp's break-even (depth / layers)")
     e.add_argument("--exit-decisions", default="frozen", choices=["frozen", "measured"],
                    help="frozen: ART prices splits from costs timed at warm-up and the ramp gate runs in verify "
                         "mode only, so greedy output never depends on timing; measured: both follow live "

@@ -142,23 +142,22 @@ class DeviceRunner:
         self.measure = ee.confidence
 
     def run_layers(self, batch: DecodeBatch | ChunkBatch, start: int, end: int, ramp: int, do_sample: bool,
-                   every_position: bool = False, logprobs: bool = False, drafts: tuple | None = None
-                   ) -> tuple[Sampled, np.ndarray, CallTiming]:
+                   every_position: bool = False, logprobs: bool = False, speculative: bool = False,
+                   drafts: tuple | None = None) -> tuple[Sampled, np.ndarray, CallTiming]:
         """Layers [start, end) for the batch's rows, then ramp `ramp` (-1: the LM head). Returns
         (tokens [B] (every_position: [B, T]; with log-probabilities when `logprobs`), confidences
         [B], timing).
 
-        `drafts` (verify mode sampling, chunk batches only): speculative sampling. At a ramp: any
-        value (e.g. ()); the tokens come with `probs`, each row's draft distribution over the ramp's
-        candidates [B, K]. With every_position: (draft_tokens [B, T], draft_probs [B, T, K]), the
-        drafts the chunk's positions verify (`rebatch.steps.chunk_step`)."""
-        speculative = drafts is not None
+        `speculative` (verify mode sampling, chunk batches only): speculative sampling. At a ramp the
+        tokens come with `probs`, each row's draft distribution over the ramp's candidates [B, K].
+        With every_position, `drafts` = (draft_tokens [B, T], draft_probs [B, T, K]) are the drafts
+        the chunk's positions verify (`rebatch.steps.chunk_step`)."""
         static = dict(graph=self.ee_graph, start=start, end=end, ramp=ramp, measure=self.measure,
                       do_sample=do_sample, attention=self.attention, logprobs=logprobs)
 
         def call():
             if isinstance(batch, ChunkBatch):
-                draft_tokens, draft_probs = drafts if speculative and ramp < 0 else (None, None)
+                draft_tokens, draft_probs = drafts if drafts is not None else (None, None)
                 tok, conf, self.pool, self.hidden, *probs = chunk_step(
                     self.ee_state, self.pool, self.hidden, batch.slot_ids, batch.tokens, batch.positions,
                     batch.depths, batch.block_tables, batch.sampling, self.ramp_tokens, draft_tokens, draft_probs,

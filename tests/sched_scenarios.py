@@ -84,8 +84,9 @@ class FakeRunner:
     def timed_decode(self, batch, do_sample, logprobs=False):
         return self.decode(batch, do_sample), _timing()
 
-    def run_layers(self, batch, start, end, ramp, do_sample, every_position=False, logprobs=False, drafts=None):
-        assert drafts is None, "the fake runner decodes greedily: no speculative sampling"
+    def run_layers(self, batch, start, end, ramp, do_sample, every_position=False, logprobs=False,
+                   speculative=False, drafts=None):
+        assert not speculative, "the fake runner decodes greedily: no speculative sampling"
         self.calls += 1
         chunk = isinstance(batch, ChunkBatch)
         positions = batch.positions if chunk else batch.positions[:, None]

@@ -9,6 +9,7 @@ s > 0 = sitting in the buffer of ramp s-1 with its hidden state in `hidden[slot]
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -172,12 +173,11 @@ class EarlyExitDecoder:
         """Layers [start, end) then ramp `ramp` (-1: LM head) on batch `arrays`; returns (tokens (a
         `Sampled`), confidences, seconds or None when the call compiled). Verify mode with sampling:
         speculative sampling, the drafts of `reqs` (the batch's rows) verified by the deep pass."""
-        drafts = None
-        if self.verify and do_sample:
-            drafts = self._draft_arrays(reqs, arrays) if ramp < 0 else ()
+        speculative = self.verify and do_sample
+        drafts = self._draft_arrays(reqs, arrays) if speculative and ramp < 0 else None
         tok, conf, timing = self.runner.run_layers(arrays, start, end, ramp, do_sample,
                                                    every_position=self.verify and ramp < 0, logprobs=logprobs,
-                                                   drafts=drafts)
+                                                   speculative=speculative, drafts=drafts)
         self._account(timing)
         return tok, conf, timing.seconds
 
@@ -256,22 +256,30 @@ class EarlyExitDecoder:
         if not (self.use_art and self.policy.rebatches):
             return 0
         keys = sorted({k for _, k in self.art.segment_s} - set(self.art.full_s))
-        self._warming, warming = True, self._warming
-        try:
+        with self._warming_up():
             for key in keys:
                 self._profile_full(key, False)
-        finally:
-            self._warming = warming
         return len(keys)
 
-    def _profile_full(self, key: tuple[int, int], do_sample: bool) -> None:
-        """Time a fused full-depth step on an all-padding batch of shape `key` (writes nothing);
-        a call that compiles is repeated, so the profile holds run time only."""
-        arrays = self._padding_batch(*key)
+    @contextlib.contextmanager
+    def _warming_up(self):
+        """Times measured inside may update ART's table (with decisions="frozen", the only ones)."""
+        self._warming, warming = True, self._warming
+        try:
+            yield
+        finally:
+            self._warming = warming
+
+    def _run_time(self, arrays, start: int, end: int, ramp: int, do_sample: bool) -> float:
+        """Seconds of one call on `arrays`; a call that compiles is repeated, so this is run time only."""
         dt = None
         while dt is None:
-            _, _, dt = self.run_layers(arrays, 0, self.cfg.num_layers, -1, do_sample)
-        self.art.record_full(key, dt)
+            _, _, dt = self.run_layers(arrays, start, end, ramp, do_sample)
+        return dt
+
+    def _profile_full(self, key: tuple[int, int], do_sample: bool) -> None:
+        """Time a fused full-depth step on an all-padding batch of shape `key` (writes nothing)."""
+        self.art.record_full(key, self._run_time(self._padding_batch(*key), 0, self.cfg.num_layers, -1, do_sample))
 
     def warmup_shapes(self, max_batch: int, widths: list[int]) -> list[tuple]:
         """Every (kind, ramp/segment, batch bucket, page width, chunk length) this decoder can run
@@ -294,11 +302,8 @@ class EarlyExitDecoder:
         """Run one shape on an all-padding batch: no KV or hidden-state row is written. With ART,
         segment shapes are timed too (run again after compiling): the cost table ART decides from
         (with decisions="frozen", the only times it ever gets)."""
-        self._warming, warming = True, self._warming
-        try:
+        with self._warming_up():
             self._warmup_one(shape, do_sample)
-        finally:
-            self._warming = warming
 
     def _warmup_one(self, shape: tuple, do_sample: bool) -> None:
         kind, s, B, width, T = shape
@@ -308,14 +313,11 @@ class EarlyExitDecoder:
         arrays = self._padding_batch(B, width, T)
         if kind == "segment":
             last = s == self.num_segments - 1
-            timed = self.use_art and self.policy.rebatches and not do_sample and T == 1
-            dt = None
-            for _ in range(2 if timed else 1):  # a call that compiled is no timing
-                _, _, dt = self.run_layers(arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
-                if dt is not None:
-                    break
-            if timed and dt is not None:
-                self.art.record_segment(s, self._art_key(arrays), dt)
+            call = (arrays, self.bounds[s], self.bounds[s + 1], -1 if last else s, do_sample)
+            if self.use_art and self.policy.rebatches and not do_sample and T == 1:
+                self.art.record_segment(s, self._art_key(arrays), self._run_time(*call))
+            else:
+                self.run_layers(*call)
         elif kind == "full" and self.use_art and self.policy.rebatches and not do_sample:
             self._profile_full((B, width), do_sample)
         elif kind == "full":
