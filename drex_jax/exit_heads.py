@@ -1,7 +1,8 @@
 """Trained exit heads on disk, and which model they fit.
 
 A heads directory holds `heads.safetensors` (per-ramp adapter arrays `norm` [R, H], `down`
-[R, H, rank], `up` [R, rank, H], and `token_ranking` [V]: the ramp vocabulary's order) and
+[R, H, rank], `up` [R, rank, H]; with context-aware drafts also `draft_wq`, `draft_wo`
+(`drex_jax.draft_attention`); and `token_ranking` [V]: the ramp vocabulary's order) and
 `meta.json` (exit layers, rank, calibrated thresholds, provenance, and the fingerprint of the
 model the heads were trained on). Heads only make sense on that model: `load_heads` refuses a
 model whose layer count, hidden size, vocabulary or LM head differ, naming what differs.
@@ -22,6 +23,7 @@ from drex_jax.model.config import ModelConfig
 HEADS_FILE = "heads.safetensors"
 META_FILE = "meta.json"
 _ADAPTER_KEYS = ("norm", "down", "up")
+_DRAFT_KEYS = ("draft_wq", "draft_wo")  # optional: the ramps' draft attention blocks
 
 
 def shipped_heads_dir() -> str:
@@ -51,7 +53,8 @@ def save_heads(path: str, heads: dict, meta: dict, token_ranking: np.ndarray | N
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(np.asarray(heads[k], np.float32)) for k in _ADAPTER_KEYS}
+    arrays = {k: np.ascontiguousarray(np.asarray(heads[k], np.float32)) for k in _ADAPTER_KEYS + _DRAFT_KEYS
+              if k in heads}
     if token_ranking is not None:
         arrays["token_ranking"] = np.ascontiguousarray(np.asarray(token_ranking, np.int32))
     save_file(arrays, os.path.join(path, HEADS_FILE))
@@ -84,7 +87,7 @@ def load_heads(path: str, cfg: ModelConfig | None = None, params: dict | None = 
     if cfg is not None and params is not None:
         check_fit(path, meta, cfg, params)
     arrays = _arrays(path)
-    return {k: arrays[k] for k in _ADAPTER_KEYS}, meta
+    return {k: arrays[k] for k in _ADAPTER_KEYS + _DRAFT_KEYS if k in arrays}, meta
 
 
 def check_fit(path: str, meta: dict, cfg: ModelConfig, params: dict) -> None:

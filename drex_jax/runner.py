@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drex_jax import compile_counter
+from drex_jax.draft_attention import block_weights, has_draft_attention
 from drex_jax.early_exit import EEConfig
 from drex_jax.generation import Sampled, SamplingParams
 from drex_jax.kv.pages import bucket
@@ -138,6 +139,12 @@ class DeviceRunner:
         if heads is not None:
             # in the engine's dtype: a bf16 engine streams bf16 ramp weights (the ramp computes in fp32)
             heads = self._replicated(jax.tree.map(lambda a: jnp.asarray(a, self.dtype), heads))
+            if has_draft_attention(heads):
+                if self.mesh is not None:
+                    raise ValueError("context-aware draft heads (draft_wq/draft_wo) do not run under tensor "
+                                     "parallelism yet; use heads without them or tp=1")
+                ramps = [e for e in ee.exit_layers if e < self.cfg.num_layers]
+                heads = {**heads, "attention": block_weights(self.params, self.cfg, ramps, heads)}
             self.ee_graph, self.ee_state = split_model(self.cfg, self.params, heads)
         self.measure = ee.confidence
 

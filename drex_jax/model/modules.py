@@ -165,13 +165,30 @@ class ExitRamp(nnx.Module):
         return rms_norm(h32 + (h32 @ self.down[...]) @ self.up[...], self.norm[...], self.eps)
 
 
+class DraftAttention(nnx.Module):
+    """A context-aware draft adapter at an exit ramp (`drex_jax.draft_attention`): one attention
+    block with no MLP over the earlier positions' keys and values of the layer the ramp skips
+    first. Its K/V projections (and norm, biases) are that layer's own, so it reads the pool's
+    layer as it is and writes there exactly what the layer writes; only its Q and output
+    projections are trained. `finish` adds its output to the residual stream."""
+
+    def __init__(self, cfg: ModelConfig, w: dict):
+        self.attn = Attention(cfg, w)
+
+    def finish(self, xt: jax.Array, attn: jax.Array) -> jax.Array:
+        """xt [H, N]; attn [B, T, nh*D] -> xt + the block's output [H, N]."""
+        return xt + self.attn.project_out(attn, xt.shape[1])
+
+
 class EETransformer(nnx.Module):
     """The early-exit transformer: embedding, decoder layers, final norm + LM head, and (optional)
     trained exit ramps. A segment of it (layers a..b, then a ramp or the LM head) is what the
     engine's jitted steps run (`model.paged`, `rebatch.steps`).
 
     params: the params pytree in either layout (`params.py`); heads: stacked trained ramp heads
-    ({norm [R, H], down [R, H, rank], up [R, rank, H]}) or None (ramps use the shared LM head).
+    ({norm [R, H], down [R, H, rank], up [R, rank, H]}) or None (ramps use the shared LM head);
+    with context-aware drafts also `attention`: per ramp the `DraftAttention` weights in the
+    params' layout (`draft_attention.block_weights`).
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, heads: dict | None = None):
@@ -189,6 +206,8 @@ class EETransformer(nnx.Module):
         self.head_panels = _param(params, "head_panels", "head_panels" in params)
         self.ramps = None if heads is None else nnx.List(
             [ExitRamp(cfg, heads["norm"][r], heads["down"][r], heads["up"][r]) for r in range(heads["norm"].shape[0])])
+        blocks = None if heads is None else heads.get("attention")
+        self.draft_attention = None if blocks is None else nnx.List([DraftAttention(cfg, w) for w in blocks])
 
     # ------------------------------------------------------------------ heads
     def vocab_rows(self, columns: jax.Array | None = None) -> jax.Array:

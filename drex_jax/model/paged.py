@@ -36,6 +36,7 @@ def layer_loop(
     unroll: bool = True,
     writes: str = "per_layer",
     join_depth: jax.Array | None = None,
+    blocks: dict | None = None,
 ):
     """Run the model's layers `[start, end)`, writing each token's K/V into the pool first.
 
@@ -67,6 +68,9 @@ def layer_loop(
     recompute of skipped layers): a token joins at layer join_depth and runs the layers from there;
     below it the token's K/V is already in the pool, so the layer uses (and rewrites) the pool's
     K/V at its position and its hidden state waits unchanged.
+
+    blocks (optional, unrolled only): {i: module} run in place of layer i, over layer i of the pool
+    (a module with `attn` and `finish`, such as a ramp's `DraftAttention`).
     """
     cfg = model.cfg
     B, T = positions.shape
@@ -112,7 +116,7 @@ def layer_loop(
         raise ValueError("writes='after' needs the unrolled loop")
     if unroll:
         for i in range(start, end):
-            carry = layer(i, model.layers[i], carry)
+            carry = layer(i, (blocks or {}).get(i, model.layers[i]), carry)
     else:
         if model.decode_layout:
             raise ValueError("unroll=False indexes stacked layers: pass the checkpoint layout")
@@ -142,13 +146,13 @@ def write_layers(pool: dict, start: int, ks: list, vs: list, page: jax.Array, of
 
 
 def paged_layers(model: EETransformer, pool, x, positions, block_tables, start: int, end: int,
-                 attention: str = "xla", join_depth: jax.Array | None = None):
+                 attention: str = "xla", join_depth: jax.Array | None = None, blocks: dict | None = None):
     """The model's layers `[start, end)` for rows attending through their pages (decode, deep segments).
 
     x: [B, T, H]; positions: [B, T] (-1 = padding); block_tables: [B, P]. Returns (x, pool).
     `attention` names the backend that reads each layer's keys and values
     (`model.attention_backends`; a backend without multi-query support hands chunks of several
-    positions per row to "xla"). `join_depth` [B, T]: see `layer_loop`.
+    positions per row to "xla"). `join_depth` [B, T], `blocks`: see `layer_loop`.
     """
     _, T, _ = x.shape
     _, _, num_pages, page_size, _ = pool["k"].shape
@@ -160,7 +164,7 @@ def paged_layers(model: EETransformer, pool, x, positions, block_tables, start: 
     write_page = jnp.where(valid, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
     attend = backend.build(model.cfg, block_tables, positions, page_size)
     return layer_loop(model, pool, x, positions, write_page, pos % page_size, attend, start, end,
-                      writes=backend.writes, join_depth=join_depth)
+                      writes=backend.writes, join_depth=join_depth, blocks=blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "replay_copies"), donate_argnames=("pool",))

@@ -58,9 +58,20 @@ def segment_step(
     model = graph.merge(state)
     x = model.embed(tokens) if start == 0 else hidden[slot_ids]
     x, pool = paged_layers(model, pool, x[:, None], positions[:, None], block_tables, start, end, attention)
-    x = x[:, 0]
-    hidden = hidden.at[slot_ids].set(x.astype(hidden.dtype), mode="drop")
-    return _exit_head(model, x, sampling, ramp_tokens, ramp, measure, do_sample, logprobs) + (pool, hidden)
+    hidden = hidden.at[slot_ids].set(x[:, 0].astype(hidden.dtype), mode="drop")
+    x, pool = _draft_context(model, pool, x, positions[:, None], block_tables, end, ramp, attention)
+    return _exit_head(model, x[:, 0], sampling, ramp_tokens, ramp, measure, do_sample, logprobs) + (pool, hidden)
+
+
+def _draft_context(model, pool, x, positions, block_tables, layer: int, ramp: int, attention: str, join_depth=None):
+    """What ramp `ramp`'s head reads: x [B, T, H] (depth `layer`), plus the ramp's context-aware draft
+    attention over layer `layer` of the pool when the model has them (`draft_attention`; it writes
+    that layer's K/V at the rows' positions, the values the layer itself writes). Returns (x, pool);
+    the rows' trunk hidden state is the caller's x, unchanged."""
+    if ramp < 0 or model.draft_attention is None:
+        return x, pool
+    return paged_layers(model, pool, x, positions, block_tables, layer, layer + 1, attention, join_depth=join_depth,
+                        blocks={layer: model.draft_attention[ramp]})
 
 
 def _exit_head(model, x, sampling, ramp_tokens, ramp: int, measure: str, do_sample: bool, logprobs: bool = False,
@@ -176,7 +187,9 @@ def chunk_step(
     x, pool = paged_layers(model, pool, x, positions, block_tables, start, end, attention, join_depth=joins)
     ring = ring.at[slot_ids[:, None], at].set(x.astype(ring.dtype), mode="drop")
     current = jnp.maximum(valid.sum(axis=1) - 1, 0)  # [B] index of each row's current token
-    xc = jnp.take_along_axis(x, current[:, None, None], axis=1)[:, 0]  # [B, H]
+    # chunk positions deeper than the ramp keep the pool's K/V there (they ran that layer already)
+    xd, pool = _draft_context(model, pool, x, positions, block_tables, end, ramp, attention, joins)
+    xc = jnp.take_along_axis(xd, current[:, None, None], axis=1)[:, 0]  # [B, H]
     if ramp < 0 and every_position:
         B, T, H = x.shape
         final = jnp.full((B,), jnp.inf, jnp.float32)
