@@ -247,12 +247,19 @@ def _early_exit_kwargs(args, cfg, params, model_dir: str | None) -> dict:
     SmolLM2) the ramps, calibrated thresholds, ramp vocabulary and missing-KV method default to
     what the heads were calibrated for; without them, the shared head with a notice."""
     from drex_jax.early_exit import EEConfig
-    from drex_jax.exit_heads import read_meta
+    from drex_jax.exit_heads import check_fit, heads_dir_arg, read_meta
     from drex_jax.loading import heads_dir_for
 
     if not args.early_exit:
         return {}
-    heads_dir = heads_dir_for(model_dir, cfg, params, required=args.head == "trained") if args.head != "shared" else None
+    if args.exit_heads is not None and args.head == "shared":
+        raise ValueError("--exit-heads names trained heads; it cannot run with --head shared")
+    if args.exit_heads is not None:
+        heads_dir = heads_dir_arg(args.exit_heads)
+        check_fit(heads_dir, read_meta(heads_dir), cfg, params)
+    else:
+        heads_dir = heads_dir_for(model_dir, cfg, params, required=args.head == "trained") \
+            if args.head != "shared" else None
     meta = read_meta(heads_dir) if heads_dir else {}
     if heads_dir is None:
         _note("no trained exit heads for this model (run `drex-jax train-exits`); using the shared head, "
@@ -287,9 +294,12 @@ def _train_exits(args) -> int:
     from drex_jax.train_exits import TrainExitsConfig, train_exit_heads
 
     model, cfg, params, tok = load_model(args.model)
+    # context-aware heads: a smaller step (the probe in benchmarks/draft_adapters.py trained them at 1e-3)
+    lr = args.learning_rate or (1e-3 if args.adapter == "attention" else TrainExitsConfig.learning_rate)
     tc = TrainExitsConfig(exit_layers=tuple(args.exit_layers), rank=args.rank, steps=args.steps,
                           new_tokens=args.new_tokens, num_humaneval=args.num_humaneval, seed=args.seed,
-                          target_precision=args.target_precision, ramp_vocab=args.ramp_vocab or None)
+                          target_precision=args.target_precision, ramp_vocab=args.ramp_vocab or None,
+                          adapter=args.adapter, learning_rate=lr)
     out = args.out or os.path.join(model, "exit_heads")
     _, meta = train_exit_heads(params, cfg, tok, out, tc)
     ev = meta["held_out"]
@@ -454,6 +464,10 @@ def _add_engine_args(g: argparse.ArgumentParser, policies) -> None:
                    help="frozen: ART prices splits from costs timed at warm-up and the ramp gate runs in verify "
                         "mode only, so greedy output never depends on timing; measured: both follow live "
                         "timings (lossy policies' tokens may vary from run to run)")
+    e.add_argument("--exit-heads", default=None, metavar="DIR|local|attention",
+                   help="trained heads: a directory written by train-exits, or the bundled SmolLM2 heads, 'local' "
+                        "(position-local) or 'attention' (context-aware drafts); default: MODEL/exit_heads, else "
+                        "the bundled local heads when they fit")
     e.add_argument("--head", default=None, choices=["shared", "trained"],
                    help="default: trained when heads fit the model (MODEL/exit_heads or the bundled ones), else shared")
     e.add_argument("--ramp-vocab", type=int, default=None,
@@ -545,7 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None, help="converted checkpoint dir (default: bundled SmolLM2)")
     t.add_argument("--out", default=None, help="output dir (default: MODEL/exit_heads)")
     t.add_argument("--exit-layers", type=int, nargs="+", default=list(d.exit_layers))
+    t.add_argument("--adapter", default=d.adapter, choices=["none", "attention"],
+                   help="attention: context-aware draft heads, an attention block over the earlier positions in "
+                        "front of each ramp head (drex_jax.draft_attention); none: position-local heads")
     t.add_argument("--rank", type=int, default=d.rank)
+    t.add_argument("--learning-rate", type=float, default=None,
+                   help=f"default {d.learning_rate} (--adapter none) or 1e-3 (--adapter attention)")
     t.add_argument("--steps", type=int, default=d.steps)
     t.add_argument("--new-tokens", type=int, default=d.new_tokens)
     t.add_argument("--num-humaneval", type=int, default=d.num_humaneval)
@@ -634,7 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="E[,E...]", help="verify: ramp sets to sweep, each comma-separated (e.g. 22 15,22)")
     vf.add_argument("--verify-new-tokens", type=int, default=32, help="verify: greedy tokens per request")
     vf.add_argument("--max-draft", type=int, default=7, help="verify: drafts a row may hold before a deep pass")
-    vf.add_argument("--exit-heads", default=None, help="verify: trained heads dir (default: MODEL/exit_heads or bundled)")
+    vf.add_argument("--exit-heads", default=None, nargs="+", metavar="DIR|local|attention",
+                    help="verify: trained heads to compare, each a train-exits directory or the bundled 'local' / "
+                         "'attention' heads (default: MODEL/exit_heads, else the bundled local heads)")
     vf.add_argument("--draft-stop", type=float, default=0.0, metavar="P",
                     help="verify: a row stops drafting once its drafts' confidence product falls below P")
     vf.add_argument("--adaptive-ramps", action="store_true",

@@ -26,9 +26,23 @@ _ADAPTER_KEYS = ("norm", "down", "up")
 _DRAFT_KEYS = ("draft_wq", "draft_wo")  # optional: the ramps' draft attention blocks
 
 
-def shipped_heads_dir() -> str:
-    """The exit heads bundled for the default model (SmolLM2-135M-Instruct)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "exit_heads", "smollm2-135m-instruct")
+def shipped_heads_dir(adapter: str = "none") -> str:
+    """The exit heads bundled for the default model (SmolLM2-135M-Instruct): position-local
+    (adapter "none", the default) or context-aware draft heads ("attention", `draft_attention`)."""
+    name = {"none": "smollm2-135m-instruct", "attention": "smollm2-135m-instruct-attention"}
+    if adapter not in name:
+        raise ValueError(f"adapter must be one of {sorted(name)}, got {adapter!r}")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "exit_heads", name[adapter])
+
+
+def heads_dir_arg(value: str) -> str:
+    """A heads directory named on the command line: a path saved by `train-exits`, or `local` /
+    `attention` for the bundled position-local / context-aware heads."""
+    path = {"local": shipped_heads_dir(), "attention": shipped_heads_dir("attention")}.get(value, value)
+    if not has_heads(path):
+        raise FileNotFoundError(f"no exit heads at {value!r} (no {META_FILE}): give a directory written by "
+                                "`drex-jax train-exits`, or 'local' / 'attention' for the bundled SmolLM2 heads")
+    return path
 
 
 def model_fingerprint(cfg: ModelConfig, params: dict) -> dict:

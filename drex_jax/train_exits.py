@@ -36,6 +36,7 @@ from drex_jax.model.modules import EETransformer
 from drex_jax.model.ramps import init_ramp_heads, ramp_logits
 
 DEFAULT_EXIT_LAYERS = (8, 15, 22)
+ADAPTERS = ("none", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,9 @@ class TrainExitsConfig:
     num_calibration_humaneval: int = 32  # HumanEval [84, 84 + n) + CALIBRATION_PROMPTS calibrate
     num_eval_humaneval: int = 20  # HumanEval [64, 64 + n) + PROMPTS are the held-out evaluation
     eval_new_tokens: int = 48
+    # "none": position-local heads; "attention": context-aware draft heads (`draft_attention`,
+    # trained by `train_drafts` on whole sequences, SEQUENCES_PER_STEP per step; batch_size unused)
+    adapter: str = "none"
 
     def validate(self, cfg: ModelConfig) -> None:
         from drex_jax.early_exit import EEConfig
@@ -70,6 +74,10 @@ class TrainExitsConfig:
                              f"got {self.num_humaneval}")
         if not 0 <= self.num_eval_humaneval <= 20 or not 0 <= self.num_calibration_humaneval <= 80:
             raise ValueError("num_eval_humaneval must be in [0, 20] and num_calibration_humaneval in [0, 80]")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.5 <= self.target_precision < 1:
             raise ValueError(f"target_precision must be in [0.5, 1), got {self.target_precision}")
 
@@ -170,6 +178,10 @@ def train_exit_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc: Trai
     from tqdm import tqdm
 
     tc = tc or TrainExitsConfig()
+    if tc.adapter == "attention":
+        from drex_jax.train_drafts import train_draft_heads
+
+        return train_draft_heads(params, cfg, tokenizer, out_dir, tc, progress, max_steps_this_run)
     tc.validate(cfg)
     os.makedirs(out_dir, exist_ok=True)
     out_dir = os.path.abspath(out_dir)
@@ -287,18 +299,25 @@ def calibrate_thresholds(params, cfg: ModelConfig, tokenizer, heads, ramp_tokens
                                        tc.new_tokens, progress)
     ramp_h, final_h = generated_hidden(params, cfg, prompts, outs, tc.exit_layers, progress)
     full = np.asarray(jnp.argmax(lm_head(params, cfg, jnp.asarray(final_h)), -1))
-    grid = np.round(np.arange(0.5, 1.0, 0.01), 2)
     thresholds, stats = [], []
     for r, layer in enumerate(tc.exit_layers):
         tok, conf = ramp_predictions(params, cfg, heads, ramp_tokens, ramp_h, r)
         ok = tok == full
-        pick = next((float(t) for t in grid
-                     if (conf > t).sum() >= min_exits and ok[conf > t].mean() >= tc.target_precision), 1.0)
+        pick = pick_threshold(ok, conf, tc.target_precision, min_exits)
         m = conf > pick
         thresholds.append(pick)
         stats.append({"layer": layer, "threshold": pick, "positions": int(len(ok)), "exit_rate": float(m.mean()),
                       "precision": float(ok[m].mean()) if m.any() else None})
     return thresholds, stats
+
+
+def pick_threshold(ok: np.ndarray, conf: np.ndarray, target_precision: float, min_exits: int = 20) -> float:
+    """The smallest threshold (grid 0.50, 0.51, ..., 0.99) whose exits (conf > threshold) number at
+    least `min_exits` and agree with the full model (`ok` [N]) on >= target_precision of them; 1.0
+    (never exit) if none does."""
+    grid = np.round(np.arange(0.5, 1.0, 0.01), 2)
+    return next((float(t) for t in grid
+                 if (conf > t).sum() >= min_exits and ok[conf > t].mean() >= target_precision), 1.0)
 
 
 def generated_hidden(params, cfg, prompts: list[list[int]], outs: list[list[int]], exit_layers, progress=True):

@@ -141,3 +141,48 @@ def test_heads_round_trip_and_checks(tiny4, tmp_path):
         block_weights(params, cfg, (1,), heads)
     with pytest.raises(ValueError, match=r"ramp 4 is not in \[1, 3\]"):
         block_weights(params, cfg, (1, 4), heads)
+
+
+def test_training_computes_the_served_function_and_lowers_kl(tiny_llama):
+    """`train_drafts`: its dense draft logits (teacher-forced over whole sequences) equal the float64
+    definition the engine is tested against, and a few optax steps lower the distillation KL while
+    only the heads and blocks are trained (the trunk is read, never updated)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from drex_jax.model.decoder import forward_hidden
+    from drex_jax.train_drafts import distill_loss, draft_logits, frozen_layers, init_heads
+
+    cfg, params = tiny_llama
+    layers = (1, 2)
+    heads = {k: np.asarray(v, np.float32) for k, v in _heads(cfg, params, layers, 5).items()}
+    rng = np.random.default_rng(3)
+    W, lengths = 16, np.array([16, 11, 7], np.int32)
+    toks = rng.integers(0, cfg.vocab_size, (3, W)).astype(np.int32)
+    hs = np.asarray(forward_hidden(params, cfg, jnp.asarray(toks), jnp.asarray(lengths)))  # [L+1, B, W, H]
+    frozen = frozen_layers(params, cfg, layers)
+    rows = jnp.asarray(params["embed"] if cfg.tie_word_embeddings else params["lm_head"].T)
+    nv = NaiveEE(params, cfg)
+    for r, e in enumerate(layers):
+        lg = np.asarray(draft_logits(cfg, frozen[r], {k: jnp.asarray(v[r]) for k, v in heads.items()},
+                                     jnp.asarray(hs[e]), jnp.asarray(lengths), rows))
+        for b, p in ((0, 15), (1, 10), (2, 3), (2, 0)):
+            want, margin = _reference_draft(nv, cfg, heads, r, e, list(toks[b, :p + 1]))
+            assert margin > 1e-4 and int(np.argmax(lg[b, p])) == want, (r, b, p)
+
+    fresh = jax.tree.map(jnp.asarray, init_heads(params, cfg, layers, 8, 0))
+    np.testing.assert_array_equal(fresh["draft_wq"][1], np.asarray(frozen[1]["wq"]))  # starts as the layer's own
+    tx = optax.adam(1e-2)
+    args = (jnp.asarray(hs[list(layers)]), jnp.asarray(hs[-1]), jnp.asarray(lengths), rows)
+
+    def loss(h):
+        return distill_loss(cfg, frozen, h, jnp.asarray(params["final_norm"]), *args)
+
+    h, opt = fresh, tx.init(fresh)
+    first = float(loss(h))
+    for _ in range(20):
+        g = jax.grad(loss)(h)
+        upd, opt = tx.update(g, opt, h)
+        h = optax.apply_updates(h, upd)
+    assert float(loss(h)) < 0.7 * first, (first, float(loss(h)))

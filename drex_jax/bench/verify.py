@@ -103,36 +103,40 @@ def measure(heads_dir, cfg, params, tok, prompts, batch: int, ramps: tuple[int, 
 
 def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 32, thresholds=THRESHOLDS,
                batches=BATCHES, ramp_sets=RAMP_SETS, max_draft: int = 7, gate: bool = True,
-               heads: str | None = None, progress: bool = True, draft_stop: float = 0.0,
+               heads=None, progress: bool = True, draft_stop: float = 0.0,
                adaptive_ramps: bool = False) -> dict:
-    """Every batch size x (ramp set x threshold), each beside `off` at the same batch size."""
+    """Every batch size x (heads x ramp set x threshold), each beside `off` at the same batch size.
+    `heads`: one or several heads (a directory, or 'local' / 'attention': `exit_heads.heads_dir_arg`);
+    default: the model's own (MODEL/exit_heads, else the bundled local heads)."""
     from convert.checkpoint import load_checkpoint
     from drex_jax import compile_counter
     from drex_jax.bench.roofline import machine
     from drex_jax.default_model import default_model_path
-    from drex_jax.exit_heads import find_heads
+    from drex_jax.exit_heads import find_heads, heads_dir_arg
 
     path = model or default_model_path()
     cfg, params, tok = load_checkpoint(path)
-    heads_dir = heads or find_heads(path, cfg, params)
-    if heads_dir is None:
+    names = [heads] if isinstance(heads, str) else list(heads or [])
+    heads_dirs = {n: heads_dir_arg(n) for n in names} if names else {"default": find_heads(path, cfg, params)}
+    if None in heads_dirs.values():
         raise ValueError(f"verify benchmark needs trained exit heads for {path!r} (drex-jax train-exits)")
     if quick:
         thresholds, batches, ramp_sets, new_tokens = (0.5,), (1, 8), ramp_sets[:1], min(new_tokens, 24)
     compile_counter.install()
-    settings = [(None, None)] + [(tuple(r), t) for r in ramp_sets for t in thresholds]
+    settings = [(None, None, None)] + [(h, tuple(r), t) for h in heads_dirs for r in ramp_sets for t in thresholds]
     rows = []
     for batch in batches:
         prompts = workload(tok, max(batch, 4))
         block = []
         # `off` runs first and again last: the machine drifts, so each setting is compared with the
         # mean of the two, and their spread is reported beside it
-        for ramps, thr in settings + [(None, None)]:
+        for name, ramps, thr in settings + [(None, None, None)]:
             if progress:
-                label = "off" if thr is None else f"verify ramps {list(ramps)} threshold {thr}"
+                label = "off" if thr is None else f"verify heads {name} ramps {list(ramps)} threshold {thr}"
                 print(f"[verify] batch {batch}: {label}", file=sys.stderr, flush=True)
-            block.append(measure(heads_dir, cfg, params, tok, prompts, batch, ramps, thr, new_tokens, max_draft, gate,
-                                 draft_stop, adaptive_ramps))
+            block.append(measure(heads_dirs.get(name), cfg, params, tok, prompts, batch, ramps, thr, new_tokens,
+                                 max_draft, gate, draft_stop, adaptive_ramps))
+            block[-1]["heads"] = name
         first, last = block[0], block.pop()
         base = (first["tok_s"] + last["tok_s"]) / 2
         first.update(tok_s=base, off_first_tok_s=first["tok_s"], off_last_tok_s=last["tok_s"],
@@ -146,37 +150,41 @@ def run_verify(model: str | None = None, quick: bool = False, new_tokens: int = 
     best = {}
     for b in batches:
         top = max((r for r in rows if r["batch"] == b and r["threshold"] is not None), key=lambda r: r["speedup"])
-        best[b] = {"ramps": top["ramps"], "threshold": top["threshold"], "speedup": top["speedup"]}
-    return {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "model": path, "heads": heads_dir,
+        best[b] = {"heads": top["heads"], "ramps": top["ramps"], "threshold": top["threshold"],
+                   "speedup": top["speedup"]}
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "model": path, "heads": heads_dirs,
             "ramp_vocab": 1024, "new_tokens": new_tokens, "max_draft": max_draft, "gate": gate, "rows": rows,
             "draft_stop": draft_stop, "adaptive_ramps": adaptive_ramps,
             "best": best}
 
 
 def markdown(res: dict) -> str:
+    heads = ", ".join(f"{n} = `{d}`" for n, d in res["heads"].items())
     lines = [f"Verify mode (lossless early exit) vs full depth, {res['machine']}, {res['date']}: trained ramp "
-             f"heads `{res['heads']}` (ramp vocabulary {res['ramp_vocab']}), max_draft {res['max_draft']}, "
+             f"heads {heads} (ramp vocabulary {res['ramp_vocab']}), max_draft {res['max_draft']}, "
              f"ramp gate {'on' if res['gate'] else 'off'}, draft_stop {res.get('draft_stop', 0.0)}, adaptive ramps "
              f"{'on' if res.get('adaptive_ramps') else 'off'}, {res['new_tokens']} greedy tokens per request, decode tok/s "
              "with prefill excluded (the last of 2-4 identical rounds: the first that compiled nothing, or the 4th); `off` = the fused full-depth decode step, "
              "same run, before and after the settings (their mean is the baseline).", "",
-             "| batch | ramps | threshold | tok/s | vs off | identical to off | acceptance | per ramp | mean accepted | "
-             "deep passes | fused iters (gate) | cap stays | draft stops | ramp skips | compiles in timed round |",
-             "|---:|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | heads | ramps | threshold | tok/s | vs off | identical to off | acceptance | per ramp | "
+             "mean accepted | deep passes | fused iters (gate) | cap stays | draft stops | ramp skips | "
+             "compiles in timed round |",
+             "|---:|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         if r["threshold"] is None:
-            lines.append(f"| {r['batch']} | - | off (first {r['off_first_tok_s']:.1f}, last {r['off_last_tok_s']:.1f}: "
+            lines.append(f"| {r['batch']} | - | - | off (first {r['off_first_tok_s']:.1f}, last {r['off_last_tok_s']:.1f}: "
                          f"{r['off_drift']:+.0%}) | {r['tok_s']:.1f} | 1.00x | - | - | - | - | - | - | - | - | - | "
                          f"{r['compiled_in_timed_round']} |")
             continue
         per = " / ".join("-" if a is None else f"{a:.0%}" for a in r["acceptance_per_ramp"])
         drafts = " / ".join(str(d) for d in r["drafts_per_ramp"])
-        lines.append(f"| {r['batch']} | {r['ramps']} | {r['threshold']} | {r['tok_s']:.1f} | **{r['speedup']:.2f}x** | "
+        lines.append(f"| {r['batch']} | {r['heads']} | {r['ramps']} | {r['threshold']} | {r['tok_s']:.1f} | **{r['speedup']:.2f}x** | "
                      f"{'yes' if r['identical'] else 'NO'} | {r['acceptance']:.0%} | {per} (of {drafts}) | "
                      f"{r['mean_accepted']:.2f} | {r['verify_passes']} | {r['fused_iterations']} | "
                      f"{r['draft_cap_stays']} | {r.get('draft_stops', 0)} | {r.get('ramp_skips', 0)} | "
                      f"{r['compiled_in_timed_round']} |")
     lines.append("")
     lines.append("Best setting per batch: " + ", ".join(
-        f"batch {b}: ramps {t['ramps']} threshold {t['threshold']} ({t['speedup']:.2f}x)" for b, t in res["best"].items()))
+        f"batch {b}: heads {t['heads']}, ramps {t['ramps']} threshold {t['threshold']} ({t['speedup']:.2f}x)"
+        for b, t in res["best"].items()))
     return "\n".join(lines) + "\n"
