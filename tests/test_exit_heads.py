@@ -88,3 +88,41 @@ def test_engine_uses_the_shipped_heads_without_training(default_model):
         bad = dataclasses.replace(cfg)
         Engine.from_params(bad, {**params, "embed": params["embed"] * 2}, tok, ee=ee,
                            exit_heads=shipped_heads_dir(), max_slots=1, max_seq_len=64)
+
+
+def test_bundled_attention_heads_fit_and_name_their_adapter(default_model):
+    """The context-aware draft heads ship beside the local ones (`--exit-heads attention`), fit the
+    default model, carry their blocks and their provenance, and the CLI's names resolve to them."""
+    from drex_jax.exit_heads import heads_dir_arg
+
+    cfg, params, _ = default_model
+    path = shipped_heads_dir("attention")
+    assert heads_dir_arg("attention") == path and heads_dir_arg("local") == shipped_heads_dir()
+    heads, meta = load_heads(path, cfg, params)
+    R, Q = len(meta["exit_layers"]), cfg.num_heads * cfg.head_dim
+    assert meta["adapter"] == "attention" and meta["provenance"]["config"]["adapter"] == "attention"
+    assert heads["draft_wq"].shape == (R, Q, cfg.hidden_size) and heads["draft_wo"].shape == (R, cfg.hidden_size, Q)
+    # trained away from their init (each ramp layer's own Q and output projections)
+    from drex_jax.draft_attention import init_draft_attention
+
+    init = init_draft_attention(params, cfg, meta["exit_layers"])
+    assert all(np.abs(heads[k] - init[k]).max() > 1e-3 for k in init)
+    assert [r["layer"] for r in meta["held_out"]["teacher_forced"]] == meta["exit_layers"]
+    with pytest.raises(FileNotFoundError, match="no exit heads at 'nowhere'"):
+        heads_dir_arg("nowhere")
+
+
+@pytest.mark.slow  # two SmolLM2 engines, ~1 min
+def test_bundled_attention_heads_verify_equals_full_depth():
+    from drex_jax import Engine, GenerationConfig
+    from drex_jax.early_exit import EEConfig
+
+    prompts = ["Name three colors.", "Write a Python function that reverses a string."]
+    gc = GenerationConfig(max_new_tokens=24)
+    full = Engine(max_slots=2, max_seq_len=256).generate(prompts, gc, chat=True)
+    ee = EEConfig((22,), 0.5, missing_kv="recompute", verify=True, head="trained", ramp_vocab=1024)
+    eng = Engine(ee=ee, policy="rebatching", art=False, exit_heads=shipped_heads_dir("attention"), max_slots=2,
+                 max_seq_len=256)
+    got = eng.generate(prompts, gc, chat=True)
+    assert [r.token_ids for r in got] == [r.token_ids for r in full]
+    assert eng.runner.ee_state["draft_attention"] and sum(eng.ee_stats.accepted_per_ramp) > 0

@@ -95,7 +95,17 @@ def test_engine_on_the_kernel_gives_xla_tokens(tiny_llama):
         res = serve_with_arrivals(eng, prompts, gc, first=0, every=2, per_arrival=2)
         runs[matmul] = [res[i].token_ids for i in range(len(prompts))]
     assert runs["kernel"] == runs["xla"]
-    assert Engine.from_params(cfg, params).matmul == "kernel"  # auto on a CPU in fp32
+    # auto on a CPU in fp32 with AVX-512
+    assert Engine.from_params(cfg, params).matmul == ("kernel" if mk.has_avx512() else "xla")
+
+
+@needs_kernel
+def test_auto_leaves_the_kernel_to_cpus_with_avx512(tiny_llama, monkeypatch):
+    cfg, _ = tiny_llama
+    for avx512, auto in ((True, "kernel"), (False, "xla")):
+        monkeypatch.setattr(mk, "has_avx512", lambda: avx512)
+        assert mk.resolve_matmul("auto", jnp.float32, None, cfg, "cpu") == auto
+        assert mk.resolve_matmul("kernel", jnp.float32, None, cfg, "cpu") == "kernel"  # named: runs anyway
 
 
 @needs_kernel

@@ -33,6 +33,18 @@ def available(verbose: bool = True) -> bool:
 MATMULS = ("auto", "kernel", "xla")
 
 
+def has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (the `avx512f` flag of Linux's /proc/cpuinfo; False where that
+    cannot be read). The kernel keeps a panel's 32 rows x 12 columns in 24 of AVX-512's 32 vector
+    registers; with AVX2's 16 registers of 8 floats the same code spills its accumulators, and
+    decode on an AVX2-only AMD EPYC ran ~5x slower on it than on XLA's dot (2026-12-07)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
 def unsupported(cfg) -> str | None:
     """Why `cfg`'s projections cannot take the packed layout (None when they can): every
     projection's output rows must fill whole 32-row panels."""
@@ -44,9 +56,9 @@ def unsupported(cfg) -> str | None:
 
 def resolve_matmul(matmul: str, dtype, mesh, cfg, platform: str | None = None) -> str:
     """The projection path an engine runs: "kernel" (this module, packed weights) or "xla" (XLA's
-    dot). "auto" takes the kernel where it can run: a CPU, f32, one device, a config whose
-    projections fill 32-row panels, and the kernel built. Naming "kernel" where it cannot run
-    raises ValueError saying why."""
+    dot). "auto" takes the kernel where it can run and pays: a CPU with AVX-512 (`has_avx512`),
+    f32, one device, a config whose projections fill 32-row panels, and the kernel built. Naming
+    "kernel" where it cannot run raises ValueError saying why (without AVX-512 it runs, slowly)."""
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
     if matmul == "xla":
@@ -57,11 +69,27 @@ def resolve_matmul(matmul: str, dtype, mesh, cfg, platform: str | None = None) -
            else "it runs on one device, not a mesh" if mesh is not None else unsupported(cfg))
     if why is None and not available(verbose=matmul == "kernel"):
         why = "it could not be built (see the notice above)"
+    if why is None and matmul == "auto" and not has_avx512():
+        # it runs (and gives XLA's tokens) without AVX-512, but slower than XLA's dot: only when named
+        _notice_once("drex_jax: this CPU has no AVX-512; the projections take XLA's dot (the CPU projection "
+                     "kernel is written for AVX-512's 32 vector registers)")
+        return "xla"
     if why is None:
         return "kernel"
     if matmul == "kernel":
         raise ValueError(f"matmul='kernel' is not possible here: {why}; use matmul='xla' or 'auto'")
     return "xla"
+
+
+_NOTICES: set[str] = set()
+
+
+def _notice_once(msg: str) -> None:
+    import sys
+
+    if msg not in _NOTICES:
+        _NOTICES.add(msg)
+        print(msg, file=sys.stderr)
 
 
 def pack(w) -> np.ndarray:
