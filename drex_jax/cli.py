@@ -301,7 +301,12 @@ def _train_exits(args) -> int:
                           target_precision=args.target_precision, ramp_vocab=args.ramp_vocab or None,
                           adapter=args.adapter, learning_rate=lr)
     out = args.out or os.path.join(model, "exit_heads")
-    _, meta = train_exit_heads(params, cfg, tok, out, tc)
+    if tc.adapter == "attention":
+        from drex_jax.train_drafts import train_draft_heads
+
+        _, meta = train_draft_heads(params, cfg, tok, out, tc)
+    else:
+        _, meta = train_exit_heads(params, cfg, tok, out, tc)
     ev = meta["held_out"]
     print(f"saved exit heads to {out}\ncalibrated thresholds {meta['thresholds']} (ramps {meta['exit_layers']}); "
           f"held-out: prefix agreement {ev['prefix_agreement']:.1%}, token agreement {ev['token_agreement']:.1%}, "

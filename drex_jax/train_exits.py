@@ -56,8 +56,8 @@ class TrainExitsConfig:
     num_calibration_humaneval: int = 32  # HumanEval [84, 84 + n) + CALIBRATION_PROMPTS calibrate
     num_eval_humaneval: int = 20  # HumanEval [64, 64 + n) + PROMPTS are the held-out evaluation
     eval_new_tokens: int = 48
-    # "none": position-local heads; "attention": context-aware draft heads (`draft_attention`,
-    # trained by `train_drafts` on whole sequences, SEQUENCES_PER_STEP per step; batch_size unused)
+    # "none": position-local heads (`train_exit_heads`); "attention": context-aware draft heads
+    # (`draft_attention`, trained by `train_drafts.train_draft_heads` on whole sequences; batch_size unused)
     adapter: str = "none"
 
     def validate(self, cfg: ModelConfig) -> None:
@@ -178,10 +178,8 @@ def train_exit_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc: Trai
     from tqdm import tqdm
 
     tc = tc or TrainExitsConfig()
-    if tc.adapter == "attention":
-        from drex_jax.train_drafts import train_draft_heads
-
-        return train_draft_heads(params, cfg, tokenizer, out_dir, tc, progress, max_steps_this_run)
+    if tc.adapter != "none":
+        raise ValueError(f"adapter={tc.adapter!r}: context-aware heads train with train_drafts.train_draft_heads")
     tc.validate(cfg)
     os.makedirs(out_dir, exist_ok=True)
     out_dir = os.path.abspath(out_dir)

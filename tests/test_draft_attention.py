@@ -57,7 +57,8 @@ def _reference_draft(nv: NaiveEE, cfg, heads, r, layer, tokens):
     return int(np.argmax(logits)), top[0] - top[1]
 
 
-@pytest.mark.parametrize("model, attention, matmul", [("tiny4", "xla", "xla"), ("tiny_llama", "ffi", "kernel")])
+@pytest.mark.parametrize("model, attention, matmul", [
+    ("tiny4", "xla", "xla"), pytest.param("tiny_llama", "ffi", "kernel", marks=pytest.mark.slow)])
 def test_served_drafts_equal_the_definition(request, model, attention, matmul):
     """Every generated token exits at the ramp (threshold 0), so each is the block + head's draft
     over the previous tokens; batched with arrivals, over the paged pool, it equals the float64
@@ -143,6 +144,7 @@ def test_heads_round_trip_and_checks(tiny4, tmp_path):
         block_weights(params, cfg, (1, 4), heads)
 
 
+@pytest.mark.slow  # ~25 s
 def test_training_computes_the_served_function_and_lowers_kl(tiny_llama):
     """`train_drafts`: its dense draft logits (teacher-forced over whole sequences) equal the float64
     definition the engine is tested against, and a few optax steps lower the distillation KL while

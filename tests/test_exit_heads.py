@@ -112,7 +112,7 @@ def test_bundled_attention_heads_fit_and_name_their_adapter(default_model):
         heads_dir_arg("nowhere")
 
 
-@pytest.mark.slow  # two SmolLM2 engines, ~1 min
+@pytest.mark.manual  # two SmolLM2 engines, ~1 min (outside CI's budget; the tiny-model verify test runs there)
 def test_bundled_attention_heads_verify_equals_full_depth():
     from drex_jax import Engine, GenerationConfig
     from drex_jax.early_exit import EEConfig
