@@ -3,7 +3,7 @@
 Offline, on the frozen trunk (issue 28, item 1): the model's own greedy continuations of the
 exit-head training prompts (`train_exits.training_prompts`) and of the held-out prompts
 (`train_exits.held_out_prompts`); the hidden states after layer e at every position are computed
-once. Per ramp layer e, four drafts over the ramp vocabulary (the shipped 1,024 candidates):
+once (`train_drafts.sequence_data`). Per ramp layer e, four drafts over the ramp vocabulary (the shipped 1,024 candidates):
 
 - shipped: the shipped rank-64 heads (position-local: they see one position's hidden state);
 - local: a rank-64 head trained here, the same steps and data as the adapters (the fair baseline);
@@ -37,30 +37,6 @@ import optax
 from drex_jax.model.ops import apply_rope, rms_norm, rope_inv_freq
 
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
-MAX_LEN = 512
-
-
-def hidden_states(params, cfg, seqs, layers, gen_starts):
-    """Padded [S, W, H] hidden states after each of `layers` and after the last layer, lengths [S],
-    and a mask [S, W] of positions that predict a generated token."""
-    from drex_jax.kv.pages import bucket
-    from drex_jax.model.decoder import forward_hidden
-
-    cut = [max(len(s) - MAX_LEN, 0) for s in seqs]  # long prompts keep their last MAX_LEN tokens
-    seqs = [s[c:] for s, c in zip(seqs, cut)]
-    gen_starts = [max(g - c, 1) for g, c in zip(gen_starts, cut)]
-    W = bucket(max(len(s) for s in seqs), 16)
-    fwd = jax.jit(lambda t, n: forward_hidden(params, cfg, t, n))
-    idx = np.asarray(list(layers) + [cfg.num_layers])
-    out = np.zeros((len(idx), len(seqs), W, cfg.hidden_size), np.float32)
-    lengths = np.array([len(s) for s in seqs], np.int32)
-    gen = np.zeros((len(seqs), W), bool)
-    for i, s in enumerate(seqs):
-        toks = np.zeros((1, W), np.int32)
-        toks[0, :len(s)] = s
-        out[:, i] = np.asarray(fwd(toks, lengths[i:i + 1])[idx, 0], np.float32)
-        gen[i, gen_starts[i] - 1:len(s) - 1] = True
-    return out, lengths, gen
 
 
 def adapter_forward(cfg, a, x, positions, lengths, frozen_kv):
@@ -157,6 +133,7 @@ def main(argv=None) -> int:
     from drex_jax.loading import load_model
     from drex_jax.model.decoder import lm_head
     from drex_jax.model.ramps import init_ramp_heads
+    from drex_jax.train_drafts import sequence_data
     from drex_jax.train_exits import generate_sequences, held_out_prompts, training_prompts
 
     t0 = time.perf_counter()
@@ -169,8 +146,8 @@ def main(argv=None) -> int:
     data = {}
     for split, prompts, n in (("train", training_prompts(64), args.new_tokens), ("held_out", held_out_prompts(20), 48)):
         enc, outs = generate_sequences(params, cfg, tok, prompts, n, progress=True)
-        hs, lengths, gen = hidden_states(params, cfg, [p + o for p, o in zip(enc, outs)], args.layers,
-                                         [len(p) for p in enc])
+        d = sequence_data(params, cfg, enc, outs, args.layers, progress=False)
+        hs, lengths, gen = np.concatenate([d.ramp_h, d.final_h[None]]), d.lengths, d.predicts
         final = jnp.asarray(hs[-1])
         full_tokens = np.stack([np.asarray(jnp.argmax(lm_head(params, cfg, final[i]), -1)) for i in range(len(final))])
         teacher = np.stack([np.asarray(jax.nn.log_softmax(rms_norm(final[i], params["final_norm"], cfg.rms_norm_eps)

@@ -17,7 +17,7 @@ Why frozen K/V and not the block's own (an extra pool layer): trained offline on
 27.6/34.1/51.4 % frozen, 27.5/36.0/52.4 % own K/V, 23.0/28.9/47.8 % for a position-local head
 trained the same way).
 
-Training: `drex-jax train-exits --adapter attention` (`train_exits.train_exit_heads`), on the
+Training: `drex-jax train-exits --adapter attention` (`train_drafts.train_draft_heads`), on the
 layer-E hidden states of whole sequences computed once, with the trunk frozen.
 """
 from __future__ import annotations
@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drex_jax.exit_heads import DRAFT_KEYS
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.ops import causal_attention
 from drex_jax.model.params import is_packed, layer_params
-
-DRAFT_KEYS = ("draft_wq", "draft_wo")
 
 
 def has_draft_attention(heads: dict | None) -> bool:

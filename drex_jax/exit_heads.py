@@ -23,7 +23,7 @@ from drex_jax.model.config import ModelConfig
 HEADS_FILE = "heads.safetensors"
 META_FILE = "meta.json"
 _ADAPTER_KEYS = ("norm", "down", "up")
-_DRAFT_KEYS = ("draft_wq", "draft_wo")  # optional: the ramps' draft attention blocks
+DRAFT_KEYS = ("draft_wq", "draft_wo")  # optional: the ramps' draft attention blocks (`draft_attention`)
 
 
 def shipped_heads_dir(adapter: str = "none") -> str:
@@ -67,7 +67,7 @@ def save_heads(path: str, heads: dict, meta: dict, token_ranking: np.ndarray | N
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(np.asarray(heads[k], np.float32)) for k in _ADAPTER_KEYS + _DRAFT_KEYS
+    arrays = {k: np.ascontiguousarray(np.asarray(heads[k], np.float32)) for k in _ADAPTER_KEYS + DRAFT_KEYS
               if k in heads}
     if token_ranking is not None:
         arrays["token_ranking"] = np.ascontiguousarray(np.asarray(token_ranking, np.int32))
@@ -101,7 +101,7 @@ def load_heads(path: str, cfg: ModelConfig | None = None, params: dict | None = 
     if cfg is not None and params is not None:
         check_fit(path, meta, cfg, params)
     arrays = _arrays(path)
-    return {k: arrays[k] for k in _ADAPTER_KEYS + _DRAFT_KEYS if k in arrays}, meta
+    return {k: arrays[k] for k in _ADAPTER_KEYS + DRAFT_KEYS if k in arrays}, meta
 
 
 def check_fit(path: str, meta: dict, cfg: ModelConfig, params: dict) -> None:

@@ -3,7 +3,7 @@ trunk: per ramp, the attention block's query and output projections and a ramp h
 (`drex-jax train-exits --adapter attention`).
 
 The trunk runs once: the hidden states at the ramp layers and after the last layer, for every
-position of every training sequence, are computed and kept (`draft_data.npz` in the output dir),
+position of every training sequence, are computed and kept (`draft_data_*.npz` in the output dir),
 so each step costs the blocks and heads only. A step takes a batch of whole sequences; per ramp the
 loss is KL(full model || draft) over the ramp's candidate tokens (the ramp vocabulary the engine
 serves) at every real position, summed over ramps. Resumable like `train_exits` (orbax, every
@@ -26,6 +26,7 @@ import numpy as np
 from drex_jax.draft_attention import draft_context, init_draft_attention
 from drex_jax.kv.pages import bucket
 from drex_jax.model.config import ModelConfig
+from drex_jax.model.decoder import vocab_rows
 from drex_jax.model.modules import DraftAttention, ExitRamp
 from drex_jax.model.ops import project_rows, rms_norm
 from drex_jax.model.params import layer_params
@@ -123,7 +124,7 @@ def draft_predictions(params, cfg: ModelConfig, heads: dict, exit_layers, cand_i
     (`draft_wq`) draft from each position alone, as the engine serves them."""
     from drex_jax.model.decoder import lm_head
 
-    cand_rows = jnp.asarray(vocab_rows(params, cfg))[jnp.asarray(cand_ids)]
+    cand_rows = vocab_rows(params, cfg, jnp.asarray(cand_ids))
     with_blocks = "draft_wq" in heads
     layers = frozen_layers(params, cfg, exit_layers) if with_blocks else None
     toks, confs = [], []
@@ -150,13 +151,6 @@ def draft_predictions(params, cfg: ModelConfig, heads: dict, exit_layers, cand_i
     return np.stack(toks), np.stack(confs), full
 
 
-def vocab_rows(params, cfg: ModelConfig):
-    """The LM head's rows [V, H] in either params layout."""
-    from drex_jax.model.modules import as_model
-
-    return as_model(cfg, params).vocab_rows()
-
-
 def teacher_forced_report(toks: np.ndarray, confs: np.ndarray, full: np.ndarray, exit_layers) -> list[dict]:
     """Per ramp: top-1 agreement with the full model, and per threshold the share of positions that
     would draft and the share of those drafts the full model accepts (greedy)."""
@@ -181,8 +175,8 @@ def train_draft_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc, pro
     from tqdm import tqdm
 
     from drex_jax.exit_heads import model_fingerprint, save_heads
-    from drex_jax.train_exits import (calibration_prompts, evaluate_held_out, generate_sequences, held_out_prompts,
-                                      pick_threshold, provenance, token_ranking, training_prompts)
+    from drex_jax.train_exits import (calibrated, calibration_prompts, evaluate_held_out, generate_sequences,
+                                      held_out_prompts, provenance, token_ranking, training_prompts)
 
     tc.validate(cfg)
     os.makedirs(out_dir, exist_ok=True)
@@ -203,7 +197,7 @@ def train_draft_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc, pro
     real = np.arange(train.final_h.shape[1])[None] < train.lengths[:, None]
     ranking = token_ranking(params, cfg, train.final_h[real])
     cand_ids = ranking[: tc.ramp_vocab] if tc.ramp_vocab is not None else ranking
-    cand_rows = jnp.asarray(vocab_rows(params, cfg))[jnp.asarray(cand_ids)]
+    cand_rows = vocab_rows(params, cfg, jnp.asarray(cand_ids))
     frozen = frozen_layers(params, cfg, layers)
     final_norm = jnp.asarray(params["final_norm"])
     S = len(train.lengths)
@@ -249,14 +243,8 @@ def train_draft_heads(params, cfg: ModelConfig, tokenizer, out_dir: str, tc, pro
 
     calib = data_for("calibration", calibration_prompts(tc.num_calibration_humaneval), tc.new_tokens)
     toks, confs, full = draft_predictions(params, cfg, heads, layers, cand_ids, calib)
-    thresholds, calibration = [], []
-    for r, e in enumerate(layers):
-        ok = toks[r] == full
-        t = pick_threshold(ok, confs[r], tc.target_precision)
-        m = confs[r] > t
-        thresholds.append(t)
-        calibration.append({"layer": e, "threshold": t, "positions": int(len(ok)), "exit_rate": float(m.mean()),
-                            "precision": float(ok[m].mean()) if m.any() else None})
+    calibration = [calibrated(e, toks[r] == full, confs[r], tc.target_precision) for r, e in enumerate(layers)]
+    thresholds = [c["threshold"] for c in calibration]
     if progress:
         print(f"[train-exits] thresholds {thresholds}; evaluating on held-out prompts", file=sys.stderr)
     held = data_for("held_out", held_out_prompts(tc.num_eval_humaneval), tc.eval_new_tokens)

@@ -300,22 +300,21 @@ def calibrate_thresholds(params, cfg: ModelConfig, tokenizer, heads, ramp_tokens
     thresholds, stats = [], []
     for r, layer in enumerate(tc.exit_layers):
         tok, conf = ramp_predictions(params, cfg, heads, ramp_tokens, ramp_h, r)
-        ok = tok == full
-        pick = pick_threshold(ok, conf, tc.target_precision, min_exits)
-        m = conf > pick
-        thresholds.append(pick)
-        stats.append({"layer": layer, "threshold": pick, "positions": int(len(ok)), "exit_rate": float(m.mean()),
-                      "precision": float(ok[m].mean()) if m.any() else None})
+        stats.append(calibrated(layer, tok == full, conf, tc.target_precision, min_exits))
+        thresholds.append(stats[-1]["threshold"])
     return thresholds, stats
 
 
-def pick_threshold(ok: np.ndarray, conf: np.ndarray, target_precision: float, min_exits: int = 20) -> float:
-    """The smallest threshold (grid 0.50, 0.51, ..., 0.99) whose exits (conf > threshold) number at
-    least `min_exits` and agree with the full model (`ok` [N]) on >= target_precision of them; 1.0
-    (never exit) if none does."""
+def calibrated(layer: int, ok: np.ndarray, conf: np.ndarray, target_precision: float, min_exits: int = 20) -> dict:
+    """One ramp's calibration: the smallest threshold (grid 0.50, 0.51, ..., 0.99) whose exits
+    (conf > threshold) number at least `min_exits` and agree with the full model (`ok` [N]) on
+    >= target_precision of them, 1.0 (never exit) if none does; with its exit rate and precision."""
     grid = np.round(np.arange(0.5, 1.0, 0.01), 2)
-    return next((float(t) for t in grid
+    pick = next((float(t) for t in grid
                  if (conf > t).sum() >= min_exits and ok[conf > t].mean() >= target_precision), 1.0)
+    m = conf > pick
+    return {"layer": layer, "threshold": pick, "positions": int(len(ok)), "exit_rate": float(m.mean()),
+            "precision": float(ok[m].mean()) if m.any() else None}
 
 
 def generated_hidden(params, cfg, prompts: list[list[int]], outs: list[list[int]], exit_layers, progress=True):

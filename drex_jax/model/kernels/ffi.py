@@ -10,6 +10,7 @@ and the engine keeps the XLA attention path. `build` and `load` serve the projec
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -29,17 +30,21 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-
          "-std=c++17", "-shared", "-fPIC")
 
 
+@functools.cache
+def cpu_flags() -> bytes:
+    """The `flags` line of Linux's /proc/cpuinfo (b"" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""
+
+
 def _cpu_key() -> bytes:
     """-march=native code runs only on this kind of CPU: key the cached library by it."""
     import platform
 
-    flags = b""
-    try:
-        with open("/proc/cpuinfo", "rb") as f:
-            flags = next((line for line in f if line.startswith(b"flags")), b"")
-    except OSError:
-        pass
-    return platform.machine().encode() + flags
+    return platform.machine().encode() + cpu_flags()
 
 
 def cache_dir() -> str:

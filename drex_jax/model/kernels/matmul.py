@@ -34,15 +34,13 @@ MATMULS = ("auto", "kernel", "xla")
 
 
 def has_avx512() -> bool:
-    """Whether this CPU has AVX-512 (the `avx512f` flag of Linux's /proc/cpuinfo; False where that
-    cannot be read). The kernel keeps a panel's 32 rows x 12 columns in 24 of AVX-512's 32 vector
-    registers; with AVX2's 16 registers of 8 floats the same code spills its accumulators, and
-    decode on an AVX2-only AMD EPYC ran ~5x slower on it than on XLA's dot (2026-12-07)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
+    """Whether this CPU has AVX-512 (the `avx512f` flag of Linux's /proc/cpuinfo, `ffi.cpu_flags`;
+    False where that cannot be read). The kernel keeps a panel's 32 rows x 12 columns in 24 of
+    AVX-512's 32 vector registers; with AVX2's 16 registers of 8 floats the same code spills its
+    accumulators, and decode on an AVX2-only AMD EPYC ran ~5x slower on it than on XLA's dot (2026-12-07)."""
+    from drex_jax.model.kernels import ffi
+
+    return b"avx512f" in ffi.cpu_flags().split()
 
 
 def unsupported(cfg) -> str | None:
