@@ -116,7 +116,7 @@ class Engine:
         params = decode_layout(params)
         # the layers' projections: the CPU kernel over packed weights where it can run (f32, one
         # device), else XLA's dot (kernels/matmul.py)
-        self.matmul = resolve_matmul(matmul, self.dtype, mesh, cfg)
+        self.matmul = resolve_matmul(matmul, self.dtype, mesh, cfg, max_slots=max_slots)
         if self.matmul == "kernel":
             params = packed_layout(params)
         if mesh is not None:

@@ -95,17 +95,20 @@ def test_engine_on_the_kernel_gives_xla_tokens(tiny_llama):
         res = serve_with_arrivals(eng, prompts, gc, first=0, every=2, per_arrival=2)
         runs[matmul] = [res[i].token_ids for i in range(len(prompts))]
     assert runs["kernel"] == runs["xla"]
-    # auto on a CPU in fp32 with AVX-512
-    assert Engine.from_params(cfg, params).matmul == ("kernel" if mk.has_avx512() else "xla")
+    # auto on a CPU in fp32: the kernel with AVX-512, or without it for few slots
+    assert Engine.from_params(cfg, params, max_slots=32).matmul == ("kernel" if mk.has_avx512() else "xla")
+    assert Engine.from_params(cfg, params, max_slots=mk.AVX2_MAX_SLOTS).matmul == "kernel"
 
 
 @needs_kernel
-def test_auto_leaves_the_kernel_to_cpus_with_avx512(tiny_llama, monkeypatch):
+def test_auto_takes_the_kernel_with_avx512_or_few_slots(tiny_llama, monkeypatch):
     cfg, _ = tiny_llama
-    for avx512, auto in ((True, "kernel"), (False, "xla")):
+    small, large = mk.AVX2_MAX_SLOTS, mk.AVX2_MAX_SLOTS + 1
+    for avx512, slots, auto in ((True, large, "kernel"), (True, None, "kernel"), (False, small, "kernel"),
+                                (False, large, "xla"), (False, None, "xla")):
         monkeypatch.setattr(mk, "has_avx512", lambda: avx512)
-        assert mk.resolve_matmul("auto", jnp.float32, None, cfg, "cpu") == auto
-        assert mk.resolve_matmul("kernel", jnp.float32, None, cfg, "cpu") == "kernel"  # named: runs anyway
+        assert mk.resolve_matmul("auto", jnp.float32, None, cfg, "cpu", max_slots=slots) == auto
+        assert mk.resolve_matmul("kernel", jnp.float32, None, cfg, "cpu", max_slots=slots) == "kernel"  # named
 
 
 @needs_kernel

@@ -33,11 +33,16 @@ def available(verbose: bool = True) -> bool:
 MATMULS = ("auto", "kernel", "xla")
 
 
+# Without AVX-512 the kernel holds 32 rows x 3 columns in AVX2's 16 registers: on an AVX2-only AMD
+# EPYC (2026-12-07, `benchmarks/matmul_engine.py`) decode ran 1.13x / 1.16x / 1.31x XLA's dot at
+# batch 1 / 4 / 8 and 0.84x at batch 32, so "auto" takes it there only for engines of at most
+# this many slots
+AVX2_MAX_SLOTS = 8
+
+
 def has_avx512() -> bool:
     """Whether this CPU has AVX-512 (the `avx512f` flag of Linux's /proc/cpuinfo, `ffi.cpu_flags`;
-    False where that cannot be read). The kernel keeps a panel's 32 rows x 12 columns in 24 of
-    AVX-512's 32 vector registers; with AVX2's 16 registers of 8 floats the same code spills its
-    accumulators, and decode on an AVX2-only AMD EPYC ran ~5x slower on it than on XLA's dot (2026-12-07)."""
+    False where that cannot be read)."""
     from drex_jax.model.kernels import ffi
 
     return b"avx512f" in ffi.cpu_flags().split()
@@ -52,11 +57,12 @@ def unsupported(cfg) -> str | None:
     return None if not bad else f"projection rows {bad} are not multiples of {PANEL}"
 
 
-def resolve_matmul(matmul: str, dtype, mesh, cfg, platform: str | None = None) -> str:
+def resolve_matmul(matmul: str, dtype, mesh, cfg, platform: str | None = None, max_slots: int | None = None) -> str:
     """The projection path an engine runs: "kernel" (this module, packed weights) or "xla" (XLA's
-    dot). "auto" takes the kernel where it can run and pays: a CPU with AVX-512 (`has_avx512`),
-    f32, one device, a config whose projections fill 32-row panels, and the kernel built. Naming
-    "kernel" where it cannot run raises ValueError saying why (without AVX-512 it runs, slowly)."""
+    dot). "auto" takes the kernel where it can run and pays: f32 on one CPU, a config whose
+    projections fill 32-row panels, the kernel built, and either AVX-512 (`has_avx512`) or an
+    engine of at most AVX2_MAX_SLOTS slots (`max_slots`; None = unknown, taken as more). Naming
+    "kernel" where it cannot run raises ValueError saying why."""
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
     if matmul == "xla":
@@ -67,10 +73,10 @@ def resolve_matmul(matmul: str, dtype, mesh, cfg, platform: str | None = None) -
            else "it runs on one device, not a mesh" if mesh is not None else unsupported(cfg))
     if why is None and not available(verbose=matmul == "kernel"):
         why = "it could not be built (see the notice above)"
-    if why is None and matmul == "auto" and not has_avx512():
-        # it runs (and gives XLA's tokens) without AVX-512, but slower than XLA's dot: only when named
-        _notice_once("drex_jax: this CPU has no AVX-512; the projections take XLA's dot (the CPU projection "
-                     "kernel is written for AVX-512's 32 vector registers)")
+    if why is None and matmul == "auto" and not has_avx512() and (max_slots is None or max_slots > AVX2_MAX_SLOTS):
+        # it runs (and gives XLA's tokens), but XLA's GEMM is faster from ~16 columns on AVX2
+        _notice_once(f"drex_jax: this CPU has no AVX-512, where the CPU projection kernel pays only up to "
+                     f"{AVX2_MAX_SLOTS} slots (this engine has {max_slots or 'more'}); the projections take XLA's dot")
         return "xla"
     if why is None:
         return "kernel"
