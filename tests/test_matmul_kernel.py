@@ -18,7 +18,7 @@ needs_kernel = pytest.mark.skipif(jax.default_backend() != "cpu" or not mk.avail
 
 
 @needs_kernel
-@pytest.mark.parametrize("M,K", [(32, 64), (96, 7), (72, 33), (960, 577), (64, 1536)])
+@pytest.mark.parametrize("M,K", [(32, 64), (96, 7), (72, 33), (960, 577), (64, 1536), (64, 0)])
 @pytest.mark.parametrize("N", [1, 2, 3, 5, 8, 12, 13, 25, 64, 200])
 def test_kernel_matches_numpy(M, K, N):
     rng = np.random.default_rng(M * 1000 + K + N)

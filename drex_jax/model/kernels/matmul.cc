@@ -190,6 +190,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> packed, ffi::Buffe
   }
   const int64_t P = pd[0], K = pd[1], N = xd[1], M = yd[0];
   if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {  // an empty sum: the passes below would leave the tile unwritten
+    std::fill(y->typed_data(), y->typed_data() + M * N, 0.f);
+    return ffi::Error::Success();
+  }
   const float* wp = packed.typed_data();
   // x [K, N] -> blocks of 12 columns [ceil(N / 12), K, 12]: a micro-kernel then reads one
   // contiguous 48-byte row of its block per k, whatever N is
