@@ -111,14 +111,13 @@ class Engine:
             raise ValueError("give num_pages or kv_memory_bytes, not both")
         if kv_memory_bytes is not None:
             num_pages = pages_for_budget(cfg, kv_memory_bytes, page_size, self.dtype)
-        # the compiled steps read per-layer weights, [out, in]; placed before the pool is sized, so
-        # a GPU's free memory is measured with this copy on it (the caller may still hold its own)
-        params = decode_layout(params)
         # the layers' projections: the CPU kernel over packed weights where it can run (f32, one
         # device), else XLA's dot (kernels/matmul.py)
         self.matmul = resolve_matmul(matmul, self.dtype, mesh, cfg, max_slots=max_slots)
-        if self.matmul == "kernel":
-            params = packed_layout(params)
+        # the compiled steps read per-layer weights, [out, in] (or packed panels); placed before the
+        # pool is sized, so a GPU's free memory is measured with this copy on it (the caller may
+        # still hold its own). Packed params (another kernel engine's) stay as they are.
+        params = packed_layout(params) if self.matmul == "kernel" else decode_layout(params)
         if mesh is not None:
             from drex_jax.sharding import shard_params
 

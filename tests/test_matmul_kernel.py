@@ -1,6 +1,8 @@
 """The CPU projection kernel (`model.kernels.matmul`) against a float64 numpy product, the packed
 layout against the decode layout it came from, and engines on the kernel against engines on
 XLA's dot (identical greedy tokens, full depth and early exit)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from drex_jax import Engine, GenerationConfig
 from drex_jax.early_exit import EEConfig
 from drex_jax.model import ops
 from drex_jax.model.kernels import matmul as mk
-from drex_jax.model.params import check_params, decode_layout, is_packed, packed_layout
+from drex_jax.model.params import _unpacked_layer_shapes, check_params, decode_layout, is_packed, packed_layout
 from tests.serving import serve_with_arrivals
 
 needs_kernel = pytest.mark.skipif(jax.default_backend() != "cpu" or not mk.available(),
@@ -59,7 +61,13 @@ def test_packed_layout_round_trips(tiny_llama):
         assert set(a) == set(b)
         for k in a:
             np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
-    check_params(cfg, packed)  # checks the unpacked shapes
+    check_params(cfg, packed)  # checks the unpacked shapes, computed from the packed ones
+    for lp, unpacked in zip(packed["layers"], back["layers"]):
+        assert {k: (a.shape, a.dtype) for k, a in _unpacked_layer_shapes(lp).items()} == \
+            {k: (a.shape, a.dtype) for k, a in unpacked.items()}
+    other = dataclasses.replace(cfg, intermediate_size=96)
+    with pytest.raises(ValueError, match="w_gate"):
+        check_params(other, packed)
     # the LM head's rows ([V, H] here; tied models: the embedding), 101 of them in 4 panels
     rows = dec["lm_head"] if "lm_head" in dec else dec["embed"]
     assert packed["head_panels"].shape == (4, 64, 32)
@@ -101,6 +109,21 @@ def test_engine_on_the_kernel_gives_xla_tokens(tiny_llama):
 
 
 @needs_kernel
+@needs_kernel
+def test_a_kernel_engines_params_build_another_without_repacking(tiny_llama, monkeypatch):
+    cfg, params = tiny_llama
+    eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, matmul="kernel")
+
+    def no_pack(w):
+        raise AssertionError("packed params were unpacked and packed again")
+
+    monkeypatch.setattr(mk, "pack", no_pack)
+    again = Engine.from_params(cfg, eng.params, max_slots=4, page_size=4, matmul="kernel")
+    assert is_packed(again.params)
+    gc = GenerationConfig(max_new_tokens=6)
+    assert again.generate([[1, 2, 3]], gc)[0].token_ids == eng.generate([[1, 2, 3]], gc)[0].token_ids
+
+
 def test_auto_takes_the_kernel_with_avx512_or_few_slots(tiny_llama, monkeypatch):
     cfg, _ = tiny_llama
     small, large = mk.AVX2_MAX_SLOTS, mk.AVX2_MAX_SLOTS + 1

@@ -44,8 +44,9 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
     """Raise ValueError naming every missing, unexpected or mis-shaped parameter."""
     specs = param_specs(cfg)
     problems = []
-    if is_packed(params):
-        params = decode_layout(params)
+    if is_packed(params):  # their unpacked shapes, without unpacking (a copy of every matrix)
+        params = {**{k: v for k, v in params.items() if k != "head_panels"},
+                  "layers": tuple(_unpacked_layer_shapes(lp) for lp in params["layers"])}
     if is_decode_layout(params):
         params = _checkpoint_shapes(params, problems)
     flat = flatten(params)
@@ -122,6 +123,23 @@ def packed_layout(params: dict) -> dict:
     params = decode_layout(params)
     rows = params["lm_head"] if "lm_head" in params else params["embed"]  # [V, H] either way here
     return {**params, "layers": tuple(layer(lp) for lp in params["layers"]), "head_panels": jnp.asarray(pack(rows))}
+
+
+def _unpacked_layer_shapes(lp: dict) -> dict:
+    """`_unpacked_layer(lp)`'s shapes and dtypes (jax.ShapeDtypeStruct), from the packed shapes alone."""
+    out = {k: v for k, v in lp.items() if k not in PACKED}
+    (p_qkv, hidden_in, lanes), q_rows = lp["wqkv"].shape, lp["wo"].shape[1]  # wo [H / 32, q rows, 32]
+    kv_rows = (p_qkv * lanes - q_rows) // 2
+    hidden = lp["w_down"].shape[0] * lp["w_down"].shape[2]
+    inter = lp["w_gateup"].shape[0] * lp["w_gateup"].shape[2] // 2
+
+    def sds(shape, k):
+        return jax.ShapeDtypeStruct(shape, lp[k].dtype)
+
+    out["wq"], out["wk"], out["wv"] = sds((q_rows, hidden_in), "wqkv"), *[sds((kv_rows, hidden_in), "wqkv")] * 2
+    out["wo"], out["w_down"] = sds((hidden, q_rows), "wo"), sds((hidden, lp["w_down"].shape[1]), "w_down")
+    out["w_gate"] = out["w_up"] = sds((inter, lp["w_gateup"].shape[1]), "w_gateup")
+    return out
 
 
 def _unpacked_layer(lp: dict) -> dict:
