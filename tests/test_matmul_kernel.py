@@ -34,6 +34,23 @@ def test_kernel_matches_numpy(M, K, N):
 
 
 @needs_kernel
+def test_the_avx512_path_matches_numpy_on_any_cpu():
+    """The 16-lane path that AVX-512 machines run, built with DREX_MATMUL_LANES16 wherever this runs
+    (without AVX-512 the compiler lowers its vectors to narrower ones): checked even where CI has none."""
+    from drex_jax.model.kernels import ffi
+
+    target = "drex_matmul_lanes16"
+    assert ffi.load(mk.SOURCE, "DrexMatmul", target, "CPU projection kernel (16 lanes)", "nothing",
+                    defines=("DREX_MATMUL_LANES16",))
+    for M, K, N in ((96, 7, 1), (72, 33, 3), (960, 577, 5), (64, 300, 12), (32, 64, 13), (64, 40, 25), (64, 0, 4)):
+        rng = np.random.default_rng(M + K + N)
+        w, x = rng.normal(size=(M, K)).astype(np.float32), rng.normal(size=(K, N)).astype(np.float32)
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, N), jnp.float32))
+        got = np.asarray(call(jnp.asarray(mk.pack(w)), jnp.asarray(x), panels_per_task=np.int64(2)))
+        np.testing.assert_allclose(got, w.astype(np.float64) @ x, rtol=1e-5, atol=1e-5 * np.sqrt(max(K, 1)))
+
+
+@needs_kernel
 def test_kernel_pads_rows_and_project_switches_to_xla_for_many_columns():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(40, 48)).astype(np.float32)  # 40 rows: a second, part-filled panel

@@ -56,22 +56,24 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def library_path(cxx: str, source: str = SOURCE) -> str:
+def library_path(cxx: str, source: str = SOURCE, defines: tuple[str, ...] = ()) -> str:
     import jaxlib
 
     with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode() + " ".join(FLAGS).encode()
-                             + _cpu_key())
+                             + _cpu_key() + " ".join(defines).encode())
     name = os.path.splitext(os.path.basename(source))[0]
     return os.path.join(cache_dir(), f"{name}-{key.hexdigest()[:16]}.so")
 
 
-def build(verbose: bool = True, source: str = SOURCE, what: str = "CPU paged-attention kernel") -> str:
-    """Compile the kernel in `source` (if not cached) and return the library path. Raises RuntimeError."""
+def build(verbose: bool = True, source: str = SOURCE, what: str = "CPU paged-attention kernel",
+          defines: tuple[str, ...] = ()) -> str:
+    """Compile the kernel in `source` (if not cached; `defines`: preprocessor macros) and return the
+    library path. Raises RuntimeError."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    path = library_path(cxx, source)
+    path = library_path(cxx, source, defines)
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -79,7 +81,7 @@ def build(verbose: bool = True, source: str = SOURCE, what: str = "CPU paged-att
         print(f"drex_jax: building the {what} with {cxx} -> {path}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
         out = os.path.join(tmp, "lib.so")  # build aside, then rename: concurrent builders never see half a file
-        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), source, "-o", out]
+        cmd = [cxx, *FLAGS, *(f"-D{d}" for d in defines), "-I", jax.ffi.include_dir(), source, "-o", out]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"building the {what} failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
@@ -90,7 +92,8 @@ def build(verbose: bool = True, source: str = SOURCE, what: str = "CPU paged-att
 _LOADED: dict[str, bool] = {}  # FFI target -> whether it was built and registered (once per process)
 
 
-def load(source: str, symbol: str, target: str, what: str, fallback: str, verbose: bool = True) -> bool:
+def load(source: str, symbol: str, target: str, what: str, fallback: str, verbose: bool = True,
+         defines: tuple[str, ...] = ()) -> bool:
     """Build the kernel in `source` (if not cached), load it and register its handler `symbol` as
     the XLA:CPU FFI target `target`, once per process; False, with a one-line notice naming
     `fallback`, where that is impossible. `DREX_JAX_NO_FFI=1` disables every kernel."""
@@ -98,7 +101,7 @@ def load(source: str, symbol: str, target: str, what: str, fallback: str, verbos
         return False
     if target not in _LOADED:
         try:
-            lib = ctypes.cdll.LoadLibrary(build(verbose, source, what))
+            lib = ctypes.cdll.LoadLibrary(build(verbose, source, what, defines))
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
             _LOADED[target] = True
         except (RuntimeError, OSError) as e:

@@ -29,7 +29,9 @@ constexpr int kPanel = 32;    // rows per panel: two AVX-512 vectors, four AVX2 
 constexpr int kMaxCols = 12;  // columns per x block
 constexpr int64_t kChunkBytes = 256 * 1024;  // x columns per pass over the panels: half an L2
 constexpr int kPrefetch = 1024;  // floats ahead (4 KB): keeps the stream in flight while we compute
-#if defined(__AVX512F__)
+// DREX_MATMUL_LANES16 builds the AVX-512 path on any CPU (the compiler splits its vectors): how the
+// tests check that path on machines without AVX-512
+#if defined(__AVX512F__) || defined(DREX_MATMUL_LANES16)
 constexpr int kLanes = 16;  // 32 registers: a panel's 32 rows (2 vectors) x 12 columns in one pass
 #else
 constexpr int kLanes = 8;  // AVX2's 16 registers: 32 rows (4 vectors) x 3 columns
@@ -102,7 +104,7 @@ void Pass(const float* panel, const float* xb, float* tile, int64_t k0, int64_t 
 void Block(const float* panel, const float* xb, float* y, int64_t M, int64_t K, int64_t N, int64_t r0, int64_t c0,
            int64_t cols) {
   alignas(64) float tile[kMaxCols * kPanel];  // [column][row]
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(DREX_MATMUL_LANES16)
   Pass<2, true>(panel, xb, tile, 0, K, true, cols);
 #else
   if (cols <= MaxPassCols(4)) {
