@@ -335,8 +335,8 @@ def main(argv: list[str], early_exit_engine) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", nargs="+", default=["drex full", "drex early-exit", "vllm", "llama.cpp F32",
                                                       "llama.cpp Q4_1"],
-                    help="also: 'drex full (XLA dot)', full depth with the projections on XLA's dot instead of the "
-                         "CPU projection kernel (the before of issue 27, in the same run)")
+                    help="also: 'drex full (XLA dot)' / 'drex full (kernel)', full depth with the projections on "
+                         "XLA's dot / on the CPU projection kernel whatever matmul='auto' would pick here")
     ap.add_argument("--vllm-python", default=os.path.join(PEERS_DIR, "vllm-venv", "bin", "python"))
     ap.add_argument("--llama-python", default=os.path.join(PEERS_DIR, "llamacpp-venv", "bin", "python"))
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
@@ -358,6 +358,8 @@ def main(argv: list[str], early_exit_engine) -> int:
         engines["drex full"] = Drex(Engine(max_slots=max_b, max_seq_len=MAX_SEQ_LEN))
     if "drex full (XLA dot)" in args.engines:
         engines["drex full (XLA dot)"] = Drex(Engine(max_slots=max_b, max_seq_len=MAX_SEQ_LEN, matmul="xla"))
+    if "drex full (kernel)" in args.engines:
+        engines["drex full (kernel)"] = Drex(Engine(max_slots=max_b, max_seq_len=MAX_SEQ_LEN, matmul="kernel"))
     if "drex early-exit" in args.engines:
         engines["drex early-exit"] = Drex(early_exit_engine(max_b, MAX_SEQ_LEN))
     tok = next(iter(engines.values())).engine.tokenizer if engines else Engine(max_slots=1).tokenizer
