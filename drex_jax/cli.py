@@ -500,6 +500,8 @@ def _load_test(args) -> str:
         kw = {} if not ee else {"ee": EEConfig(**{k: v for k, v in ee.items() if k not in ("policy", "art")}),
                                 "policy": ee["policy"], "art": ee["art"]}
         _note(f"offline reference: {args.model or 'bundled model'}, {'early exit ' + ee['policy'] if ee else 'full depth'}")
+        # the server's projection path, so that both sum in the same order ("auto" follows max_slots)
+        kw["matmul"] = card.get("drex", {}).get("matmul") or "auto"
         reference = Engine(args.model, max_slots=args.concurrency, max_seq_len=card["max_model_len"], **kw)
     res = load.run_load(args.url, cfg, reference)
     return _write_report(args.out, "load", res, load.markdown(res))

@@ -34,15 +34,22 @@ def test_kernel_matches_numpy(M, K, N):
 
 
 @needs_kernel
-def test_the_avx512_path_matches_numpy_on_any_cpu():
-    """The 16-lane path that AVX-512 machines run, built with DREX_MATMUL_LANES16 wherever this runs
-    (without AVX-512 the compiler lowers its vectors to narrower ones): checked even where CI has none."""
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_each_vector_width_path_matches_numpy_on_any_cpu(lanes):
+    """Both code paths, whatever this CPU has: 16 lanes (what AVX-512 machines run; without AVX-512
+    the compiler splits its vectors) and 8 (AVX2's multi-pass path, which an AVX-512 machine would
+    otherwise never run), built with DREX_MATMUL_LANES16 / DREX_MATMUL_LANES8."""
+    import ctypes
+
     from drex_jax.model.kernels import ffi
 
-    target = "drex_matmul_lanes16"
-    assert ffi.load(mk.SOURCE, "DrexMatmul", target, "CPU projection kernel (16 lanes)", "nothing",
-                    defines=("DREX_MATMUL_LANES16",))
-    for M, K, N in ((96, 7, 1), (72, 33, 3), (960, 577, 5), (64, 300, 12), (32, 64, 13), (64, 40, 25), (64, 0, 4)):
+    target, define = f"drex_matmul_lanes{lanes}", f"DREX_MATMUL_LANES{lanes}"
+    assert ffi.load(mk.SOURCE, "DrexMatmul", target, f"CPU projection kernel ({lanes} lanes)", "nothing",
+                    defines=(define,))
+    lib = ctypes.cdll.LoadLibrary(ffi.build(False, mk.SOURCE, defines=(define,)))
+    assert lib.DrexMatmulLanes() == lanes  # the define took effect
+    for M, K, N in ((96, 7, 1), (72, 33, 3), (960, 577, 5), (64, 300, 12), (32, 64, 13), (64, 40, 25), (64, 0, 4),
+                    (96, 100, 8), (64, 65, 64)):
         rng = np.random.default_rng(M + K + N)
         w, x = rng.normal(size=(M, K)).astype(np.float32), rng.normal(size=(K, N)).astype(np.float32)
         call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, N), jnp.float32))
@@ -126,7 +133,6 @@ def test_engine_on_the_kernel_gives_xla_tokens(tiny_llama):
 
 
 @needs_kernel
-@needs_kernel
 def test_a_kernel_engines_params_build_another_without_repacking(tiny_llama, monkeypatch):
     cfg, params = tiny_llama
     eng = Engine.from_params(cfg, params, max_slots=4, page_size=4, matmul="kernel")
@@ -141,12 +147,15 @@ def test_a_kernel_engines_params_build_another_without_repacking(tiny_llama, mon
     assert again.generate([[1, 2, 3]], gc)[0].token_ids == eng.generate([[1, 2, 3]], gc)[0].token_ids
 
 
+@needs_kernel
 def test_auto_takes_the_kernel_with_avx512_or_few_slots(tiny_llama, monkeypatch):
     cfg, _ = tiny_llama
     small, large = mk.AVX2_MAX_SLOTS, mk.AVX2_MAX_SLOTS + 1
-    for avx512, slots, auto in ((True, large, "kernel"), (True, None, "kernel"), (False, small, "kernel"),
-                                (False, large, "xla"), (False, None, "xla")):
+    for avx512, avx2, slots, auto in ((True, True, large, "kernel"), (True, True, None, "kernel"),
+                                      (False, True, small, "kernel"), (False, True, large, "xla"),
+                                      (False, True, None, "xla"), (False, False, small, "xla")):
         monkeypatch.setattr(mk, "has_avx512", lambda: avx512)
+        monkeypatch.setattr(mk, "has_avx2", lambda: avx2)
         assert mk.resolve_matmul("auto", jnp.float32, None, cfg, "cpu", max_slots=slots) == auto
         assert mk.resolve_matmul("kernel", jnp.float32, None, cfg, "cpu", max_slots=slots) == "kernel"  # named
 

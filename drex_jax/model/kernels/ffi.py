@@ -61,7 +61,7 @@ def library_path(cxx: str, source: str = SOURCE, defines: tuple[str, ...] = ()) 
 
     with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode() + " ".join(FLAGS).encode()
-                             + _cpu_key() + " ".join(defines).encode())
+                             + _cpu_key() + "\0".join(defines).encode())
     name = os.path.splitext(os.path.basename(source))[0]
     return os.path.join(cache_dir(), f"{name}-{key.hexdigest()[:16]}.so")
 

@@ -29,19 +29,21 @@ constexpr int kPanel = 32;    // rows per panel: two AVX-512 vectors, four AVX2 
 constexpr int kMaxCols = 12;  // columns per x block
 constexpr int64_t kChunkBytes = 256 * 1024;  // x columns per pass over the panels: half an L2
 constexpr int kPrefetch = 1024;  // floats ahead (4 KB): keeps the stream in flight while we compute
-// DREX_MATMUL_LANES16 builds the AVX-512 path on any CPU (the compiler splits its vectors): how the
-// tests check that path on machines without AVX-512
-#if defined(__AVX512F__) || defined(DREX_MATMUL_LANES16)
+// DREX_MATMUL_LANES16 / DREX_MATMUL_LANES8 build the 16- / 8-lane path on any CPU (the compiler splits
+// or narrows the vectors): how the tests check both paths whatever the machine has
+#if (defined(__AVX512F__) || defined(DREX_MATMUL_LANES16)) && !defined(DREX_MATMUL_LANES8)
+#define DREX_WIDE 1
 constexpr int kLanes = 16;  // 32 registers: a panel's 32 rows (2 vectors) x 12 columns in one pass
 #else
+#define DREX_WIDE 0
 constexpr int kLanes = 8;  // AVX2's 16 registers: 32 rows (4 vectors) x 3 columns
 constexpr int kChunkK = 32;  // k rows of a panel (4 KB) that every pass uses while they are in L1
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));  // unaligned loads ok
 
-// The most columns whose accumulators fit the registers beside a broadcast (AVX2: 3 x 4 vectors,
-// the weights then read as FMA memory operands).
-constexpr int MaxPassCols(int V) { return kLanes == 16 ? kMaxCols : 3; }
+// The most columns one pass holds in registers beside a broadcast (AVX2: 3 x 4 vectors, the weights
+// then read as FMA memory operands).
+constexpr int kMaxPassCols = kLanes == 16 ? kMaxCols : 3;
 
 // tile[j][i] (+)= sum over k in [k0, k1) of panel[k][i] * xb[k][j] for the panel's V * kLanes = 32
 // rows and C columns; `first` starts from zero instead of the tile. U
@@ -90,11 +92,11 @@ void Micro(const float* panel, const float* xb, float* tile, int64_t k0, int64_t
   }
 }
 
-// Micro for c <= MaxPassCols(V) columns, c known only at run time.
+// Micro for 1 <= c <= kMaxPassCols columns, c known only at run time.
 template <int V, bool Prefetch, int C = 1>
 void Pass(const float* panel, const float* xb, float* tile, int64_t k0, int64_t k1, bool first,
           int64_t c) {
-  if constexpr (C < MaxPassCols(V)) {
+  if constexpr (C < kMaxPassCols) {
     if (c > C) return Pass<V, Prefetch, C + 1>(panel, xb, tile, k0, k1, first, c);
   }
   Micro<V, C, (V * C >= 8 ? 1 : V * C >= 4 ? 2 : 4), Prefetch>(panel, xb, tile, k0, k1, first);
@@ -104,10 +106,10 @@ void Pass(const float* panel, const float* xb, float* tile, int64_t k0, int64_t 
 void Block(const float* panel, const float* xb, float* y, int64_t M, int64_t K, int64_t N, int64_t r0, int64_t c0,
            int64_t cols) {
   alignas(64) float tile[kMaxCols * kPanel];  // [column][row]
-#if defined(__AVX512F__) || defined(DREX_MATMUL_LANES16)
+#if DREX_WIDE
   Pass<2, true>(panel, xb, tile, 0, K, true, cols);
 #else
-  if (cols <= MaxPassCols(4)) {
+  if (cols <= kMaxPassCols) {
     // one pass streams the panel: on the AMD EPYC measured, software prefetch only slowed it
     // (qkv at one column 0.147 vs 0.207 ms; the hardware prefetcher follows the stream)
     Pass<4, false>(panel, xb, tile, 0, K, true, cols);
@@ -116,7 +118,7 @@ void Block(const float* panel, const float* xb, float* y, int64_t M, int64_t K, 
     // rows so that the panel streams from memory once, continuously (prefetched one chunk =
     // 4 KB ahead: 12 columns of qkv 0.164 ms with it, 0.213 without), while the other passes
     // read the chunk from L1. Passes over 16-row halves x 6 columns were no faster.
-    const int64_t groups = (cols + MaxPassCols(4) - 1) / MaxPassCols(4);
+    const int64_t groups = (cols + kMaxPassCols - 1) / kMaxPassCols;
     for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
       const int64_t k1 = std::min<int64_t>(K, k0 + kChunkK);
       for (int64_t g = 0, j = 0; g < groups; ++g) {
@@ -226,6 +228,9 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> packed, ffi::Buffe
 }
 
 }  // namespace
+
+// The vector width this library was built for (tests check that a DREX_MATMUL_LANES* define took).
+extern "C" int DrexMatmulLanes() { return kLanes; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DrexMatmul, Matmul,
                               ffi::Ffi::Bind()

@@ -48,6 +48,14 @@ def has_avx512() -> bool:
     return b"avx512f" in ffi.cpu_flags().split()
 
 
+def has_avx2() -> bool:
+    """Whether this CPU has AVX2 and FMA (flags of /proc/cpuinfo; False where that cannot be read):
+    what the kernel's 8-lane path was measured on."""
+    from drex_jax.model.kernels import ffi
+
+    return {b"avx2", b"fma"} <= set(ffi.cpu_flags().split())
+
+
 def unsupported(cfg) -> str | None:
     """Why `cfg`'s projections cannot take the packed layout (None when they can): every
     projection's output rows must fill whole 32-row panels."""
@@ -60,8 +68,8 @@ def unsupported(cfg) -> str | None:
 def resolve_matmul(matmul: str, dtype, mesh, cfg, platform: str | None = None, max_slots: int | None = None) -> str:
     """The projection path an engine runs: "kernel" (this module, packed weights) or "xla" (XLA's
     dot). "auto" takes the kernel where it can run and pays: f32 on one CPU, a config whose
-    projections fill 32-row panels, the kernel built, and either AVX-512 (`has_avx512`) or an
-    engine of at most AVX2_MAX_SLOTS slots (`max_slots`; None = unknown, taken as more). Naming
+    projections fill 32-row panels, the kernel built, and either AVX-512 (`has_avx512`) or AVX2
+    (`has_avx2`) with at most AVX2_MAX_SLOTS slots (`max_slots`; None = unknown, taken as more). Naming
     "kernel" where it cannot run raises ValueError saying why."""
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
@@ -73,11 +81,16 @@ def resolve_matmul(matmul: str, dtype, mesh, cfg, platform: str | None = None, m
            else "it runs on one device, not a mesh" if mesh is not None else unsupported(cfg))
     if why is None and not available(verbose=matmul == "kernel"):
         why = "it could not be built (see the notice above)"
-    if why is None and matmul == "auto" and not has_avx512() and (max_slots is None or max_slots > AVX2_MAX_SLOTS):
-        # it runs (and gives XLA's tokens), but XLA's GEMM is faster from ~16 columns on AVX2
-        _notice_once(f"drex_jax: this CPU has no AVX-512, where the CPU projection kernel pays only up to "
-                     f"{AVX2_MAX_SLOTS} slots (this engine has {max_slots or 'more'}); the projections take XLA's dot")
-        return "xla"
+    if why is None and matmul == "auto" and not has_avx512():
+        if not has_avx2():  # never measured without AVX2 + FMA
+            _notice_once("drex_jax: this CPU has neither AVX-512 nor AVX2 + FMA; the projections take XLA's dot")
+            return "xla"
+        if max_slots is None or max_slots > AVX2_MAX_SLOTS:
+            # it runs (and gives XLA's tokens), but XLA's GEMM is faster from ~16 columns on AVX2
+            _notice_once(f"drex_jax: this CPU has no AVX-512, where the CPU projection kernel pays only up to "
+                         f"{AVX2_MAX_SLOTS} slots (this engine has {max_slots or 'more'}); the projections take "
+                         "XLA's dot")
+            return "xla"
     if why is None:
         return "kernel"
     if matmul == "kernel":
