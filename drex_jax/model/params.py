@@ -125,20 +125,27 @@ def packed_layout(params: dict) -> dict:
     return {**params, "layers": tuple(layer(lp) for lp in params["layers"]), "head_panels": jnp.asarray(pack(rows))}
 
 
+def _packed_rows(lp: dict) -> dict:
+    """A packed layer's row counts, from its shapes: q, k/v, hidden and intermediate rows."""
+    def rows(k):  # [panels, in, 32] -> panels x 32
+        return lp[k].shape[0] * lp[k].shape[2]
+
+    q = lp["wo"].shape[1]  # wo [H / 32, q rows, 32]
+    return {"q": q, "kv": (rows("wqkv") - q) // 2, "hidden": rows("w_down"), "inter": rows("w_gateup") // 2}
+
+
 def _unpacked_layer_shapes(lp: dict) -> dict:
     """`_unpacked_layer(lp)`'s shapes and dtypes (jax.ShapeDtypeStruct), from the packed shapes alone."""
     out = {k: v for k, v in lp.items() if k not in PACKED}
-    (p_qkv, hidden_in, lanes), q_rows = lp["wqkv"].shape, lp["wo"].shape[1]  # wo [H / 32, q rows, 32]
-    kv_rows = (p_qkv * lanes - q_rows) // 2
-    hidden = lp["w_down"].shape[0] * lp["w_down"].shape[2]
-    inter = lp["w_gateup"].shape[0] * lp["w_gateup"].shape[2] // 2
+    n = _packed_rows(lp)
 
     def sds(shape, k):
         return jax.ShapeDtypeStruct(shape, lp[k].dtype)
 
-    out["wq"], out["wk"], out["wv"] = sds((q_rows, hidden_in), "wqkv"), *[sds((kv_rows, hidden_in), "wqkv")] * 2
-    out["wo"], out["w_down"] = sds((hidden, q_rows), "wo"), sds((hidden, lp["w_down"].shape[1]), "w_down")
-    out["w_gate"] = out["w_up"] = sds((inter, lp["w_gateup"].shape[1]), "w_gateup")
+    hidden_in = lp["wqkv"].shape[1]
+    out["wq"], out["wk"], out["wv"] = sds((n["q"], hidden_in), "wqkv"), *[sds((n["kv"], hidden_in), "wqkv")] * 2
+    out["wo"], out["w_down"] = sds((n["hidden"], n["q"]), "wo"), sds((n["hidden"], lp["w_down"].shape[1]), "w_down")
+    out["w_gate"] = out["w_up"] = sds((n["inter"], lp["w_gateup"].shape[1]), "w_gateup")
     return out
 
 
@@ -146,13 +153,11 @@ def _unpacked_layer(lp: dict) -> dict:
     from drex_jax.model.kernels.matmul import unpack
 
     out = {k: v for k, v in lp.items() if k not in PACKED}
-    q_rows = lp["wo"].shape[1]  # wo [H / 32, q rows, 32]
-    qkv = unpack(lp["wqkv"], lp["wqkv"].shape[0] * lp["wqkv"].shape[2])
-    kv_rows = (qkv.shape[0] - q_rows) // 2
-    out["wq"], out["wk"], out["wv"] = (jnp.asarray(a) for a in np.split(qkv, [q_rows, q_rows + kv_rows]))
-    hidden = lp["w_down"].shape[0] * lp["w_down"].shape[2]
-    out["wo"], out["w_down"] = jnp.asarray(unpack(lp["wo"], hidden)), jnp.asarray(unpack(lp["w_down"], hidden))
-    gateup = unpack(lp["w_gateup"], lp["w_gateup"].shape[0] * lp["w_gateup"].shape[2])
+    n = _packed_rows(lp)
+    qkv = unpack(lp["wqkv"], n["q"] + 2 * n["kv"])
+    out["wq"], out["wk"], out["wv"] = (jnp.asarray(a) for a in np.split(qkv, [n["q"], n["q"] + n["kv"]]))
+    out["wo"], out["w_down"] = (jnp.asarray(unpack(lp[k], n["hidden"])) for k in ("wo", "w_down"))
+    gateup = unpack(lp["w_gateup"], 2 * n["inter"])
     out["w_gate"], out["w_up"] = (jnp.asarray(a) for a in np.split(gateup, 2))
     return out
 

@@ -268,4 +268,4 @@ def _check_model(name: str, served: str) -> None:
 def _model_card(name: str, engine) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "drex_jax", "max_model_len": engine.max_seq_len,
             "drex": {"num_layers": engine.cfg.num_layers, "early_exit": engine.early_exit,
-                     "matmul": getattr(engine, "matmul", None)}}
+                     "matmul": engine.matmul}}

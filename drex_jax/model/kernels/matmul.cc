@@ -44,34 +44,35 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)
 // The most columns one pass holds in registers beside a broadcast (AVX2: 3 x 4 vectors, the weights
 // then read as FMA memory operands).
 constexpr int kMaxPassCols = kLanes == 16 ? kMaxCols : 3;
+constexpr int kVecs = kPanel / kLanes;  // vectors per panel row: 2 (AVX-512) or 4 (AVX2)
 
-// tile[j][i] (+)= sum over k in [k0, k1) of panel[k][i] * xb[k][j] for the panel's V * kLanes = 32
-// rows and C columns; `first` starts from zero instead of the tile. U
-// independent accumulator sets over k hide the FMA latency when V * C is small.
-template <int V, int C, int U, bool Prefetch>
+// tile[j][i] (+)= sum over k in [k0, k1) of panel[k][i] * xb[k][j] for the panel's 32 rows and C
+// columns; `first` starts from zero instead of the tile. U independent accumulator sets over k hide
+// the FMA latency when kVecs * C is small.
+template <int C, int U, bool Prefetch>
 void Micro(const float* panel, const float* xb, float* tile, int64_t k0, int64_t k1, bool first) {
-  Vec acc[U][V][C];
+  Vec acc[U][kVecs][C];
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u)
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v)
+    for (int v = 0; v < kVecs; ++v)
 #pragma GCC unroll 16
       for (int j = 0; j < C; ++j)
         acc[u][v][j] = u == 0 && !first ? *reinterpret_cast<const Vec*>(tile + j * kPanel + v * kLanes) : Vec{};
   auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
     const float* w = panel + k * kPanel;
-    Vec wv[V];
+    Vec wv[kVecs];
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) wv[v] = *reinterpret_cast<const Vec*>(w + v * kLanes);
+    for (int v = 0; v < kVecs; ++v) wv[v] = *reinterpret_cast<const Vec*>(w + v * kLanes);
 #pragma GCC unroll 4
-    for (int line = 0; Prefetch && line < V * kLanes; line += 16) {
+    for (int line = 0; Prefetch && line < kVecs * kLanes; line += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + line), _MM_HINT_T0);
     }
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
       const float xs = xb[k * kMaxCols + j];
 #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[u][v][j] += wv[v] * xs;
+      for (int v = 0; v < kVecs; ++v) acc[u][v][j] += wv[v] * xs;
     }
   };
   int64_t k = k0;
@@ -83,7 +84,7 @@ void Micro(const float* panel, const float* xb, float* tile, int64_t k0, int64_t
 #pragma GCC unroll 16
   for (int j = 0; j < C; ++j) {
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) {
+    for (int v = 0; v < kVecs; ++v) {
       Vec a = acc[0][v][j];
 #pragma GCC unroll 16
       for (int u = 1; u < U; ++u) a += acc[u][v][j];
@@ -93,13 +94,13 @@ void Micro(const float* panel, const float* xb, float* tile, int64_t k0, int64_t
 }
 
 // Micro for 1 <= c <= kMaxPassCols columns, c known only at run time.
-template <int V, bool Prefetch, int C = 1>
+template <bool Prefetch, int C = 1>
 void Pass(const float* panel, const float* xb, float* tile, int64_t k0, int64_t k1, bool first,
           int64_t c) {
   if constexpr (C < kMaxPassCols) {
-    if (c > C) return Pass<V, Prefetch, C + 1>(panel, xb, tile, k0, k1, first, c);
+    if (c > C) return Pass<Prefetch, C + 1>(panel, xb, tile, k0, k1, first, c);
   }
-  Micro<V, C, (V * C >= 8 ? 1 : V * C >= 4 ? 2 : 4), Prefetch>(panel, xb, tile, k0, k1, first);
+  Micro<C, (kVecs * C >= 8 ? 1 : kVecs * C >= 4 ? 2 : 4), Prefetch>(panel, xb, tile, k0, k1, first);
 }
 
 // y[r0 + i, c0 + j] for a panel's rows and cols <= 12 columns of the x block `xb` [K, 12].
@@ -107,12 +108,12 @@ void Block(const float* panel, const float* xb, float* y, int64_t M, int64_t K, 
            int64_t cols) {
   alignas(64) float tile[kMaxCols * kPanel];  // [column][row]
 #if DREX_WIDE
-  Pass<2, true>(panel, xb, tile, 0, K, true, cols);
+  Pass<true>(panel, xb, tile, 0, K, true, cols);
 #else
   if (cols <= kMaxPassCols) {
     // one pass streams the panel: on the AMD EPYC measured, software prefetch only slowed it
     // (qkv at one column 0.147 vs 0.207 ms; the hardware prefetcher follows the stream)
-    Pass<4, false>(panel, xb, tile, 0, K, true, cols);
+    Pass<false>(panel, xb, tile, 0, K, true, cols);
   } else {
     // more columns than the registers hold: passes of <= 3 columns, interleaved per kChunkK k
     // rows so that the panel streams from memory once, continuously (prefetched one chunk =
@@ -123,7 +124,7 @@ void Block(const float* panel, const float* xb, float* y, int64_t M, int64_t K, 
       const int64_t k1 = std::min<int64_t>(K, k0 + kChunkK);
       for (int64_t g = 0, j = 0; g < groups; ++g) {
         const int64_t c = (cols - j) / (groups - g);  // balanced: 8 columns as 3 + 3 + 2
-        Pass<4, true>(panel, xb + j, tile + j * kPanel, k0, k1, k0 == 0, c);
+        Pass<true>(panel, xb + j, tile + j * kPanel, k0, k1, k0 == 0, c);
         j += c;
       }
     }

@@ -40,20 +40,21 @@ MATMULS = ("auto", "kernel", "xla")
 AVX2_MAX_SLOTS = 8
 
 
-def has_avx512() -> bool:
-    """Whether this CPU has AVX-512 (the `avx512f` flag of Linux's /proc/cpuinfo, `ffi.cpu_flags`;
-    False where that cannot be read)."""
+def _cpu_has(*flags: bytes) -> bool:
+    """Whether Linux's /proc/cpuinfo lists every one of `flags` (`ffi.cpu_flags`; False where it cannot be read)."""
     from drex_jax.model.kernels import ffi
 
-    return b"avx512f" in ffi.cpu_flags().split()
+    return set(flags) <= set(ffi.cpu_flags().split())
+
+
+def has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (the `avx512f` flag)."""
+    return _cpu_has(b"avx512f")
 
 
 def has_avx2() -> bool:
-    """Whether this CPU has AVX2 and FMA (flags of /proc/cpuinfo; False where that cannot be read):
-    what the kernel's 8-lane path was measured on."""
-    from drex_jax.model.kernels import ffi
-
-    return {b"avx2", b"fma"} <= set(ffi.cpu_flags().split())
+    """Whether this CPU has AVX2 and FMA: what the kernel's 8-lane path was measured on."""
+    return _cpu_has(b"avx2", b"fma")
 
 
 def unsupported(cfg) -> str | None:
