@@ -16,16 +16,16 @@ from drex_jax.model.paged import decode_step
 from drex_jax.model.params import decode_layout
 from tests.serving import serve_with_arrivals
 
-L, KV, N, PS, D, NH = 3, 2, 40, 4, 16, 6
+L, KV, N, PS, D, NH = 3, 2, 40, 4, 16, 6  # D: the default head size of the cases below
 
 
-def _case(B, T, positions, seed=0):
+def _case(B, T, positions, seed=0, D=D, q_scale=1.0):
     rng = np.random.default_rng(seed)
     k = rng.normal(size=(L, KV, N, PS, D)).astype(np.float32)
     v = rng.normal(size=(L, KV, N, PS, D)).astype(np.float32)
     P = 8
     bt = rng.permutation(N)[: B * P].reshape(B, P).astype(np.int32)
-    q = rng.normal(size=(B, T, NH, D)).astype(np.float32)
+    q = (q_scale * rng.normal(size=(B, T, NH, D))).astype(np.float32)
     k_new = rng.normal(size=(B, T, KV, D)).astype(np.float32)
     v_new = rng.normal(size=(B, T, KV, D)).astype(np.float32)
     return q, k, v, k_new, v_new, bt, np.asarray(positions, np.int32).reshape(B, T)
@@ -35,6 +35,7 @@ def _numpy_attention(q, k, v, k_new, v_new, bt, positions, layer):
     """Each query: softmax over its row's pool keys below the row's first new position, then the
     row's new tokens up to its own position."""
     B, T = positions.shape
+    D = q.shape[-1]
     out = np.zeros((B, T, NH, D), np.float64)
     for b in range(B):
         first = max(positions[b, 0], 0)
@@ -65,8 +66,9 @@ needs_ffi = pytest.mark.skipif(jax.default_backend() != "cpu" or not ffi.availab
     (2, 3, [[3, 4, 5], [9, 10, -1]]),  # several new tokens per row, causal among themselves
     (1, 1, [17]),
 ])
-def test_ffi_kernel_matches_numpy(B, T, positions):
-    case = _case(B, T, positions)
+@pytest.mark.parametrize("head_dim", [16, 24, 64, 128])  # 16 / 64 / 128: unrolled paths; 24: the generic one
+def test_ffi_kernel_matches_numpy(B, T, positions, head_dim):
+    case = _case(B, T, positions, D=head_dim)
     q, k, v, k_new, v_new, bt, pos = case
     for layer in (0, L - 1):
         got, k_out, v_out = jax.jit(ffi.paged_attention, static_argnums=7)(*case, layer)
@@ -80,6 +82,16 @@ def test_ffi_kernel_matches_numpy(B, T, positions):
                     want_v[layer][:, bt[b, pos[b, t] // PS], pos[b, t] % PS] = v_new[b, t]
         np.testing.assert_array_equal(np.asarray(k_out), want_k)
         np.testing.assert_array_equal(np.asarray(v_out), want_v)
+
+
+@needs_ffi
+@pytest.mark.parametrize("head_dim", [32, 40])
+def test_ffi_kernel_with_peaked_scores(head_dim):
+    """Scores hundreds apart: most weights underflow in the kernel's vector exp (clamped near 1e-38,
+    not 0) and the running max moves between pages; the result still equals the float64 softmax."""
+    case = _case(3, 2, [[20, 21], [31, 32], [5, -1]], seed=3, D=head_dim, q_scale=40.0)
+    got, _, _ = jax.jit(ffi.paged_attention, static_argnums=7)(*case, 1)
+    np.testing.assert_allclose(np.asarray(got), _numpy_attention(*case, 1), atol=2e-5)
 
 
 def test_pallas_kernel_interpret_matches_numpy():
@@ -163,6 +175,19 @@ def test_ffi_build_failure_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("DREX_JAX_CACHE", str(tmp_path))
     with pytest.raises((RuntimeError, OSError)):
         ffi.build(verbose=False)
+
+
+def test_cached_library_is_keyed_by_the_headers_beside_the_source(tmp_path):
+    """Both kernels include parallel_for.h: editing it must rebuild them, not load a stale library."""
+    src = tmp_path / "kernel.cc"
+    src.write_text('#include "helper.h"\n')
+    (tmp_path / "helper.h").write_text("// one\n")
+    before = ffi.library_path("g++", str(src))
+    (tmp_path / "helper.h").write_text("// two\n")
+    after = ffi.library_path("g++", str(src))
+    assert after != before
+    (tmp_path / "notes.txt").write_text("not a header")  # other files beside it do not count
+    assert ffi.library_path("g++", str(src)) == after
 
 
 def test_bad_attention_choice(tiny_llama):

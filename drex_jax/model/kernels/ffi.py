@@ -56,12 +56,22 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
+def _sources(source: str) -> bytes:
+    """The kernel's text and the headers beside it that it may include (parallel_for.h)."""
+    folder = os.path.dirname(os.path.abspath(source))
+    parts = [source] + sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".h"))
+    out = b""
+    for path in parts:
+        with open(path, "rb") as f:
+            out += f.read() + b"\0"
+    return out
+
+
 def library_path(cxx: str, source: str = SOURCE, defines: tuple[str, ...] = ()) -> str:
     import jaxlib
 
-    with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode() + " ".join(FLAGS).encode()
-                             + _cpu_key() + "\0".join(defines).encode())
+    key = hashlib.sha256(_sources(source) + jaxlib.__version__.encode() + cxx.encode() + " ".join(FLAGS).encode()
+                         + _cpu_key() + "\0".join(defines).encode())
     name = os.path.splitext(os.path.basename(source))[0]
     return os.path.join(cache_dir(), f"{name}-{key.hexdigest()[:16]}.so")
 

@@ -20,6 +20,7 @@
 #include <xmmintrin.h>  // _mm_prefetch, _mm_pause
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
@@ -147,43 +148,6 @@ void Panel(const float* packed, const float* x_blocks, float* y, int64_t M, int6
   }
 }
 
-// Tasks are claimed from a shared counter by the caller and by helpers on the thread pool. The
-// caller waits without sleeping (a call lasts tens of microseconds: a futex wake-up would be a
-// good part of it) until no helper is inside a task; a helper that starts after every task was
-// claimed finds none and touches only the shared counters, which it co-owns.
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> active{0};
-};
-
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, F&& body) {
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, &body]() {  // body is only called while the caller waits below
-    for (int64_t i; (i = shared->next.fetch_add(1)) < n;) body(i);
-  };
-  // the caller is one of the workers: num_threads - 1 helpers keep one worker per core (with one
-  // helper per pool thread, three workers shared two cores here and T = 1 ran 1.3x slower)
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads() - 1), n - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([shared, work]() {
-      shared->active.fetch_add(1);
-      work();
-      shared->active.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  work();
-  // spin a little (a helper finishing its last panel), then yield: a helper that was preempted
-  // must get a core back, and on an oversubscribed machine it may share ours
-  for (int spins = 0; shared->active.load(std::memory_order_acquire) != 0; ++spins) {
-    if (spins < 4096) {
-      _mm_pause();
-    } else {
-      std::this_thread::yield();
-    }
-  }
-}
-
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> packed, ffi::Buffer<ffi::F32> x,
                   ffi::ResultBuffer<ffi::F32> y, int64_t panels_per_task) {
   auto pd = packed.dimensions();
@@ -222,7 +186,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> packed, ffi::Buffe
     if (tasks == 1) {
       body(0);
     } else {
-      ParallelFor(pool, tasks, body);
+      drex::ParallelFor(pool, tasks, body);
     }
   }
   return ffi::Error::Success();

@@ -23,14 +23,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
@@ -46,29 +45,152 @@ struct Softmax {
   float l = 0.f;
 };
 
-// Fold `n` keys (rows of `keys`, stride D) and their values into (state, acc) for query qv.
-inline void Fold(const float* qv, const float* keys, const float* values, int64_t key_stride, int64_t n,
-                 int64_t D, float scale, float* s, Softmax& st, float* acc) {
-  float block_max = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    const float* kv = keys + j * key_stride;
-    float dot = 0.f;
-    for (int64_t e = 0; e < D; ++e) dot += qv[e] * kv[e];
-    s[j] = dot * scale;
-    block_max = std::max(block_max, s[j]);
-  }
+// Eight floats in one vector (GCC/Clang vector extensions: AVX2 registers where the CPU has them,
+// split by the compiler where it does not).
+typedef float F8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+constexpr int64_t kExpLanes = 8;
+
+// exp(x) for x <= 0, eight at a time (std::exp one score at a time cost more than the dot products):
+// x = n ln2 + r with |r| <= ln2 / 2, Cephes' expf polynomial for exp(r) (relative error ~1e-7),
+// times 2^n built in the exponent bits.
+// Below -87.3 it returns ~1e-38 instead of 0: a weight 38 orders under the block's largest.
+inline F8 Exp8(F8 x) {
+  const F8 lo = F8{} - 87.3f;
+  x = x < lo ? lo : x;
+  const F8 fx = x * 1.44269504088896341f + 0.5f;
+  I8 n = __builtin_convertvector(fx, I8);  // truncates toward zero: floor for fx >= 0
+  n = n - (__builtin_convertvector(n, F8) > fx ? 1 : 0);  // ... and one lower where fx < 0
+  const F8 nf = __builtin_convertvector(n, F8);
+  const F8 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  F8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const I8 bits = (n + 127) << 23;
+  F8 two_n;
+  __builtin_memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+inline F8 Load8(const float* p) {
+  F8 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float Sum8(F8 v) {
+  const F8 h = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  const F8 q = h + __builtin_shufflevector(h, h, 2, 3, 0, 1, 6, 7, 4, 5);
+  return q[0] + q[1];
+}
+
+// Scores -> weights for one head's block of n keys (sg[0, n_pad)): the running max and sum move on,
+// the returned factor rescales the head's accumulated values.
+inline float BlockWeights(float* sg, int64_t n, int64_t n_pad, Softmax& st) {
+  float block_max = sg[0];
+  for (int64_t j = 1; j < n; ++j) block_max = std::max(block_max, sg[j]);
   const float m_new = std::max(st.m, block_max);
   const float correction = std::exp(st.m - m_new);  // exp(-inf) = 0 on the first block
-  float sum = st.l * correction;
-  for (int64_t e = 0; e < D; ++e) acc[e] *= correction;
-  for (int64_t j = 0; j < n; ++j) {
-    const float w = std::exp(s[j] - m_new);
-    sum += w;
-    const float* vv = values + j * key_stride;
-    for (int64_t e = 0; e < D; ++e) acc[e] += w * vv[e];
+  for (int64_t j = n; j < n_pad; ++j) sg[j] = m_new;  // padding: finite, and not summed below
+  for (int64_t j = 0; j < n_pad; j += kExpLanes) {
+    F8 v = Exp8(Load8(sg + j) - m_new);
+    __builtin_memcpy(sg + j, &v, sizeof(v));
   }
-  st.l = sum;
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += sg[j];
+  st.l = st.l * correction + sum;
   st.m = m_new;
+  return correction;
+}
+
+// FoldGroup for D = 8 * DV: the dot products and the value sums unrolled over the head dimension,
+// one head's weighted sum (up to 8 vectors) held in registers while the block's value rows pass.
+template <int DV>
+void FoldGroupFixed(const float* q, const float* keys, const float* values, int64_t stride, int64_t n,
+                    int64_t G, float scale, float* s, Softmax* st, float* acc) {
+  static_assert(DV % 2 == 0, "two dot accumulators");
+  constexpr int64_t D = DV * kExpLanes;
+  constexpr int kHalf = DV > 8 ? 8 : DV;
+  const int64_t n_pad = (n + kExpLanes - 1) / kExpLanes * kExpLanes;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kv = keys + j * stride;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qv = q + g * D;
+      F8 x = {}, y = {};
+#pragma GCC unroll 16
+      for (int v = 0; v + 1 < DV; v += 2) {
+        x += Load8(qv + v * kExpLanes) * Load8(kv + v * kExpLanes);
+        y += Load8(qv + (v + 1) * kExpLanes) * Load8(kv + (v + 1) * kExpLanes);
+      }
+      s[g * n_pad + j] = Sum8(x + y) * scale;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * n_pad;
+    const float correction = BlockWeights(sg, n, n_pad, st[g]);
+    float* ag = acc + g * D;
+#pragma GCC unroll 2
+    for (int v0 = 0; v0 < DV; v0 += kHalf) {
+      F8 a[kHalf];
+#pragma GCC unroll 8
+      for (int c = 0; c < kHalf; ++c) a[c] = Load8(ag + (v0 + c) * kExpLanes) * correction;
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = sg[j];
+        const float* vv = values + j * stride + v0 * kExpLanes;
+#pragma GCC unroll 8
+        for (int c = 0; c < kHalf; ++c) a[c] += w * Load8(vv + c * kExpLanes);
+      }
+#pragma GCC unroll 8
+      for (int c = 0; c < kHalf; ++c) __builtin_memcpy(ag + (v0 + c) * kExpLanes, &a[c], sizeof(F8));
+    }
+  }
+}
+
+// FoldGroup for any D: plain loops, which the compiler vectorizes.
+inline void FoldGroupAny(const float* q, const float* keys, const float* values, int64_t stride, int64_t n,
+                         int64_t D, int64_t G, float scale, float* s, Softmax* st, float* acc) {
+  const int64_t n_pad = (n + kExpLanes - 1) / kExpLanes * kExpLanes;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kv = keys + j * stride;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qv = q + g * D;
+      float dot = 0.f;
+      for (int64_t e = 0; e < D; ++e) dot += qv[e] * kv[e];
+      s[g * n_pad + j] = dot * scale;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float correction = BlockWeights(s + g * n_pad, n, n_pad, st[g]);
+    float* ag = acc + g * D;
+    for (int64_t e = 0; e < D; ++e) ag[e] *= correction;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vv = values + j * stride;
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = s[g * n_pad + j];
+      float* ag = acc + g * D;
+      for (int64_t e = 0; e < D; ++e) ag[e] += w * vv[e];
+    }
+  }
+}
+
+// Fold keys [0, n) (rows of `keys` and `values`, `stride` floats apart) into the running softmax
+// of the G query heads `q` [G, D] of one query token: each key and value row is read from memory
+// once for the whole group (the heads of a KV head sit next to each other in q). `s` is scratch of
+// G x n_pad floats (n_pad = n rounded up to 8). The usual head sizes take an unrolled path.
+inline void FoldGroup(const float* q, const float* keys, const float* values, int64_t stride, int64_t n,
+                      int64_t D, int64_t G, float scale, float* s, Softmax* st, float* acc) {
+  if (n <= 0) return;
+  switch (D) {
+    case 64: return FoldGroupFixed<8>(q, keys, values, stride, n, G, scale, s, st, acc);
+    case 128: return FoldGroupFixed<16>(q, keys, values, stride, n, G, scale, s, st, acc);
+    case 32: return FoldGroupFixed<4>(q, keys, values, stride, n, G, scale, s, st, acc);
+    case 16: return FoldGroupFixed<2>(q, keys, values, stride, n, G, scale, s, st, acc);
+    default: return FoldGroupAny(q, keys, values, stride, n, D, G, scale, s, st, acc);
+  }
 }
 
 // One (row, KV head): all T query tokens x G query heads of the group. The row's keys are the
@@ -78,8 +200,13 @@ void AttendRowHead(const Dims& d, int64_t b, int64_t h, int64_t layer, float sca
                    float* k_pool, float* v_pool, const float* k_new, const float* v_new,
                    const int32_t* block_tables, const int32_t* positions, float* out) {
   const int64_t TG = d.T * d.G;
-  std::vector<Softmax> st(TG);
-  std::vector<float> acc(TG * d.D, 0.f), s(std::max<int64_t>(d.PS, d.T));
+  const int64_t n_pad = (std::max<int64_t>(d.PS, d.T) + kExpLanes - 1) / kExpLanes * kExpLanes;
+  // per-thread scratch, grown to the largest call seen: no allocation per task in steady state
+  thread_local std::vector<Softmax> st;
+  thread_local std::vector<float> acc, s;
+  st.assign(TG, Softmax{});
+  acc.assign(TG * d.D, 0.f);
+  s.resize(d.G * n_pad);
   const int32_t first = positions[b * d.T];
   const int64_t cached = std::max<int32_t>(first, 0);  // positions already in the pool
   const int64_t pages = std::min<int64_t>((cached + d.PS - 1) / d.PS, d.P);
@@ -90,27 +217,21 @@ void AttendRowHead(const Dims& d, int64_t b, int64_t h, int64_t layer, float sca
     const int64_t ntok = std::min<int64_t>(d.PS, cached - p * d.PS);
     for (int64_t t = 0; t < d.T; ++t) {
       if (positions[b * d.T + t] < 0) continue;
-      for (int64_t g = 0; g < d.G; ++g) {
-        const int64_t r = t * d.G + g;
-        Fold(q + ((b * d.T + t) * d.NH + h * d.G + g) * d.D, k_pool + base, v_pool + base, d.D, ntok, d.D,
-             scale, s.data(), st[r], acc.data() + r * d.D);
-      }
+      const int64_t r = t * d.G;
+      FoldGroup(q + ((b * d.T + t) * d.NH + h * d.G) * d.D, k_pool + base, v_pool + base, d.D, ntok, d.D, d.G,
+                scale, s.data(), st.data() + r, acc.data() + r * d.D);
     }
   }
-  // the row's new tokens: [T, KV, D] per row, so key t' of head h sits at stride KV * D
   const int64_t new_base = (b * d.T * d.KV + h) * d.D;
   for (int64_t t = 0; t < d.T; ++t) {
     const int32_t pos = positions[b * d.T + t];
     if (pos < 0) continue;
     int64_t visible = 0;  // new tokens at positions <= pos (they are consecutive from `first`)
     while (visible < d.T && positions[b * d.T + visible] >= 0 && positions[b * d.T + visible] <= pos) ++visible;
-    for (int64_t g = 0; g < d.G; ++g) {
-      const int64_t r = t * d.G + g;
-      Fold(q + ((b * d.T + t) * d.NH + h * d.G + g) * d.D, k_new + new_base, v_new + new_base, d.KV * d.D,
-           visible, d.D, scale, s.data(), st[r], acc.data() + r * d.D);
-    }
+    const int64_t r = t * d.G;
+    FoldGroup(q + ((b * d.T + t) * d.NH + h * d.G) * d.D, k_new + new_base, v_new + new_base, d.KV * d.D,
+              visible, d.D, d.G, scale, s.data(), st.data() + r, acc.data() + r * d.D);
   }
-  // then write the row's new keys and values into its pages (this task owns row b, head h)
   for (int64_t t = 0; t < d.T; ++t) {
     const int32_t pos = positions[b * d.T + t];
     if (pos < 0 || pos / d.PS >= d.P) continue;
@@ -129,38 +250,6 @@ void AttendRowHead(const Dims& d, int64_t b, int64_t h, int64_t layer, float sca
       for (int64_t e = 0; e < d.D; ++e) o[e] = acc[r * d.D + e] * inv;
     }
   }
-}
-
-// Tasks are claimed from a shared counter by the caller and by helpers on the thread pool; the
-// caller waits only for helpers that claimed work, so a busy (or one-thread) pool cannot
-// deadlock it. Helpers that start late find no work and touch only the shared state.
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> active{0};
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, F&& body) {
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, &body]() {  // body is only called while the caller waits below
-    for (int64_t i; (i = shared->next.fetch_add(1)) < n;) body(i);
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([shared, work]() {
-      shared->active.fetch_add(1);
-      work();
-      if (shared->active.fetch_sub(1) == 1) {
-        std::lock_guard<std::mutex> lock(shared->mu);
-        shared->cv.notify_all();
-      }
-    });
-  }
-  work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->active.load() == 0; });
 }
 
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pool,
@@ -200,7 +289,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   auto body = [&](int64_t task) {
     AttendRowHead(d, task / d.KV, task % d.KV, layer, scale, qp, kp, vp, kn, vn, bt, pos, op);
   };
-  ParallelFor(pool, d.B * d.KV, body);
+  drex::ParallelFor(pool, d.B * d.KV, body);
   return ffi::Error::Success();
 }
 
