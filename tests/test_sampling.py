@@ -152,3 +152,21 @@ def test_greedy_rows_take_the_first_maximum():
     assert got[1] == 7 and got[2] == 49151
     np.testing.assert_array_equal(np.asarray(_sample(jnp.asarray(logits), SamplingParams.build(rows, 4), False)),
                                   np.argmax(logits, -1))
+
+
+@pytest.mark.parametrize("V", [1, 255, 1000, 49152])
+@pytest.mark.parametrize("B", [1, 5])  # one row: XLA's argmax; more: the blocked one
+def test_all_greedy_batches_take_the_first_maximum(V, B):
+    """The all-greedy step's argmax (a vocabulary that fills no whole block, ties in different
+    blocks, a row of -inf but one token, a row of equal tokens) equals numpy's."""
+    logits = RNG.normal(size=(5, V)).astype(np.float32)
+    logits[1, [0, V // 2, V - 1]] = logits[1].max() + 1
+    logits[2, -1] = logits[2].max() + 1
+    logits[3] = -np.inf
+    logits[3, V // 3] = 0.0
+    logits[4] = 1.0  # every token equal: the first
+    for first in range(0, 5, B):
+        part = logits[first:first + B]
+        rows = [(0.0, 0, 1.0, i, 0) for i in range(len(part))]
+        got = np.asarray(_sample(jnp.asarray(part), SamplingParams.build(rows, len(part)), False))
+        np.testing.assert_array_equal(got, np.argmax(part, -1))
