@@ -40,12 +40,16 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Split-half RoPE (HF `rotate_half`). x: [B, T, heads, D], positions: [B, T]."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    # x * [cos, cos] + [x2, x1] * [-sin, sin]: the halves swapped by a flip, not split and
+    # concatenated per head (XLA:CPU's concatenate fusion ran ~2x slower: 3.8 ms of a batch-32
+    # SmolLM2 step, 5 % of a prefill)
+    cos2 = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
+    sin2 = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
+    B, T, H, D = x.shape
     x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    swapped = jnp.flip(x32.reshape(B, T, H, 2, D // 2), axis=3).reshape(B, T, H, D)
+    return (x32 * cos2 + swapped * sin2).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axis: int = -1) -> jax.Array:
