@@ -1,7 +1,8 @@
-"""The all-greedy step's argmax over SmolLM2's 49,152-token vocabulary: XLA's argmax over [B, V]
-against the blocked one `drex_jax.sampling.sample` uses (block maxima, then the argmax inside the
-first block holding the maximum), each behind the LM head's product as in a decode step, with
-the product alone as the floor; same process, alternated, medians.
+"""Greedy argmax over SmolLM2's 49,152-token vocabulary, behind the LM head's product as in a step,
+with the product alone as the floor; same process, alternated, medians. Two layouts: the decode
+step's weight-left product [V, B] (XLA's argmax over axis 0 vs `sampling.column_argmax`) and the
+[B, V] logits greedy ramp heads and log-probability steps sample from (XLA's argmax vs the blocked
+one in `sampling.sample`): block maxima, then the argmax inside the first block holding the maximum.
 
 Usage: python -m benchmarks.greedy_argmax [--batches 1 8 32 64] [--repeats 30]
 """
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drex_jax.sampling import _block_argmax, _blocks
+from drex_jax.sampling import _block_argmax, _blocks, column_argmax
 
 VOCAB, HIDDEN = 49152, 576
 
@@ -28,16 +29,20 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = jnp.asarray(rng.standard_normal((VOCAB, HIDDEN), np.float32))
     variants = {
-        "head product alone": lambda h: (rows @ h.T).T.sum(-1),
-        "XLA argmax": lambda h: jnp.argmax((rows @ h.T).T, -1).astype(jnp.int32),
-        "blocked argmax": lambda h: _block_argmax(*_blocks((rows @ h.T).T)),
+        "head product alone": lambda h: (rows @ h.T).sum(0),
+        "[V, B] XLA argmax": lambda h: jnp.argmax(rows @ h.T, 0).astype(jnp.int32),
+        "[V, B] column_argmax": lambda h: column_argmax(rows @ h.T),
+        "[B, V] XLA argmax": lambda h: jnp.argmax((rows @ h.T).T, -1).astype(jnp.int32),
+        "[B, V] blocked argmax": lambda h: _block_argmax(*_blocks((rows @ h.T).T)),
     }
-    print("| batch | " + " | ".join(f"{name} ms" for name in variants) + " | blocked / XLA |")
-    print("|---:|" + "---:|" * (len(variants) + 1))
+    print("| batch | " + " | ".join(f"{name} ms" for name in variants) + " | [V, B] blocked / XLA | [B, V] blocked / XLA |")
+    print("|---:|" + "---:|" * (len(variants) + 2))
     for b in args.batches:
         h = jnp.asarray(rng.standard_normal((b, HIDDEN), np.float32))
         fns = {name: jax.jit(fn) for name, fn in variants.items()}
-        np.testing.assert_array_equal(np.asarray(fns["XLA argmax"](h)), np.asarray(fns["blocked argmax"](h)))
+        want = np.asarray(fns["[V, B] XLA argmax"](h))
+        for name in ("[V, B] column_argmax", "[B, V] XLA argmax", "[B, V] blocked argmax"):
+            np.testing.assert_array_equal(np.asarray(fns[name](h)), want)
         times = {name: [] for name in fns}
         for _ in range(args.repeats):
             for name, fn in fns.items():
@@ -46,7 +51,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         print(f"| {b} | " + " | ".join(f"{ms[name]:.2f}" for name in fns) +
-              f" | {ms['blocked argmax'] / ms['XLA argmax']:.2f}x |", flush=True)
+              f" | {ms['[V, B] column_argmax'] / ms['[V, B] XLA argmax']:.2f}x"
+              f" | {ms['[B, V] blocked argmax'] / ms['[B, V] XLA argmax']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from drex_jax.generation import SamplingParams
-from drex_jax.sampling import K, sample, sample_at
+from drex_jax.sampling import K, column_argmax, sample, sample_at
 
 _sample_at = jax.jit(sample_at)
 _sample = jax.jit(sample, static_argnums=2)
@@ -170,3 +170,20 @@ def test_all_greedy_batches_take_the_first_maximum(V, B):
         rows = [(0.0, 0, 1.0, i, 0) for i in range(len(part))]
         got = np.asarray(_sample(jnp.asarray(part), SamplingParams.build(rows, len(part)), False))
         np.testing.assert_array_equal(got, np.argmax(part, -1))
+
+
+@pytest.mark.parametrize("V", [1, 300, 49152])
+@pytest.mark.parametrize("B", [1, 6])
+def test_column_argmax_takes_the_first_maximum(V, B):
+    """The greedy decode's argmax over the LM head's [V, B] product (block maxima, the vocabulary
+    padded to whole blocks) equals numpy's: ties in different blocks, -inf columns but one token,
+    a column of equal tokens."""
+    logits = RNG.normal(size=(V, 6)).astype(np.float32)
+    logits[[0, V // 2, V - 1], 1] = logits[:, 1].max() + 1
+    logits[-1, 2] = logits[:, 2].max() + 1
+    logits[:, 3] = -np.inf
+    logits[V // 3, 3] = 0.0
+    logits[:, 4] = 1.0
+    for first in range(0, 6, B):
+        part = logits[:, first:first + B]
+        np.testing.assert_array_equal(np.asarray(jax.jit(column_argmax)(jnp.asarray(part))), np.argmax(part, 0))

@@ -24,7 +24,7 @@ from drex_jax.generation import SamplingParams
 from drex_jax.model.config import ModelConfig
 from drex_jax.model.ops import apply_rope, project, project_rows, rms_norm, rope_inv_freq
 from drex_jax.model.params import stacked_layer
-from drex_jax.sampling import sample
+from drex_jax.sampling import column_argmax, sample
 
 
 def _param(w: dict, name: str, present: bool = True):
@@ -233,7 +233,7 @@ class EETransformer(nnx.Module):
     def greedy_tokens(self, x: jax.Array) -> jax.Array:
         """argmax of the LM head for x [B, H] -> [B] int32, over the weight-left product [V, B]
         itself (transposing the logits to [B, V] first costs as much as a third of the head)."""
-        return jnp.argmax(self._head_columns(x), axis=0).astype(jnp.int32)
+        return column_argmax(self._head_columns(x))
 
     def next_tokens(self, x: jax.Array, sp: SamplingParams, do_sample: bool) -> jax.Array:
         """The LM head's next token for hidden states x [B, H] -> [B] int32 (greedy programs never
