@@ -177,8 +177,10 @@ def test_ffi_build_failure_is_reported(monkeypatch, tmp_path):
         ffi.build(verbose=False)
 
 
-def test_cached_library_is_keyed_by_the_headers_beside_the_source(tmp_path):
-    """Both kernels include parallel_for.h: editing it must rebuild them, not load a stale library."""
+def test_cached_library_is_keyed_by_the_shared_headers(tmp_path, monkeypatch):
+    """Both kernels include parallel_for.h: editing a header of the kernels' folder must rebuild
+    them, not load a stale library."""
+    monkeypatch.setattr(ffi, "KERNELS", str(tmp_path))
     src = tmp_path / "kernel.cc"
     src.write_text('#include "helper.h"\n')
     (tmp_path / "helper.h").write_text("// one\n")
@@ -186,7 +188,7 @@ def test_cached_library_is_keyed_by_the_headers_beside_the_source(tmp_path):
     (tmp_path / "helper.h").write_text("// two\n")
     after = ffi.library_path("g++", str(src))
     assert after != before
-    (tmp_path / "notes.txt").write_text("not a header")  # other files beside it do not count
+    (tmp_path / "notes.txt").write_text("not a header")  # other files there do not count
     assert ffi.library_path("g++", str(src)) == after
 
 

@@ -56,10 +56,12 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
+KERNELS = os.path.dirname(os.path.abspath(__file__))  # the kernels' shared headers (parallel_for.h), on -I
+
+
 def _sources(source: str) -> bytes:
-    """The kernel's text and the headers beside it that it may include (parallel_for.h)."""
-    folder = os.path.dirname(os.path.abspath(source))
-    parts = [source] + sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".h"))
+    """The kernel's text and the shared headers it may include."""
+    parts = [source] + sorted(os.path.join(KERNELS, n) for n in os.listdir(KERNELS) if n.endswith(".h"))
     out = b""
     for path in parts:
         with open(path, "rb") as f:
@@ -91,7 +93,8 @@ def build(verbose: bool = True, source: str = SOURCE, what: str = "CPU paged-att
         print(f"drex_jax: building the {what} with {cxx} -> {path}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
         out = os.path.join(tmp, "lib.so")  # build aside, then rename: concurrent builders never see half a file
-        cmd = [cxx, *FLAGS, *(f"-D{d}" for d in defines), "-I", jax.ffi.include_dir(), source, "-o", out]
+        cmd = [cxx, *FLAGS, *(f"-D{d}" for d in defines), "-I", jax.ffi.include_dir(), "-I", KERNELS, source,
+               "-o", out]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"building the {what} failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")

@@ -17,7 +17,7 @@
 #include <thread>
 #include <vector>
 
-#include <xmmintrin.h>  // _mm_prefetch, _mm_pause
+#include <xmmintrin.h>  // _mm_prefetch
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel_for.h"

@@ -51,16 +51,27 @@ typedef float F8 __attribute__((vector_size(32)));
 typedef int32_t I8 __attribute__((vector_size(32)));
 constexpr int64_t kExpLanes = 8;
 
+// max(a, b) per lane, by the comparison mask (a vector ?: is GCC's, not every compiler's)
+inline F8 Max8(F8 a, F8 b) {
+  const I8 a_lower = a < b;  // all ones where a < b
+  I8 ai, bi;
+  __builtin_memcpy(&ai, &a, sizeof(ai));
+  __builtin_memcpy(&bi, &b, sizeof(bi));
+  const I8 out = (ai & ~a_lower) | (bi & a_lower);
+  F8 r;
+  __builtin_memcpy(&r, &out, sizeof(r));
+  return r;
+}
+
 // exp(x) for x <= 0, eight at a time (std::exp one score at a time cost more than the dot products):
-// x = n ln2 + r with |r| <= ln2 / 2, Cephes' expf polynomial for exp(r) (relative error ~1e-7),
-// times 2^n built in the exponent bits.
-// Below -87.3 it returns ~1e-38 instead of 0: a weight 38 orders under the block's largest.
+// x = n ln2 + r with |r| <= ln2 / 2, Cephes' expf polynomial for exp(r), times 2^n built in the
+// exponent bits; relative error <= 3e-7 as built here (the flags let the compiler merge the two-part
+// ln2). Below -87.3 it returns ~1e-38 instead of 0: a weight 38 orders under the block's largest.
 inline F8 Exp8(F8 x) {
-  const F8 lo = F8{} - 87.3f;
-  x = x < lo ? lo : x;
+  x = Max8(x, F8{} - 87.3f);
   const F8 fx = x * 1.44269504088896341f + 0.5f;
   I8 n = __builtin_convertvector(fx, I8);  // truncates toward zero: floor for fx >= 0
-  n = n - (__builtin_convertvector(n, F8) > fx ? 1 : 0);  // ... and one lower where fx < 0
+  n = n - ((__builtin_convertvector(n, F8) > fx) & 1);  // ... and one lower where fx < 0
   const F8 nf = __builtin_convertvector(n, F8);
   const F8 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
   F8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
@@ -82,9 +93,13 @@ inline F8 Load8(const float* p) {
 }
 
 inline float Sum8(F8 v) {
+#if defined(__clang__) || __GNUC__ >= 12
   const F8 h = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
   const F8 q = h + __builtin_shufflevector(h, h, 2, 3, 0, 1, 6, 7, 4, 5);
   return q[0] + q[1];
+#else  // GCC < 12 has no __builtin_shufflevector
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+#endif
 }
 
 // Scores -> weights for one head's block of n keys (sg[0, n_pad)): the running max and sum move on,

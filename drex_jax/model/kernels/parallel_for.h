@@ -42,7 +42,9 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, F&& body) {
   };
   // the caller is one of the workers: num_threads - 1 helpers keep one worker per core (with one
   // helper per pool thread, three workers shared two cores here and T = 1 ran 1.3x slower)
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads() - 1), n - 1);
+  // (no helpers without a pool: the FFI would run each one inline, with a diagnostic)
+  const int64_t helpers =
+      pool.num_threads() == 0 ? 0 : std::min<int64_t>(std::max<int64_t>(1, pool.num_threads() - 1), n - 1);
   for (int64_t i = 0; i < helpers; ++i) {
     pool.Schedule([shared, work]() {
       shared->active.fetch_add(1);
