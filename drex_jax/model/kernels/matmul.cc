@@ -11,10 +11,7 @@
 // wider blocks take several passes over K-chunks that the first pass left in L1.
 // Later column blocks re-read the panel from L2. Panels are tasks on XLA's intra-op thread pool.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include <xmmintrin.h>  // _mm_prefetch

@@ -21,11 +21,9 @@
 // keys and values written into layer `layer` at their positions: the kernel owns the write, so
 // the step has no separate scatter per layer and XLA orders layers by data dependence alone.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -86,6 +84,9 @@ inline F8 Exp8(F8 x) {
   return p * two_n;
 }
 
+// n rounded up to whole vectors: the length of a head's score row in the scratch
+inline int64_t PaddedLanes(int64_t n) { return (n + kExpLanes - 1) / kExpLanes * kExpLanes; }
+
 inline F8 Load8(const float* p) {
   F8 v;
   __builtin_memcpy(&v, p, sizeof(v));
@@ -129,7 +130,7 @@ void FoldGroupFixed(const float* q, const float* keys, const float* values, int6
   static_assert(DV % 2 == 0, "two dot accumulators");
   constexpr int64_t D = DV * kExpLanes;
   constexpr int kHalf = DV > 8 ? 8 : DV;
-  const int64_t n_pad = (n + kExpLanes - 1) / kExpLanes * kExpLanes;
+  const int64_t n_pad = PaddedLanes(n);
   for (int64_t j = 0; j < n; ++j) {
     const float* kv = keys + j * stride;
     for (int64_t g = 0; g < G; ++g) {
@@ -167,7 +168,7 @@ void FoldGroupFixed(const float* q, const float* keys, const float* values, int6
 // FoldGroup for any D: plain loops, which the compiler vectorizes.
 inline void FoldGroupAny(const float* q, const float* keys, const float* values, int64_t stride, int64_t n,
                          int64_t D, int64_t G, float scale, float* s, Softmax* st, float* acc) {
-  const int64_t n_pad = (n + kExpLanes - 1) / kExpLanes * kExpLanes;
+  const int64_t n_pad = PaddedLanes(n);
   for (int64_t j = 0; j < n; ++j) {
     const float* kv = keys + j * stride;
     for (int64_t g = 0; g < G; ++g) {
@@ -215,7 +216,7 @@ void AttendRowHead(const Dims& d, int64_t b, int64_t h, int64_t layer, float sca
                    float* k_pool, float* v_pool, const float* k_new, const float* v_new,
                    const int32_t* block_tables, const int32_t* positions, float* out) {
   const int64_t TG = d.T * d.G;
-  const int64_t n_pad = (std::max<int64_t>(d.PS, d.T) + kExpLanes - 1) / kExpLanes * kExpLanes;
+  const int64_t n_pad = PaddedLanes(std::max<int64_t>(d.PS, d.T));
   // per-thread scratch, grown to the largest call seen: no allocation per task in steady state
   thread_local std::vector<Softmax> st;
   thread_local std::vector<float> acc, s;
@@ -237,6 +238,7 @@ void AttendRowHead(const Dims& d, int64_t b, int64_t h, int64_t layer, float sca
                 scale, s.data(), st.data() + r, acc.data() + r * d.D);
     }
   }
+  // the row's new tokens: [T, KV, D] per row, so key t' of head h sits at stride KV * D
   const int64_t new_base = (b * d.T * d.KV + h) * d.D;
   for (int64_t t = 0; t < d.T; ++t) {
     const int32_t pos = positions[b * d.T + t];
@@ -247,6 +249,7 @@ void AttendRowHead(const Dims& d, int64_t b, int64_t h, int64_t layer, float sca
     FoldGroup(q + ((b * d.T + t) * d.NH + h * d.G) * d.D, k_new + new_base, v_new + new_base, d.KV * d.D,
               visible, d.D, d.G, scale, s.data(), st.data() + r, acc.data() + r * d.D);
   }
+  // then write the row's new keys and values into its pages (this task owns row b, head h)
   for (int64_t t = 0; t < d.T; ++t) {
     const int32_t pos = positions[b * d.T + t];
     if (pos < 0 || pos / d.PS >= d.P) continue;
